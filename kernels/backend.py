@@ -1,0 +1,77 @@
+"""The attention-backend interface shared by target and draft models.
+
+A forward pass over a batch of requests packs every request's new tokens into one tensor
+of `T` rows. `AttentionMeta` tells a backend, per request, which rows are its queries, where
+their K/V go in the paged pool, and which cached slots each query may see.
+
+Visibility of key j for query i of one request (all must hold):
+  * `mask is None`: causal by index, query i sits at kv index `kv_len - q_len + i`;
+    otherwise `mask[i, j]` (tree verification, or any custom pattern);
+  * chunked layers only: `q_pos[i] // chunk == kv_pos[j] // chunk` (Llama 4 local attention).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class SeqAttnMeta:
+    """One request's slice of a packed batch."""
+
+    q_start: int  # first row of this request in the packed [T, ...] tensors
+    q_len: int
+    kv_slots: Tensor  # [kv_len] int64: pool slots of every key this request attends over
+    q_positions: Tensor  # [q_len] int64
+    kv_positions: Tensor  # [kv_len] int64: position of each key (tree nodes share depths)
+    mask: Tensor | None = None  # [q_len, kv_len] bool, True = may attend; None = causal
+
+    @property
+    def kv_len(self) -> int:
+        return int(self.kv_slots.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMeta:
+    """Per-forward metadata, built once and shared by every layer."""
+
+    out_slots: Tensor  # [T] int64: pool slot that receives each new token's K/V
+    seqs: tuple[SeqAttnMeta, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.out_slots.shape[0])
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into one layer's pool and attends over the paged cache."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        q: Tensor,  # [T, H, D]
+        k: Tensor,  # [T, Hkv, D]
+        v: Tensor,  # [T, Hkv, D]
+        k_cache: Tensor,  # [num_slots, Hkv, D]
+        v_cache: Tensor,  # [num_slots, Hkv, D]
+        meta: AttentionMeta,
+        scale: float,
+        chunk_size: int | None,
+    ) -> Tensor:  # [T, H, D]
+        """Store k/v at `meta.out_slots`, then attend each request over its visible keys."""
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardBatch:
+    """Everything a model forward needs besides token ids and positions."""
+
+    attn: AttentionMeta
+    kv_k: list[Tensor]  # per layer [num_slots, Hkv, D]
+    kv_v: list[Tensor]
+    backend: AttentionBackend
+    capture_layers: tuple[int, ...] = ()  # layers whose *input* hidden state is returned

@@ -1,0 +1,80 @@
+"""The reference attention backend: plain torch, runs on the CPU (and on any device)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import AttentionBackend, AttentionMeta, SeqAttnMeta
+
+
+def visibility_mask(seq: SeqAttnMeta, chunk_size: int | None) -> Tensor | None:
+    """[q_len, kv_len] bool mask of the keys each query may see; None means all of them."""
+    mask = seq.mask
+    if mask is None and seq.q_len > 1:
+        # causal by kv index: query i sits at kv index kv_len - q_len + i
+        q_idx = torch.arange(seq.kv_len - seq.q_len, seq.kv_len)
+        mask = torch.arange(seq.kv_len)[None, :] <= q_idx[:, None]
+    if chunk_size is not None:
+        same_chunk = (seq.q_positions // chunk_size)[:, None] == (
+            seq.kv_positions // chunk_size
+        )[None, :]
+        mask = same_chunk if mask is None else mask & same_chunk
+    return mask
+
+
+def attend_one(
+    q: Tensor,  # [q_len, H, D]
+    keys: Tensor,  # [kv_len, Hkv, D]
+    values: Tensor,  # [kv_len, Hkv, D]
+    mask: Tensor | None,  # [q_len, kv_len] bool
+    scale: float,
+) -> Tensor:  # [q_len, H, D]
+    qh = q.transpose(0, 1)  # (H, q_len, D)
+    kh = keys.transpose(0, 1)  # (Hkv, kv_len, D)
+    vh = values.transpose(0, 1)
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0]
+    )
+    return out.transpose(0, 1)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Gathers each request's keys from the pool and runs SDPA with an explicit mask."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMeta,
+        scale: float,
+        chunk_size: int | None,
+    ) -> Tensor:
+        k_cache[meta.out_slots] = k.to(k_cache.dtype)
+        v_cache[meta.out_slots] = v.to(v_cache.dtype)
+        if len(meta.seqs) == 1:
+            return self._one(q, k_cache, v_cache, meta.seqs[0], scale, chunk_size)
+        out = torch.empty_like(q)
+        for seq in meta.seqs:
+            rows = slice(seq.q_start, seq.q_start + seq.q_len)
+            out[rows] = self._one(q[rows], k_cache, v_cache, seq, scale, chunk_size)
+        return out
+
+    @staticmethod
+    def _one(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        seq: SeqAttnMeta,
+        scale: float,
+        chunk_size: int | None,
+    ) -> Tensor:
+        keys = k_cache[seq.kv_slots].to(q.dtype)  # [kv_len, Hkv, D]
+        values = v_cache[seq.kv_slots].to(q.dtype)
+        return attend_one(q, keys, values, visibility_mask(seq, chunk_size), scale)

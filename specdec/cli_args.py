@@ -1,0 +1,44 @@
+"""Engine flags with SGLang's names, shared by every subcommand that starts an engine."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .engine_config import ATTENTION_BACKENDS, DTYPE_CHOICES, LOG_LEVELS, EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    g = parser.add_argument_group("model and engine")
+    g.add_argument("--model-path", default=None,
+                   help="HF-style checkpoint folder (config.json + safetensors). "
+                   "Default: the embedded SmolLM2-135M-Instruct, converted once into the cache.")
+    g.add_argument("--tokenizer-path", default=None, help="Tokenizer folder (default: the model's).")
+    g.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
+                   help="Weight and activation dtype; auto takes the checkpoint's.")
+    g.add_argument("--context-length", type=int, default=None,
+                   help="Max prompt + output tokens (default: the model's max_position_embeddings).")
+    g.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV-cache capacity in tokens (default: sized from free memory).")
+    g.add_argument("--page-size", type=int, default=d.page_size, help="Tokens per KV page.")
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
+                   help="Max requests decoded together.")
+    g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
+                   help="Token budget of one prefill batch.")
+    g.add_argument("--chat-template", default=None,
+                   help="Built-in name (chatml, llama-4) or a jinja file; default: the checkpoint's.")
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS,
+                   help="auto: torch on the CPU.")
+    g.add_argument("--random-seed", type=int, default=None, help="Seed of the global RNG.")
+    g.add_argument("--log-level", default=d.log_level, choices=LOG_LEVELS)
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="Accepted for SGLang compatibility; downloaded code is never executed.")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="Do not load a tokenizer (requests must pass input_ids).")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields present in parsed args."""
+    fields = set(EngineConfig.__dataclass_fields__)
+    return {k: v for k, v in vars(args).items() if k in fields}

@@ -1,0 +1,291 @@
+"""The offline engine, shaped like `sglang.Engine`.
+
+    with specdec.Engine(model_path=None, dtype="float32") as engine:
+        out = engine.generate(prompt="Hello", sampling_params={"temperature": 0})
+        out["text"], out["output_ids"], out["meta_info"]["finish_reason"]
+
+A list of prompts (or of input_ids lists) runs together in one engine loop and returns a
+list of dicts in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from specdec.kernels import get_attention_backend
+from specdec.kernels.kv_pool import KVPool
+from specdec.target.config import ModelConfig
+from specdec.target.embedded import resolve_model_path
+from specdec.target.loader import load_model
+
+from .engine_config import EngineConfig
+from .model_runner import ModelRunner
+from .page_allocator import PageAllocator, available_memory_bytes, max_tokens_for_budget
+from .request import Req
+from .sampler import make_generator
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerLimits
+
+log = logging.getLogger("specdec")
+
+Prompt = str | Sequence[str] | None
+InputIds = Sequence[int] | Sequence[Sequence[int]] | None
+
+
+class Engine:
+    """Loads the model once; `generate` runs requests through the continuous-batching loop."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(**kwargs)
+        logging.basicConfig(level=self.config.log_level.upper(), format="[specdec] %(message)s")
+        if self.config.random_seed is not None:
+            torch.manual_seed(self.config.random_seed)
+        self.model_path = resolve_model_path(self.config.model_path)
+        t0 = time.perf_counter()
+        self.model, self.model_config = load_model(self.model_path, self.config.dtype)
+        log.info("loaded %s (%s) in %.1fs", self.model_path, self.model_config.architecture,
+                 time.perf_counter() - t0)
+        self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
+            Path(self.config.tokenizer_path or self.model_path)
+        )
+        self.eos_token_ids = _eos_ids(self.model_path, self.model_config, self.tokenizer)
+        self.context_length = self.config.context_length or self.model_config.max_position_embeddings
+        dtype = next(self.model.parameters()).dtype
+        self.max_total_tokens = self._kv_budget(dtype)
+        page_size = self.config.page_size
+        self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
+        mc = self.model_config
+        self.kv_pool = KVPool(mc.num_layers, self.max_total_tokens, mc.num_kv_heads, mc.head_dim, dtype)
+        self.runner = ModelRunner(self.model, self.kv_pool, get_attention_backend(self.config.attention_backend))
+        self.scheduler = Scheduler(
+            self.runner,
+            self.allocator,
+            SchedulerLimits(
+                max_running_requests=self.config.max_running_requests,
+                max_prefill_tokens=self.config.max_prefill_tokens,
+                context_length=self.context_length,
+            ),
+            self.eos_token_ids,
+            None if self.tokenizer is None else self._detokenize,
+        )
+        self._ids = itertools.count()
+        log.info("KV cache: %d tokens in pages of %d; context length %d",
+                 self.max_total_tokens, page_size, self.context_length)
+
+    # ---- set-up helpers -------------------------------------------------------------------------
+    def _kv_budget(self, dtype: torch.dtype) -> int:
+        mc = self.model_config
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        if self.config.max_total_tokens is not None:
+            tokens = self.config.max_total_tokens
+        else:
+            budget = int(available_memory_bytes() * self.config.mem_fraction_kv)
+            tokens = max_tokens_for_budget(budget, per_token, self.config.page_size)
+        tokens -= tokens % self.config.page_size
+        if tokens < self.config.page_size:
+            raise ValueError(f"max_total_tokens={tokens} is smaller than one page")
+        return tokens
+
+    def _detokenize(self, ids: list[int], skip_special_tokens: bool) -> str:
+        assert self.tokenizer is not None
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this engine was started with skip_tokenizer_init: pass input_ids")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ---- requests -------------------------------------------------------------------------------
+    def make_request(
+        self,
+        input_ids: Sequence[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        rid: str | None = None,
+    ) -> Req:
+        """Validate one request against the model and the KV cache; raises ValueError."""
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids contain ids outside [0, {vocab}): {bad[:5]}")
+        if len(ids) + params.max_new_tokens > self.context_length:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the context length ({self.context_length})"
+            )
+        if len(ids) + params.max_new_tokens > self.max_total_tokens:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the KV cache ({self.max_total_tokens} tokens); raise --max-total-tokens"
+            )
+        if not isinstance(top_logprobs_num, int) or top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be an integer >= 0; got {top_logprobs_num!r}")
+        from .page_allocator import PageTable
+
+        return Req(
+            rid=rid or uuid.uuid4().hex,
+            prompt_ids=ids,
+            params=params,
+            page_table=PageTable(self.allocator),
+            generator=make_generator(params.seed) if not params.is_greedy else None,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+        )
+
+    def _normalise(
+        self, prompt: Prompt, input_ids: InputIds, sampling_params: Any
+    ) -> tuple[list[list[int]], list[SamplingParams], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt and input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("prompt must be a string or a list of strings")
+            ids = [self.encode(t) for t in texts]
+        else:
+            assert input_ids is not None
+            seq = list(input_ids)
+            single = not seq or not isinstance(seq[0], (list, tuple))
+            ids = [list(seq)] if single else [list(x) for x in seq]  # type: ignore[arg-type]
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(ids):
+                raise ValueError(f"{len(sampling_params)} sampling_params for {len(ids)} prompts")
+            params = [SamplingParams.from_dict(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_dict(sampling_params)] * len(ids)
+        return ids, params, single
+
+    def generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        input_ids: InputIds = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
+
+        With `stream=True` (single prompt) returns an iterator of dicts whose `text` holds the
+        new text since the previous chunk, as `sglang.Engine.generate(stream=True)` does.
+        """
+        ids, params, single = self._normalise(prompt, input_ids, sampling_params)
+        reqs = [
+            self.make_request(i, p, return_logprob, logprob_start_len, top_logprobs_num)
+            for i, p in zip(ids, params, strict=True)
+        ]
+        if stream:
+            if not single:
+                raise ValueError("stream=True takes a single prompt")
+            return self._stream(reqs[0])
+        for r in reqs:
+            self.scheduler.add(r)
+        while any(not r.finished for r in reqs):
+            self.scheduler.step()
+        outs = [self.result(r) for r in reqs]
+        return outs[0] if single else outs
+
+    def _stream(self, req: Req) -> Iterator[dict[str, Any]]:
+        self.scheduler.add(req)
+        sent_text = ""
+        sent_ids = 0
+        try:
+            while not req.finished:
+                self.scheduler.step()
+                if req.output_len > sent_ids or req.finished:
+                    out = self.result(req)
+                    text = out["text"]
+                    out["text"] = text[len(sent_text):]
+                    out["output_ids"] = out["output_ids"][sent_ids:]
+                    sent_text, sent_ids = text, req.output_len
+                    yield out
+        finally:
+            if not req.finished:
+                self.scheduler.abort(req.rid)
+
+    def result(self, req: Req) -> dict[str, Any]:
+        """SGLang's response dict for a request (finished or in flight)."""
+        text = ""
+        if self.tokenizer is not None:
+            text = self._detokenize(req.output_ids, req.params.skip_special_tokens)
+            reason = req.finish_reason or {}
+            if isinstance(reason.get("matched"), str):
+                text = text[: text.find(reason["matched"])]
+        end = req.finished_at or time.perf_counter()
+        meta: dict[str, Any] = {
+            "id": req.rid,
+            "prompt_tokens": req.prompt_len,
+            "completion_tokens": req.output_len,
+            "cached_tokens": 0,
+            "finish_reason": req.finish_reason,
+            "e2e_latency": end - req.created_at,
+        }
+        if req.return_logprob:
+            meta["input_token_logprobs"] = list(req.input_token_logprobs)
+            meta["output_token_logprobs"] = list(req.output_token_logprobs)
+            if req.top_logprobs_num:
+                meta["input_top_logprobs"] = list(req.input_top_logprobs)
+                meta["output_top_logprobs"] = list(req.output_top_logprobs)
+        return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Abort everything in flight and free the KV cache."""
+        for r in list(self.scheduler.waiting) + list(self.scheduler.running):
+            self.scheduler.abort(r.rid, "engine shut down")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot load a tokenizer from {path} ({e}); pass --tokenizer-path or "
+            "--skip-tokenizer-init"
+        ) from e
+
+
+def _eos_ids(model_path: Path, cfg: ModelConfig, tokenizer: Any) -> list[int]:
+    """EOS ids from config.json, generation_config.json and the tokenizer, merged."""
+    ids = set(cfg.eos_token_ids)
+    gen = model_path / "generation_config.json"
+    if gen.exists():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(int(v) for v in value)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)

@@ -1,0 +1,61 @@
+"""Runtime knobs of the engine: one frozen dataclass whose field names are the CLI flags
+(SGLang's names) with underscores. Model facts live in `specdec.target.config.ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    max_total_tokens: int | None = None  # KV slots; None: sized from free memory
+    page_size: int = 16
+    max_running_requests: int = 64
+    max_prefill_tokens: int = 4096
+    mem_fraction_kv: float = 0.2  # share of available memory the KV cache may use by default
+    chat_template: str | None = None
+    served_model_name: str | None = None
+    trust_remote_code: bool = False  # accepted for compatibility; no downloaded code ever runs
+    attention_backend: str = "auto"
+    random_seed: int | None = None
+    log_level: str = "info"
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                f"got {self.attention_backend!r}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}")
+        for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        for name in ("context_length", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not 0 < self.mem_fraction_kv < 1:
+            raise ValueError(f"mem_fraction_kv must be in (0, 1); got {self.mem_fraction_kv}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)

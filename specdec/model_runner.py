@@ -1,0 +1,75 @@
+"""Packs requests into one forward over the paged KV cache.
+
+`extend` is the single primitive behind prefill and decode: each request feeds the tokens
+after its cached prefix, at positions [num_cached, num_cached + n), writing K/V into the
+slots its page table reserved, attending causally over everything cached before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
+from specdec.kernels.kv_pool import KVPool
+from specdec.target.llama4 import Llama4ForCausalLM
+
+from .request import Req
+
+
+class ExtendOutput(NamedTuple):
+    hidden: Tensor  # [T, hidden]
+    aux_hidden: list[Tensor]  # per captured layer [T, hidden]
+    q_starts: list[int]  # first row of each request in `hidden`
+    q_lens: list[int]
+
+    def last_rows(self) -> Tensor:  # [B] row index of each request's last token
+        return torch.tensor([s + n - 1 for s, n in zip(self.q_starts, self.q_lens)])
+
+
+class ModelRunner:
+    """Owns one model, its KV pool (over the shared slot space) and an attention backend."""
+
+    def __init__(self, model: Llama4ForCausalLM, pool: KVPool, backend: AttentionBackend) -> None:
+        self.model = model
+        self.pool = pool
+        self.backend = backend
+
+    @torch.inference_mode()
+    def extend(
+        self,
+        reqs: Sequence[Req],
+        tokens: Sequence[Sequence[int]],
+        capture_layers: tuple[int, ...] = (),
+    ) -> ExtendOutput:
+        """Feed `tokens[i]` after `reqs[i].num_cached` cached tokens (slots must be reserved)."""
+        seqs: list[SeqAttnMeta] = []
+        out_slots: list[Tensor] = []
+        positions: list[Tensor] = []
+        q_starts: list[int] = []
+        q_lens: list[int] = []
+        start = 0
+        for req, toks in zip(reqs, tokens, strict=True):
+            n = len(toks)
+            end = req.num_cached + n
+            slots = req.kv_slots(end)  # [end]
+            kv_pos = torch.arange(end)
+            q_pos = kv_pos[req.num_cached:]
+            seqs.append(SeqAttnMeta(start, n, slots, q_pos, kv_pos, None))
+            out_slots.append(slots[req.num_cached:])
+            positions.append(q_pos)
+            q_starts.append(start)
+            q_lens.append(n)
+            start += n
+        ids = torch.tensor([t for toks in tokens for t in toks], dtype=torch.long)
+        meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
+        batch = ForwardBatch(meta, self.pool.k, self.pool.v, self.backend, capture_layers)
+        out = self.model(ids, torch.cat(positions), batch)
+        return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
+
+    def logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
+        with torch.inference_mode():
+            return self.model.compute_logits(hidden)

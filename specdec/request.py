@@ -1,0 +1,106 @@
+"""One request's state, with named lengths.
+
+    prompt_len   tokens of the prompt
+    output_len   tokens generated so far (the EOS / stop token included, as SGLang counts)
+    seq_len      prompt_len + output_len: the token sequence `all_ids`
+    num_cached   leading tokens of `all_ids` whose K/V sit in the pool ("committed")
+
+Invariant: num_cached <= seq_len, and the page table reserves at least num_cached slots.
+The next forward for a request feeds `all_ids[num_cached:]` (the whole prompt at prefill,
+one token at a plain decode step, prompt + output again after a preemption).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .page_allocator import PageTable
+from .sampling_params import SamplingParams
+
+# (logprob, token_id, text); logprob is None for the first prompt position.
+LogprobEntry = tuple[float | None, int, str | None]
+
+
+@dataclass
+class Req:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    page_table: PageTable
+    generator: torch.Generator | None
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    finish_reason: dict[str, Any] | None = None
+    created_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    input_logprobs_done: bool = False
+    input_token_logprobs: list[LogprobEntry] = field(default_factory=list)
+    output_token_logprobs: list[LogprobEntry] = field(default_factory=list)
+    input_top_logprobs: list[list[LogprobEntry] | None] = field(default_factory=list)
+    output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
+    num_preemptions: int = 0
+    # speculative decoding figures (SGLang's names)
+    spec_verify_ct: int = 0
+    spec_accepted_tokens: int = 0
+    _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if not 0 <= self.num_cached <= self.seq_len:
+            raise ValueError(f"num_cached={self.num_cached} outside [0, {self.seq_len}]")
+
+    # ---- named lengths ----------------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_len(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.output_len
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def uncached_ids(self) -> list[int]:
+        """Tokens the next forward must feed: all_ids[num_cached:]."""
+        if self.num_cached >= self.prompt_len:
+            return self.output_ids[self.num_cached - self.prompt_len:]
+        return self.prompt_ids[self.num_cached:] + self.output_ids
+
+    # ---- KV slots ------------------------------------------------------------------------------
+    def kv_slots(self, length: int) -> torch.Tensor:
+        """Pool slots of positions [0, length) as an int64 tensor, cached across steps."""
+        cached = int(self._slot_cache.shape[0])
+        if cached < length:
+            more = torch.tensor(self.page_table.slots(cached, length), dtype=torch.long)
+            self._slot_cache = torch.cat((self._slot_cache, more))
+        return self._slot_cache[:length]
+
+    def truncate_kv(self, length: int) -> None:
+        """Keep KV for positions [0, length); free the pages beyond."""
+        self.page_table.truncate(length)
+        self._slot_cache = self._slot_cache[:length]
+        self.num_cached = min(self.num_cached, length)
+
+    def release_kv(self) -> None:
+        self.page_table.release()
+        self._slot_cache = self._slot_cache[:0]
+        self.num_cached = 0

@@ -1,0 +1,186 @@
+"""Token sampling over a batch of logits, each row with its own SamplingParams.
+
+The pipeline for one decoding step is::
+
+    logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    probs = processed_probs(logits, params)     # the distribution actually sampled
+    tokens = sample(probs, generators)
+
+:func:`processed_probs` is a pure function of the logits and the parameters, so
+speculative decoding can compute the target and draft distributions with it and
+run rejection sampling on exactly the distributions that plain sampling uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specdec.sampling_params import SamplingParams
+
+__all__ = ["apply_penalties", "make_generator", "processed_probs", "sample"]
+
+
+def _check_batch(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if len(params) != logits.shape[0]:
+        raise ValueError(f"got {len(params)} SamplingParams for a batch of {logits.shape[0]} rows")
+
+
+def _ids_tensor(ids: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(list(ids), dtype=torch.long, device=device)  # [n]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {ids!r}")
+    return t
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Return a copy of ``logits`` [B, V] with each row's penalties applied.
+
+    Order (as in vLLM): first the HF-style repetition penalty over every token in
+    the row's prompt and output (positive logits divided by the penalty, negative
+    ones multiplied), then the OpenAI-style penalties over output tokens only:
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
+    Rows without penalties are copied unchanged.
+    """
+    _check_batch(logits, params)
+    if len(prompt_ids) != len(params) or len(output_ids) != len(params):
+        raise ValueError(
+            f"batch of {len(params)} rows got {len(prompt_ids)} prompt_ids and "
+            f"{len(output_ids)} output_ids"
+        )
+    out = logits.clone()  # [B, V]
+    vocab_size = logits.shape[1]
+    for row, p in enumerate(params):
+        if p.repetition_penalty != 1.0:
+            seen = _ids_tensor([*prompt_ids[row], *output_ids[row]], vocab_size, out.device)
+            if seen.numel():
+                seen = torch.unique(seen)  # [n_unique]
+                values = out[row, seen]  # [n_unique]
+                values = torch.where(
+                    values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+                )
+                out[row, seen] = values
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            generated = _ids_tensor(output_ids[row], vocab_size, out.device)
+            if generated.numel():
+                counts = torch.bincount(generated, minlength=vocab_size).to(out.dtype)  # [V]
+                out[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
+                    out.dtype
+                )
+    return out
+
+
+def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution each row is sampled from, as float32 probabilities [B, V].
+
+    Non-greedy rows: logits are divided by the temperature, then truncated in this
+    order (as in HF / vLLM), each step keeping the most likely token:
+
+    * top-k keeps the ``top_k`` most likely tokens (``top_k`` <= 0 disables);
+    * top-p keeps the smallest set of most likely tokens whose cumulative
+      probability (renormalised after top-k) is >= ``top_p``;
+    * min-p drops tokens whose probability is below ``min_p`` times the most
+      likely token's probability;
+
+    and the surviving probabilities are renormalised to sum to 1. Greedy rows
+    (``params.is_greedy``) are one-hot at the argmax of the logits.
+    """
+    _check_batch(logits, params)
+    logits = logits.float()  # [B, V]
+    vocab_size = logits.shape[1]
+    device = logits.device
+    greedy = torch.tensor([p.is_greedy for p in params], dtype=torch.bool, device=device)  # [B]
+    probs = torch.empty_like(logits)  # [B, V]
+
+    sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, dtype=torch.long, device=device)  # [S]
+        row_params = [params[i] for i in sampled_rows]
+        temperature = torch.tensor(
+            [p.temperature for p in row_params], dtype=torch.float32, device=device
+        ).unsqueeze(1)  # [S, 1]
+        top_k = torch.tensor(
+            [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in row_params],
+            dtype=torch.long,
+            device=device,
+        ).unsqueeze(1)  # [S, 1]
+        top_p = torch.tensor(
+            [p.top_p for p in row_params], dtype=torch.float32, device=device
+        ).unsqueeze(1)  # [S, 1]
+        min_p = torch.tensor(
+            [p.min_p for p in row_params], dtype=torch.float32, device=device
+        ).unsqueeze(1)  # [S, 1]
+
+        scaled = logits[rows] / temperature  # [S, V]
+        sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # [S, V] each
+        rank = torch.arange(vocab_size, device=device).unsqueeze(0)  # [1, V]
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
+
+        # Probability mass strictly before each rank; a token is needed while the
+        # tokens before it have not yet reached top_p.
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [S, V]
+        drop = (mass_before >= top_p) & (top_p < 1.0)  # [S, V]
+        drop |= sorted_probs < min_p * sorted_probs[:, :1]
+        drop[:, 0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        probs[rows] = torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)
+
+    if bool(greedy.any()):
+        greedy_rows = greedy.nonzero().squeeze(1)  # [G]
+        argmax = logits[greedy_rows].argmax(dim=-1, keepdim=True)  # [G, 1]
+        one_hot = torch.zeros(len(greedy_rows), vocab_size, device=device)  # [G, V]
+        probs[greedy_rows] = one_hot.scatter_(-1, argmax, 1.0)
+    return probs
+
+
+def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token id per row of ``probs`` [B, V]; returns int64 [B].
+
+    Each row is drawn with ``torch.multinomial`` using that row's generator, so a
+    seeded request reproduces its tokens regardless of what else is in the batch;
+    rows whose generator is ``None`` share the global torch RNG. Deterministic
+    rows (one-hot, e.g. greedy) take the argmax and consume no randomness.
+    """
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be [batch, vocab], got shape {tuple(probs.shape)}")
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {probs.shape[0]} rows")
+    max_prob, tokens = probs.max(dim=-1)  # [B], [B]
+    deterministic = (max_prob >= 1.0).tolist()
+    unseeded: list[int] = []
+    for row, gen in enumerate(generators):
+        if deterministic[row]:
+            continue
+        if gen is None:
+            unseeded.append(row)
+        else:
+            tokens[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
+    if unseeded:
+        rows = torch.tensor(unseeded, dtype=torch.long, device=probs.device)  # [U]
+        tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+    return tokens
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
+    """A private RNG for one request.
+
+    With a seed the request's samples are reproducible (any Python int is
+    accepted; it is reduced modulo 2**64). Without one the generator is seeded
+    from the global torch RNG, so unseeded requests differ from one another yet a
+    whole run is reproducible under ``torch.manual_seed``.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed % 2**64)
+    return generator

@@ -1,0 +1,230 @@
+"""Continuous batching over the paged KV cache.
+
+Each `step()` is either a prefill step (admit waiting requests whose whole uncached
+sequence fits in free pages and in the prefill token budget, and run them together) or a
+decode step (one new token for every running request). A decode step that cannot get a slot
+preempts the most recently admitted request: its pages are freed and it goes back to the
+front of the queue, to be recomputed from prompt + output later (SGLang's "retract").
+Requests therefore wait when KV is full; they never fail because of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model_runner import ModelRunner
+from .page_allocator import PageAllocator
+from .request import LogprobEntry, Req
+from .sampler import apply_penalties, processed_probs, sample
+
+log = logging.getLogger(__name__)
+
+TokenText = Callable[[int], str]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    max_running_requests: int
+    max_prefill_tokens: int
+    context_length: int
+
+
+class Scheduler:
+    """Owns the waiting queue and the running batch; called from one thread only."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        allocator: PageAllocator,
+        limits: SchedulerLimits,
+        eos_token_ids: Sequence[int],
+        detokenize: Callable[[list[int], bool], str] | None,
+    ) -> None:
+        self.runner = runner
+        self.allocator = allocator
+        self.limits = limits
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.detokenize = detokenize
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ---------------------------------------------------------------------
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def abort(self, rid: str, message: str = "aborted") -> Req | None:
+        """Remove a request wherever it is and free its KV; returns it (finished) or None."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    req.release_kv()
+                    req.finish_reason = {"type": "abort", "message": message}
+                    req.finished_at = time.perf_counter()
+                    return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self) -> list[Req]:
+        """Run one forward; returns the requests that received tokens (finished ones included)."""
+        batch = self._admit()
+        if batch:
+            touched = self._run(batch)
+            self.running.extend(r for r in batch if not r.finished)
+        elif self.running:
+            self._reserve_decode_slots()
+            touched = self._run(list(self.running))
+        else:
+            return []
+        self.running = [r for r in self.running if not r.finished]
+        return touched
+
+    def _admit(self) -> list[Req]:
+        batch: list[Req] = []
+        budget = self.limits.max_prefill_tokens
+        while self.waiting and len(self.running) + len(batch) < self.limits.max_running_requests:
+            req = self.waiting[0]
+            need = req.seq_len - req.num_cached
+            if batch and need > budget:
+                break
+            if not req.page_table.reserve(req.seq_len):
+                break  # out of pages: wait until running requests free some
+            self.waiting.popleft()
+            batch.append(req)
+            budget -= need
+        return batch
+
+    def _reserve_decode_slots(self) -> None:
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            if req.page_table.reserve(req.seq_len):
+                i += 1
+                continue
+            victim = self.running[-1]
+            if victim is req and len(self.running) == 1:
+                raise RuntimeError(
+                    "KV cache too small for a single request; raise --max-total-tokens"
+                )
+            self._preempt(victim)
+            if victim is req:
+                continue
+
+    def _preempt(self, req: Req) -> None:
+        self.running.remove(req)
+        req.release_kv()
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        log.info("KV cache full: preempted request %s (it will be recomputed)", req.rid)
+
+    # ---- forward + sampling ----------------------------------------------------------------------
+    def _run(self, batch: list[Req]) -> list[Req]:
+        tokens = [r.uncached_ids() for r in batch]
+        out = self.runner.extend(batch, tokens)
+        for r, toks in zip(batch, tokens, strict=True):
+            r.num_cached += len(toks)
+        last = out.last_rows()
+        logits = self.runner.logits(out.hidden[last])  # [B, vocab]
+        self._input_logprobs(batch, out.hidden, out.q_starts)
+        next_ids = self._sample(batch, logits)
+        want_lp = any(r.return_logprob for r in batch)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        for i, req in enumerate(batch):
+            self._append(req, int(next_ids[i]), None if logprobs is None else logprobs[i])
+        return batch
+
+    def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
+        params = [r.params for r in batch]
+        if all(p.is_greedy for p in params) and not any(_has_penalty(r) for r in batch):
+            return logits.argmax(dim=-1)
+        if any(_has_penalty(r) for r in batch):
+            logits = apply_penalties(
+                logits, params, [r.prompt_ids for r in batch], [r.output_ids for r in batch]
+            )
+        probs = processed_probs(logits, params)
+        return sample(probs, [r.generator for r in batch])
+
+    def _token_text(self, token: int) -> str | None:
+        return None if self.detokenize is None else self.detokenize([token], False)
+
+    def _entries(self, logprobs: Tensor, token: int, top_n: int) -> tuple[LogprobEntry, list[LogprobEntry]]:
+        entry: LogprobEntry = (float(logprobs[token]), token, self._token_text(token))
+        top: list[LogprobEntry] = []
+        if top_n > 0:
+            vals, ids = torch.topk(logprobs, top_n)
+            top = [(float(v), int(t), self._token_text(int(t))) for v, t in zip(vals, ids)]
+        return entry, top
+
+    def _input_logprobs(self, batch: list[Req], hidden: Tensor, q_starts: list[int]) -> None:
+        """Prompt logprobs from `logprob_start_len` on, computed at the first prefill only."""
+        for req, start in zip(batch, q_starts, strict=True):
+            if not req.return_logprob or req.input_logprobs_done or req.logprob_start_len < 0:
+                continue
+            req.input_logprobs_done = True
+            first = min(req.logprob_start_len, req.prompt_len)
+            if first == 0:
+                req.input_token_logprobs.append((None, req.prompt_ids[0], self._token_text(req.prompt_ids[0])))
+                req.input_top_logprobs.append(None)
+                first = 1
+            if first >= req.prompt_len:
+                continue
+            # logits at row p-1 score prompt token p
+            rows = torch.arange(start + first - 1, start + req.prompt_len - 1)
+            lps = torch.log_softmax(self.runner.logits(hidden[rows]), dim=-1)
+            for j, p in enumerate(range(first, req.prompt_len)):
+                entry, top = self._entries(lps[j], req.prompt_ids[p], req.top_logprobs_num)
+                req.input_token_logprobs.append(entry)
+                req.input_top_logprobs.append(top if req.top_logprobs_num else None)
+
+    def _append(self, req: Req, token: int, logprobs: Tensor | None) -> None:
+        now = time.perf_counter()
+        if req.first_token_at is None:
+            req.first_token_at = now
+        if req.params.max_new_tokens == 0:
+            self._finish(req, {"type": "length", "length": 0}, now)
+            return
+        req.output_ids.append(token)
+        if req.return_logprob and logprobs is not None:
+            entry, top = self._entries(logprobs, token, req.top_logprobs_num)
+            req.output_token_logprobs.append(entry)
+            req.output_top_logprobs.append(top)
+        self._check_finished(req, token, now)
+
+    def _check_finished(self, req: Req, token: int, now: float) -> None:
+        p = req.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return self._finish(req, {"type": "stop", "matched": token}, now)
+        if token in p.stop_token_ids:
+            return self._finish(req, {"type": "stop", "matched": token}, now)
+        if p.stop and self.detokenize is not None:
+            text = self.detokenize(req.output_ids, p.skip_special_tokens)
+            for s in p.stop:
+                if s in text:
+                    return self._finish(req, {"type": "stop", "matched": s}, now)
+        if req.output_len >= p.max_new_tokens:
+            return self._finish(req, {"type": "length", "length": p.max_new_tokens}, now)
+        if req.seq_len >= self.limits.context_length:
+            return self._finish(req, {"type": "length", "length": req.output_len}, now)
+        return None
+
+    def _finish(self, req: Req, reason: dict[str, object], now: float) -> None:
+        req.finish_reason = reason
+        req.finished_at = now
+        req.release_kv()
+
+
+def _has_penalty(req: Req) -> bool:
+    p = req.params
+    return bool(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0)

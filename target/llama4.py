@@ -1,0 +1,177 @@
+"""Llama 4 text model (dense Llama included) over a paged KV cache.
+
+Per layer: RMSNorm -> attention (GQA; RoPE + L2 QK norm + chunked local attention on RoPE
+layers; full attention + temperature tuning on NoPE layers) -> residual -> RMSNorm ->
+MoE (top-k sigmoid router scaling the expert *input*, plus the shared expert) or a dense
+MLP of `intermediate_size_mlp` -> residual.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from specdec.kernels.backend import ForwardBatch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope, l2_norm
+
+
+class ModelOutput(NamedTuple):
+    hidden: Tensor  # [T, hidden] after the final norm
+    aux_hidden: list[Tensor]  # one [T, hidden] per captured layer, in capture order
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.use_rope = cfg.uses_rope(layer_id)
+        self.qk_norm = cfg.qk_norm(layer_id)
+        self.temperature_tuning = cfg.temperature_tuning(layer_id)
+        self.chunk_size = cfg.chunk_size(layer_id)
+        self.floor_scale = cfg.floor_scale
+        self.attn_scale = cfg.attn_scale
+        self.eps = cfg.rms_norm_eps
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        self.qkv = Linear(cfg.hidden_size, (q_size, kv_size, kv_size), bias=cfg.attention_bias)
+        self.o_proj = Linear(q_size, (cfg.hidden_size,), bias=cfg.attention_bias)
+
+    def forward(
+        self,
+        x: Tensor,  # [T, hidden]
+        positions: Tensor,  # [T]
+        rope: tuple[Tensor, Tensor],  # cos, sin [T, D/2]
+        batch: ForwardBatch,
+    ) -> Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+            if self.qk_norm:
+                q = l2_norm(q, self.eps)
+                k = l2_norm(k, self.eps)
+        elif self.temperature_tuning:
+            # NoPE layers: q *= 1 + attn_scale * log(1 + floor((pos + 1) / floor_scale))
+            scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale))
+            q = (q * (scales * self.attn_scale + 1.0)[:, None, None]).to(q.dtype)
+        out = batch.backend.forward(
+            q,
+            k,
+            v,
+            batch.kv_k[self.layer_id],
+            batch.kv_v[self.layer_id],
+            batch.attn,
+            self.scale,
+            self.chunk_size,
+        )  # [T, H, D]
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class Experts(nn.Module):
+    """Stacked routed experts: w13 [E, 2I, H] (gate rows first), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.inter = inter
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
+
+    def forward_one(self, e: int, x: Tensor) -> Tensor:  # x [N, H] -> [N, H]
+        gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
+
+
+class MoE(nn.Module):
+    """Top-k sigmoid router; the score multiplies the expert *input*; shared expert always on."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.num_experts = cfg.num_experts
+        self.router = Linear(cfg.hidden_size, (cfg.num_experts,))
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.shared_expert = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: Tensor) -> Tensor:  # [T, H]
+        logits = self.router(x)  # [T, E]
+        top_val, top_idx = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
+        scores = torch.sigmoid(top_val.float()).to(x.dtype)
+        out = self.shared_expert(x)
+        flat_idx = top_idx.flatten()  # [T*k]
+        token_of = torch.arange(x.shape[0]).repeat_interleave(self.top_k)
+        for e in torch.unique(flat_idx).tolist():
+            sel = (flat_idx == e).nonzero().squeeze(1)
+            tok = token_of[sel]
+            routed_in = x[tok] * scores.flatten()[sel, None]
+            out.index_add_(0, tok, self.experts.forward_one(e, routed_in))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward: nn.Module = (
+            MoE(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+        )
+
+    def forward(
+        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], batch: ForwardBatch
+    ) -> Tensor:
+        h = x + self.attn(self.input_layernorm(x), positions, rope, batch)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+class Llama4ForCausalLM(nn.Module):
+    """Token ids (or input embeddings) in, final hidden states out; logits on demand."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head: Linear | None = (
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,))
+        )
+        self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
+
+    def forward(
+        self,
+        input_ids: Tensor | None,  # [T]
+        positions: Tensor,  # [T]
+        batch: ForwardBatch,
+        input_embeds: Tensor | None = None,  # [T, hidden] (multimodal early fusion)
+    ) -> ModelOutput:
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of input_ids and input_embeds")
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        rope = self.rotary.cos_sin(positions)
+        aux: list[Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if i in batch.capture_layers:
+                aux.append(x)
+            x = layer(x, positions, rope, batch)
+        if len(self.layers) in batch.capture_layers:
+            aux.append(x)
+        return ModelOutput(self.norm(x), aux)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()

@@ -1,0 +1,269 @@
+"""Strict, streamed checkpoint loading for the Llama 4 text model.
+
+The model is built on the meta device, materialised uninitialised, then every parameter
+(shard) is filled from safetensors exactly once. A checkpoint tensor with no home, a
+parameter never filled, a mis-shaped tensor or an unreadable file raises `LoadError`
+naming the tensor and the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from .config import CheckpointLayout, ModelConfig
+from .llama4 import Llama4ForCausalLM
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that does not match the model exactly."""
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig) -> torch.dtype:
+    """`auto` takes the checkpoint's dtype (float32 when it names none)."""
+    if dtype == "auto":
+        return DTYPES.get(cfg.torch_dtype or "float32", torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, bfloat16, float16 or float32")
+    return DTYPES[dtype]
+
+
+# ---- the name table -------------------------------------------------------------------------
+
+Transform = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one checkpoint tensor goes: a parameter, optionally one shard of it."""
+
+    param: str
+    shard: int | None = None
+    is_bias: bool = False
+    transform: Transform | None = None
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _half_split_to_pairs(num_heads: int) -> Transform:
+    """Rows of each head [x_0..x_{D/2-1}, y_0..] -> [x_0, y_0, x_1, y_1, ...]."""
+
+    def permute(t: Tensor) -> Tensor:
+        rows = t.shape[0]
+        d = rows // num_heads
+        return t.reshape(num_heads, 2, d // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    return permute
+
+
+def _transpose_last(t: Tensor) -> Tensor:
+    return t.transpose(-1, -2)
+
+
+SKIP = Target(param="")  # tensors deliberately not loaded (vision tower while text-only)
+_SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
+    """Returns a function mapping a checkpoint tensor name to its Target (None: unexpected)."""
+    perm_q = _half_split_to_pairs(cfg.num_heads) if cfg.permute_qk else None
+    perm_k = _half_split_to_pairs(cfg.num_kv_heads) if cfg.permute_qk else None
+    mlp = "mlp" if cfg.layout is CheckpointLayout.LLAMA else "feed_forward"
+    layer_rules: list[tuple[re.Pattern[str], Callable[[int, bool], Target]]] = []
+
+    def rule(pattern: str, make: Callable[[int, bool], Target]) -> None:
+        layer_rules.append((re.compile(pattern), make))
+
+    for i, (proj, perm) in enumerate((("q", perm_q), ("k", perm_k), ("v", None))):
+        rule(
+            rf"self_attn\.{proj}_proj\.(weight|bias)",
+            lambda n, b, i=i, perm=perm: Target(f"layers.{n}.attn.qkv.{'bias' if b else 'weight'}", i, b, perm),
+        )
+    rule(r"self_attn\.o_proj\.(weight|bias)",
+         lambda n, b: Target(f"layers.{n}.attn.o_proj.{'bias' if b else 'weight'}", 0, b))
+    rule(r"input_layernorm\.weight", lambda n, b: Target(f"layers.{n}.input_layernorm.weight"))
+    rule(r"post_attention_layernorm\.weight",
+         lambda n, b: Target(f"layers.{n}.post_attention_layernorm.weight"))
+    # dense MLP (dense Llama: mlp.*; Llama 4 dense layers: feed_forward.*)
+    rule(rf"{mlp}\.gate_proj\.weight", lambda n, b: Target(f"layers.{n}.feed_forward.gate_up.weight", 0))
+    rule(rf"{mlp}\.up_proj\.weight", lambda n, b: Target(f"layers.{n}.feed_forward.gate_up.weight", 1))
+    rule(rf"{mlp}\.down_proj\.weight", lambda n, b: Target(f"layers.{n}.feed_forward.down.weight", 0))
+    # MoE
+    rule(r"feed_forward\.router\.weight", lambda n, b: Target(f"layers.{n}.feed_forward.router.weight", 0))
+    rule(r"feed_forward\.experts\.gate_up_proj",  # [E, H, 2I] gate first -> [E, 2I, H]
+         lambda n, b: Target(f"layers.{n}.feed_forward.experts.w13", None, False, _transpose_last))
+    rule(r"feed_forward\.experts\.down_proj",  # [E, I, H] -> [E, H, I]
+         lambda n, b: Target(f"layers.{n}.feed_forward.experts.w2", None, False, _transpose_last))
+    for i, proj in enumerate(("gate", "up")):
+        rule(rf"feed_forward\.shared_expert\.{proj}_proj\.weight",
+             lambda n, b, i=i: Target(f"layers.{n}.feed_forward.shared_expert.gate_up.weight", i))
+    rule(r"feed_forward\.shared_expert\.down_proj\.weight",
+         lambda n, b: Target(f"layers.{n}.feed_forward.shared_expert.down.weight", 0))
+
+    prefix = "language_model." if cfg.layout is CheckpointLayout.LLAMA4_CONDITIONAL else ""
+    layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+    def lookup(name: str) -> Target | None:
+        if prefix:
+            if name.startswith(_SKIP_PREFIXES):
+                return SKIP
+            if not name.startswith(prefix):
+                return None
+            name = name[len(prefix):]
+        if name == "model.embed_tokens.weight":
+            return Target("embed_tokens.weight")
+        if name == "model.norm.weight":
+            return Target("norm.weight")
+        if name == "lm_head.weight":
+            # tied checkpoints sometimes still carry lm_head; transformers ignores it too
+            return SKIP if cfg.tie_word_embeddings else Target("lm_head.weight", 0)
+        m = layer_re.fullmatch(name)
+        if m is None:
+            return None
+        n, rest = int(m.group(1)), m.group(2)
+        if n >= cfg.num_layers:
+            return None
+        for pattern, make in layer_rules:
+            mm = pattern.fullmatch(rest)
+            if mm is None:
+                continue
+            # a dense tensor on a MoE layer (or the reverse) maps to a unit the model lacks
+            # and is reported as unexpected by the caller
+            return make(n, bool(mm.groups()) and mm.groups()[0] == "bias")
+        return None
+
+    return lookup
+
+
+# ---- streaming ----------------------------------------------------------------------------
+
+
+def checkpoint_files(model_path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: an index's shards, or model*.safetensors."""
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: unreadable index ({e})") from e
+        files = sorted({model_path / f for f in weight_map.values()})
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise LoadError(f"{index} names missing shard file(s): {', '.join(map(str, missing))}")
+        return files
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"no *.safetensors files in {model_path}")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Tensor]]:
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                for key in fh.keys():
+                    try:
+                        tensor = fh.get_tensor(key)
+                    except (SafetensorError, RuntimeError, ValueError) as e:
+                        raise LoadError(f"{f}: cannot read tensor {key!r} ({e})") from e
+                    yield f, key, tensor
+        except SafetensorError as e:
+            raise LoadError(f"{f}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _expected_units(model: nn.Module) -> dict[tuple[str, int | None, bool], tuple[int, ...]]:
+    """Every (param, shard, is_bias) unit that must be filled, with its shape."""
+    from .layers import Linear
+
+    units: dict[tuple[str, int | None, bool], tuple[int, ...]] = {}
+    linear_params: set[str] = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, Linear):
+            for s in range(len(mod.out_sizes)):
+                units[(f"{mod_name}.weight", s, False)] = mod.shard_shape(s)
+                linear_params.add(f"{mod_name}.weight")
+                if mod.bias is not None:
+                    units[(f"{mod_name}.bias", s, True)] = (mod.out_sizes[s],)
+                    linear_params.add(f"{mod_name}.bias")
+    for name, p in model.named_parameters():
+        if name not in linear_params:
+            units[(name, None, False)] = tuple(p.shape)
+    return units
+
+
+def load_model(model_path: str | Path, dtype: str = "auto") -> tuple[Llama4ForCausalLM, ModelConfig]:
+    """Build on meta, materialise, stream every tensor in; strict in both directions."""
+    path = Path(model_path)
+    cfg = ModelConfig.from_path(path)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(cfg)
+    model = model.to(dtype=torch_dtype).to_empty(device="cpu")
+    model.requires_grad_(False)
+    load_weights(model, cfg, checkpoint_files(path))
+    model.eval()
+    return model, cfg
+
+
+def load_weights(model: Llama4ForCausalLM, cfg: ModelConfig, files: list[Path]) -> None:
+    from .layers import Linear
+
+    lookup = build_name_table(cfg)
+    expected = _expected_units(model)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    filled: set[tuple[str, int | None, bool]] = set()
+    skipped = 0
+    for f, key, tensor in iter_tensors(files):
+        target = lookup(key)
+        if target is None:
+            raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of {cfg.architecture} takes it)")
+        if target is SKIP:
+            skipped += 1
+            continue
+        unit = (target.param, target.shard, target.is_bias)
+        if unit not in expected:
+            raise LoadError(f"unexpected tensor {key!r} in {f} (maps to unknown {unit})")
+        if unit in filled:
+            raise LoadError(f"tensor {key!r} in {f} fills {target.param} a second time")
+        value = (target.transform or _identity)(tensor)
+        want = expected[unit]
+        if tuple(value.shape) != want:
+            raise LoadError(
+                f"tensor {key!r} in {f} has shape {tuple(tensor.shape)}; expected "
+                f"{want if target.transform is None else '(after transform) ' + str(want)}"
+            )
+        if target.shard is not None:
+            mod = modules[target.param.rsplit(".", 1)[0]]
+            assert isinstance(mod, Linear)
+            mod.load_shard(target.shard, value, target.is_bias)
+        else:
+            params[target.param].data.copy_(value)
+        filled.add(unit)
+    if skipped:
+        log.info("skipped %d vision/projector tensors (multimodal is off)", skipped)
+    missing = sorted(set(expected) - filled, key=str)
+    if missing:
+        names = ", ".join(p if s is None else f"{p}[shard {s}]" for p, s, _ in missing[:8])
+        more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise LoadError(f"checkpoint {files[0].parent} is missing tensors for: {names}{more}")
