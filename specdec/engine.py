@@ -22,19 +22,26 @@ from typing import Any
 
 import torch
 
-from specdec.kernels import get_attention_backend
+from specdec.draft.eagle3 import Eagle3Draft
+from specdec.draft.eagle3_proposer import Eagle3Proposer
+from specdec.draft.loader import load_eagle3
+from specdec.draft.ngram import NgramProposer
+from specdec.draft.proposer import Proposer
+from specdec.kernels import AttentionBackend, get_attention_backend
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.config import ModelConfig
 from specdec.target.embedded import resolve_model_path
 from specdec.target.loader import load_model
 
 from .engine_config import EngineConfig
+from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator, available_memory_bytes, max_tokens_for_budget
 from .request import Req
 from .sampler import make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerLimits
+from .spec_decoder import SpecDecoder
 
 log = logging.getLogger("specdec")
 
@@ -61,12 +68,17 @@ class Engine:
         self.eos_token_ids = _eos_ids(self.model_path, self.model_config, self.tokenizer)
         self.context_length = self.config.context_length or self.model_config.max_position_embeddings
         dtype = next(self.model.parameters()).dtype
+        self.spec_config = self.config.spec_config()
+        self.draft_model = self._load_draft()
         self.max_total_tokens = self._kv_budget(dtype)
         page_size = self.config.page_size
         self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
         mc = self.model_config
         self.kv_pool = KVPool(mc.num_layers, self.max_total_tokens, mc.num_kv_heads, mc.head_dim, dtype)
-        self.runner = ModelRunner(self.model, self.kv_pool, get_attention_backend(self.config.attention_backend))
+        backend = get_attention_backend(self.config.attention_backend)
+        self.runner = ModelRunner(self.model, self.kv_pool, backend)
+        self.metrics = EngineMetrics()
+        self.spec = self._make_spec_decoder(backend, dtype)
         self.scheduler = Scheduler(
             self.runner,
             self.allocator,
@@ -77,15 +89,49 @@ class Engine:
             ),
             self.eos_token_ids,
             None if self.tokenizer is None else self._detokenize,
+            self.metrics,
+            self.spec,
         )
         self._ids = itertools.count()
         log.info("KV cache: %d tokens in pages of %d; context length %d",
                  self.max_total_tokens, page_size, self.context_length)
 
     # ---- set-up helpers -------------------------------------------------------------------------
+    def _load_draft(self) -> Eagle3Draft | None:
+        spec = self.spec_config
+        if spec is None or spec.algorithm == "NGRAM":
+            return None
+        if spec.draft_model_path is None:
+            raise ValueError(
+                f"--speculative-algorithm {spec.algorithm} needs --speculative-draft-model-path "
+                "(an EAGLE3 head in the SGLang/vLLM checkpoint format)"
+            )
+        t0 = time.perf_counter()
+        draft = load_eagle3(spec.draft_model_path, self.model, self.config.dtype)
+        log.info("loaded EAGLE3 draft %s in %.1fs (aux layers %s)", spec.draft_model_path,
+                 time.perf_counter() - t0, draft.cfg.capture_layers(self.model_config.num_layers))
+        return draft
+
+    def _make_spec_decoder(self, backend: AttentionBackend, dtype: torch.dtype) -> SpecDecoder | None:
+        spec = self.spec_config
+        if spec is None:
+            return None
+        proposer: Proposer
+        if self.draft_model is None:
+            proposer = NgramProposer(spec)
+        else:
+            dc = self.draft_model.cfg
+            pool = KVPool(1, self.max_total_tokens, dc.num_kv_heads, dc.head_dim, dtype)
+            proposer = Eagle3Proposer(self.draft_model, pool, backend, spec,
+                                      self.model_config.num_layers, self.model_config.vocab_size)
+        return SpecDecoder(spec, proposer, self.runner, self.metrics)
+
     def _kv_budget(self, dtype: torch.dtype) -> int:
         mc = self.model_config
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
+        if self.draft_model is not None:  # the draft's pool shares the slot space
+            dc = self.draft_model.cfg
+            per_token += KVPool.bytes_per_token(1, dc.num_kv_heads, dc.head_dim, dtype)
         if self.config.max_total_tokens is not None:
             tokens = self.config.max_total_tokens
         else:
@@ -128,7 +174,8 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the context length ({self.context_length})"
             )
-        if len(ids) + params.max_new_tokens > self.max_total_tokens:
+        extra = 0 if self.spec is None else self.spec.extra_slots
+        if len(ids) + params.max_new_tokens + extra > self.max_total_tokens:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the KV cache ({self.max_total_tokens} tokens); raise --max-total-tokens"
@@ -238,6 +285,8 @@ class Engine:
             "finish_reason": req.finish_reason,
             "e2e_latency": end - req.created_at,
         }
+        if self.spec is not None:
+            meta.update(req.spec_meta())
         if req.return_logprob:
             meta["input_token_logprobs"] = list(req.input_token_logprobs)
             meta["output_token_logprobs"] = list(req.output_token_logprobs)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .spec_config import SpecConfig
+
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -30,6 +32,15 @@ class EngineConfig:
     random_seed: int | None = None
     log_level: str = "info"
     skip_tokenizer_init: bool = False
+    # speculative decoding (SGLang's --speculative-* flags)
+    speculative_algorithm: str | None = None  # EAGLE3, EAGLE, NGRAM
+    speculative_draft_model_path: str | None = None
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    speculative_accept_threshold_single: float = 1.0
+    speculative_accept_threshold_acc: float = 1.0
+    speculative_token_map: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -51,6 +62,20 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if not 0 < self.mem_fraction_kv < 1:
             raise ValueError(f"mem_fraction_kv must be in (0, 1); got {self.mem_fraction_kv}")
+        self.spec_config()  # validates the speculative settings
+
+    def spec_config(self) -> SpecConfig | None:
+        """The validated speculative settings, or None when speculation is off."""
+        return SpecConfig.from_options(
+            self.speculative_algorithm,
+            self.speculative_draft_model_path,
+            self.speculative_num_steps,
+            self.speculative_eagle_topk,
+            self.speculative_num_draft_tokens,
+            self.speculative_accept_threshold_single,
+            self.speculative_accept_threshold_acc,
+            self.speculative_token_map,
+        )
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

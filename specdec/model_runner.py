@@ -18,6 +18,8 @@ from specdec.kernels.kv_pool import KVPool
 from specdec.target.llama4 import Llama4ForCausalLM
 
 from .request import Req
+from .tree import DraftTree, tree_mask
+from .tree import positions as tree_positions
 
 
 class ExtendOutput(NamedTuple):
@@ -65,6 +67,46 @@ class ModelRunner:
             q_lens.append(n)
             start += n
         ids = torch.tensor([t for toks in tokens for t in toks], dtype=torch.long)
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens)
+
+    @torch.inference_mode()
+    def verify_trees(
+        self, reqs: Sequence[Req], trees: Sequence[DraftTree], capture_layers: tuple[int, ...] = ()
+    ) -> ExtendOutput:
+        """One forward over every tree's nodes: node i of a request with c cached tokens sits
+        at position c + depth(i), in slot c + i, and sees the prefix plus its ancestors."""
+        seqs: list[SeqAttnMeta] = []
+        out_slots: list[Tensor] = []
+        positions: list[Tensor] = []
+        q_starts: list[int] = []
+        q_lens: list[int] = []
+        start = 0
+        for req, tree in zip(reqs, trees, strict=True):
+            c, n = req.num_cached, tree.size
+            slots = req.kv_slots(c + n)
+            q_pos = tree_positions(tree, c)  # [N]
+            kv_pos = torch.cat((torch.arange(c), q_pos))
+            mask = torch.ones(n, c + n, dtype=torch.bool)
+            mask[:, c:] = tree_mask(tree)
+            seqs.append(SeqAttnMeta(start, n, slots, q_pos, kv_pos, mask))
+            out_slots.append(slots[c:])
+            positions.append(q_pos)
+            q_starts.append(start)
+            q_lens.append(n)
+            start += n
+        ids = torch.tensor([t for tree in trees for t in tree.tokens], dtype=torch.long)
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens)
+
+    def _forward(
+        self,
+        ids: Tensor,
+        positions: list[Tensor],
+        seqs: list[SeqAttnMeta],
+        out_slots: list[Tensor],
+        capture_layers: tuple[int, ...],
+        q_starts: list[int],
+        q_lens: list[int],
+    ) -> ExtendOutput:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
         batch = ForwardBatch(meta, self.pool.k, self.pool.v, self.backend, capture_layers)
         out = self.model(ids, torch.cat(positions), batch)

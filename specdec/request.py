@@ -20,6 +20,7 @@ import torch
 
 from .page_allocator import PageTable
 from .sampling_params import SamplingParams
+from .tree import DraftTree
 
 # (logprob, token_id, text); logprob is None for the first prompt position.
 LogprobEntry = tuple[float | None, int, str | None]
@@ -47,9 +48,13 @@ class Req:
     input_top_logprobs: list[list[LogprobEntry] | None] = field(default_factory=list)
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     num_preemptions: int = 0
-    # speculative decoding figures (SGLang's names)
+    # speculative decoding: the tree to verify next, proposer state, SGLang's figures
+    draft_tree: DraftTree | None = None
+    spec_state: Any = None
     spec_verify_ct: int = 0
-    spec_accepted_tokens: int = 0
+    spec_num_correct_drafts: int = 0  # accepted draft tokens
+    spec_num_proposed_drafts: int = 0  # sum over verify steps of the tree's depth
+    spec_emitted_tokens: int = 0  # tokens emitted by verify steps (accepted + 1 each)
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __post_init__(self) -> None:
@@ -100,7 +105,24 @@ class Req:
         self._slot_cache = self._slot_cache[:length]
         self.num_cached = min(self.num_cached, length)
 
+    def spec_meta(self) -> dict[str, float | int]:
+        """SGLang's per-request speculative figures (accept length = emitted / verify steps)."""
+        ct = self.spec_verify_ct
+        return {
+            "spec_verify_ct": ct,
+            "spec_accept_length": self.spec_emitted_tokens / ct if ct else 0.0,
+            "spec_accept_rate": (
+                self.spec_num_correct_drafts / self.spec_num_proposed_drafts
+                if self.spec_num_proposed_drafts
+                else 0.0
+            ),
+            "spec_num_correct_drafts": self.spec_num_correct_drafts,
+            "spec_num_proposed_drafts": self.spec_num_proposed_drafts,
+        }
+
     def release_kv(self) -> None:
+        self.draft_tree = None
+        self.spec_state = None
         self.page_table.release()
         self._slot_cache = self._slot_cache[:0]
         self.num_cached = 0

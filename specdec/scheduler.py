@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
 from .request import LogprobEntry, Req
 from .sampler import apply_penalties, processed_probs, sample
+from .spec_decoder import SpecDecoder
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +48,18 @@ class Scheduler:
         limits: SchedulerLimits,
         eos_token_ids: Sequence[int],
         detokenize: Callable[[list[int], bool], str] | None,
+        metrics: EngineMetrics | None = None,
+        spec: SpecDecoder | None = None,
     ) -> None:
         self.runner = runner
+        self.metrics = metrics or EngineMetrics()
+        self.spec = spec
         self.allocator = allocator
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.detokenize = detokenize
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
-        self.num_preemptions = 0
 
     # ---- queue management ---------------------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -69,6 +74,7 @@ class Scheduler:
                     req.release_kv()
                     req.finish_reason = {"type": "abort", "message": message}
                     req.finished_at = time.perf_counter()
+                    self.metrics.requests_aborted += 1
                     return req
         return None
 
@@ -84,11 +90,28 @@ class Scheduler:
             self.running.extend(r for r in batch if not r.finished)
         elif self.running:
             self._reserve_decode_slots()
-            touched = self._run(list(self.running))
+            touched = list(self.running)
+            if self.spec is not None:
+                self.spec.step(touched, self._append)
+            else:
+                self._run(touched)
         else:
             return []
         self.running = [r for r in self.running if not r.finished]
+        self._update_gauges()
         return touched
+
+    @property
+    def _extra_slots(self) -> int:
+        """Slots beyond the fed tokens a request needs for its next step."""
+        return 0 if self.spec is None else self.spec.extra_slots
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.num_running = len(self.running)
+        m.num_waiting = len(self.waiting)
+        m.kv_used_tokens = self.allocator.num_used_pages * self.allocator.page_size
+        m.kv_total_tokens = self.allocator.num_pages * self.allocator.page_size
 
     def _admit(self) -> list[Req]:
         batch: list[Req] = []
@@ -98,7 +121,7 @@ class Scheduler:
             need = req.seq_len - req.num_cached
             if batch and need > budget:
                 break
-            if not req.page_table.reserve(req.seq_len):
+            if not req.page_table.reserve(req.seq_len + self._extra_slots):
                 break  # out of pages: wait until running requests free some
             self.waiting.popleft()
             batch.append(req)
@@ -109,7 +132,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            if req.page_table.reserve(req.seq_len):
+            # plain decode feeds the one uncached token; a speculative step needs its tree
+            need = req.seq_len if self.spec is None else req.num_cached + self._extra_slots
+            if req.page_table.reserve(need):
                 i += 1
                 continue
             victim = self.running[-1]
@@ -125,14 +150,18 @@ class Scheduler:
         self.running.remove(req)
         req.release_kv()
         req.num_preemptions += 1
-        self.num_preemptions += 1
+        self.metrics.preemptions += 1
         self.waiting.appendleft(req)
         log.info("KV cache full: preempted request %s (it will be recomputed)", req.rid)
 
     # ---- forward + sampling ----------------------------------------------------------------------
     def _run(self, batch: list[Req]) -> list[Req]:
+        """Feed each request's uncached tokens (prefill, or one token at a plain decode step)
+        and sample the next token; under speculation, then draft the first trees."""
         tokens = [r.uncached_ids() for r in batch]
-        out = self.runner.extend(batch, tokens)
+        starts = [r.num_cached for r in batch]
+        capture = () if self.spec is None else self.spec.capture_layers
+        out = self.runner.extend(batch, tokens, capture)
         for r, toks in zip(batch, tokens, strict=True):
             r.num_cached += len(toks)
         last = out.last_rows()
@@ -143,6 +172,15 @@ class Scheduler:
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         for i, req in enumerate(batch):
             self._append(req, int(next_ids[i]), None if logprobs is None else logprobs[i])
+        if self.spec is not None:
+            live = [i for i, r in enumerate(batch) if not r.finished]
+            feats = [
+                self.spec.features(out, torch.arange(out.q_starts[i], out.q_starts[i] + out.q_lens[i]))
+                for i in live
+            ]
+            self.spec.draft([batch[i] for i in live], [starts[i] for i in live], feats)
+            for i in live:
+                batch[i].truncate_kv(batch[i].num_cached)
         return batch
 
     def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
@@ -223,6 +261,9 @@ class Scheduler:
         req.finish_reason = reason
         req.finished_at = now
         req.release_kv()
+        self.metrics.requests_finished += 1
+        self.metrics.prompt_tokens += req.prompt_len
+        self.metrics.generation_tokens += req.output_len
 
 
 def _has_penalty(req: Req) -> bool:

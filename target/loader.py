@@ -65,7 +65,7 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def _half_split_to_pairs(num_heads: int) -> Transform:
+def half_split_to_pairs(num_heads: int) -> Transform:
     """Rows of each head [x_0..x_{D/2-1}, y_0..] -> [x_0, y_0, x_1, y_1, ...]."""
 
     def permute(t: Tensor) -> Tensor:
@@ -86,8 +86,8 @@ _SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
     """Returns a function mapping a checkpoint tensor name to its Target (None: unexpected)."""
-    perm_q = _half_split_to_pairs(cfg.num_heads) if cfg.permute_qk else None
-    perm_k = _half_split_to_pairs(cfg.num_kv_heads) if cfg.permute_qk else None
+    perm_q = half_split_to_pairs(cfg.num_heads) if cfg.permute_qk else None
+    perm_k = half_split_to_pairs(cfg.num_kv_heads) if cfg.permute_qk else None
     mlp = "mlp" if cfg.layout is CheckpointLayout.LLAMA else "feed_forward"
     layer_rules: list[tuple[re.Pattern[str], Callable[[int, bool], Target]]] = []
 
@@ -191,11 +191,11 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Tensor]]:
             raise LoadError(f"{f}: corrupt or truncated safetensors file ({e})") from e
 
 
-def _expected_units(model: nn.Module) -> dict[tuple[str, int | None, bool], tuple[int, ...]]:
+def _expected_units(model: nn.Module) -> dict[Unit, tuple[int, ...]]:
     """Every (param, shard, is_bias) unit that must be filled, with its shape."""
     from .layers import Linear
 
-    units: dict[tuple[str, int | None, bool], tuple[int, ...]] = {}
+    units: dict[Unit, tuple[int, ...]] = {}
     linear_params: set[str] = set()
     for mod_name, mod in model.named_modules():
         if isinstance(mod, Linear):
@@ -220,24 +220,42 @@ def load_model(model_path: str | Path, dtype: str = "auto") -> tuple[Llama4ForCa
         model = Llama4ForCausalLM(cfg)
     model = model.to(dtype=torch_dtype).to_empty(device="cpu")
     model.requires_grad_(False)
-    load_weights(model, cfg, checkpoint_files(path))
+    files = checkpoint_files(path)
+    missing = fill_weights(model, build_name_table(cfg), files, cfg.architecture)
+    if missing:
+        raise LoadError(f"checkpoint {path} is missing tensors for: {describe_units(missing)}")
     model.eval()
     return model, cfg
 
 
-def load_weights(model: Llama4ForCausalLM, cfg: ModelConfig, files: list[Path]) -> None:
+Unit = tuple[str, int | None, bool]  # (parameter, shard, is_bias)
+
+
+def describe_units(units: list[Unit]) -> str:
+    names = ", ".join(p if s is None else f"{p}[shard {s}]" for p, s, _ in units[:8])
+    return names + (f" (+{len(units) - 8} more)" if len(units) > 8 else "")
+
+
+def fill_weights(
+    model: nn.Module,
+    lookup: Callable[[str], Target | None],
+    files: list[Path],
+    owner: str,
+) -> list[Unit]:
+    """Stream every checkpoint tensor into its parameter (shard); returns the units never
+    filled (the caller decides whether they may come from elsewhere). Raises LoadError on
+    an unexpected, duplicate or mis-shaped tensor, naming it and its file."""
     from .layers import Linear
 
-    lookup = build_name_table(cfg)
     expected = _expected_units(model)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    filled: set[tuple[str, int | None, bool]] = set()
+    filled: set[Unit] = set()
     skipped = 0
     for f, key, tensor in iter_tensors(files):
         target = lookup(key)
         if target is None:
-            raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of {cfg.architecture} takes it)")
+            raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of {owner} takes it)")
         if target is SKIP:
             skipped += 1
             continue
@@ -262,8 +280,4 @@ def load_weights(model: Llama4ForCausalLM, cfg: ModelConfig, files: list[Path]) 
         filled.add(unit)
     if skipped:
         log.info("skipped %d vision/projector tensors (multimodal is off)", skipped)
-    missing = sorted(set(expected) - filled, key=str)
-    if missing:
-        names = ", ".join(p if s is None else f"{p}[shard {s}]" for p, s, _ in missing[:8])
-        more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
-        raise LoadError(f"checkpoint {files[0].parent} is missing tensors for: {names}{more}")
+    return sorted(set(expected) - filled, key=str)

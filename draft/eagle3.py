@@ -1,0 +1,98 @@
+"""The EAGLE3 draft head: one Llama decoder layer over [embedding ; target features].
+
+    features = fc(concat(aux_0, aux_1, aux_2))      # [T, 3 * H_target] -> [T, H]   (first use)
+             | previous draft hidden                # [T, H]                       (tree steps)
+    x        = cat(input_layernorm(embed(ids)), hidden_norm(features))   # [T, 2H]
+    h        = features + o_proj(attn(qkv(x)))      # residual is the *features*
+    h        = h + mlp(post_attention_layernorm(h))
+    logits   = lm_head(norm(h))                     # [T, draft_vocab]; target id = id + d2t[id]
+    next features = h                               # pre-norm, fed to the next tree step
+
+Position p of the draft pairs the target feature at p with the token at p + 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec.kernels.backend import ForwardBatch
+from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope
+
+from .eagle3_config import Eagle3Config
+
+
+class DraftOutput(NamedTuple):
+    logits_hidden: Tensor  # [T, H] normed, for the lm_head
+    hidden: Tensor  # [T, H] pre-norm, the next step's features
+
+
+class Eagle3Draft(nn.Module):
+    def __init__(self, cfg: Eagle3Config, own_embedding: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # None: the target's embedding is used (set with `share_embedding`)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, h) if own_embedding else None
+        self._shared_embedding: Tensor | None = None
+        self.fc = Linear(3 * cfg.target_hidden_size, (h,))
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.qkv = Linear(2 * h, (self.q_size, self.kv_size, self.kv_size))
+        self.o_proj = Linear(self.q_size, (h,))
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(h, cfg.intermediate_size)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = Linear(h, (cfg.draft_vocab_size,))
+        self.d2t = nn.Parameter(torch.zeros(cfg.draft_vocab_size, dtype=torch.long), requires_grad=False)
+        self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
+        self.scale = cfg.head_dim**-0.5
+
+    def share_embedding(self, weight: Tensor) -> None:
+        if weight.shape != (self.cfg.vocab_size, self.cfg.hidden_size):
+            raise ValueError(
+                f"target embedding {tuple(weight.shape)} does not fit the draft "
+                f"({self.cfg.vocab_size}, {self.cfg.hidden_size})"
+            )
+        self._shared_embedding = weight
+
+    def embed(self, ids: Tensor) -> Tensor:
+        if self.embed_tokens is not None:
+            return self.embed_tokens(ids)
+        assert self._shared_embedding is not None, "call share_embedding() first"
+        return F.embedding(ids, self._shared_embedding)
+
+    def project_features(self, aux: list[Tensor]) -> Tensor:
+        """Three captured target hidden states [T, H_t] each -> draft features [T, H]."""
+        return self.fc(torch.cat(aux, dim=-1).to(self.fc.weight.dtype))
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [T]
+        features: Tensor,  # [T, H]
+        positions: Tensor,  # [T]
+        batch: ForwardBatch,
+    ) -> DraftOutput:
+        T = input_ids.shape[0]
+        x = torch.cat((self.input_layernorm(self.embed(input_ids)), self.hidden_norm(features)), dim=-1)
+        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        cos, sin = self.rotary.cos_sin(positions)
+        q = apply_rope(q.view(T, self.cfg.num_heads, self.cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(T, self.cfg.num_kv_heads, self.cfg.head_dim), cos, sin)
+        v = v.view(T, self.cfg.num_kv_heads, self.cfg.head_dim)
+        attn = batch.backend.forward(q, k, v, batch.kv_k[0], batch.kv_v[0], batch.attn, self.scale, None)
+        h = features + self.o_proj(attn.reshape(T, self.q_size))
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return DraftOutput(self.norm(h), h)
+
+    def draft_logits(self, logits_hidden: Tensor) -> Tensor:  # [N, H] -> [N, draft_vocab] fp32
+        return self.lm_head(logits_hidden).float()
+
+    def to_target_ids(self, draft_ids: Tensor) -> Tensor:
+        """Draft-vocab ids -> target ids (target = draft + d2t[draft])."""
+        return draft_ids + self.d2t[draft_ids]

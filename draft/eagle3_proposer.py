@@ -1,0 +1,219 @@
+"""EAGLE3 tree drafting over the shared paged KV.
+
+The draft's K/V live in their own pool over the *same* slot space as the target's, indexed
+through the request's page table. Committed draft positions [0, c) mirror the target's
+cached prefix. While drafting, the node forwarded t-th in the current tree writes its K/V at
+scratch position c + t, and attends to the committed prefix plus the scratch slots of its
+own ancestors (true tree ancestry; SGLang's draft phase does not do this, sglang#7523).
+
+Draft positions: the forward at a node of depth d >= 1 takes that node's token with the
+hidden state of its parent's forward, at draft position c - 1 + d (the root's "forward" is
+the last row of `extend`, at draft position c - 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
+from specdec.kernels.kv_pool import KVPool
+from specdec.request import Req
+from specdec.sampler import processed_probs
+from specdec.spec_config import SpecConfig
+from specdec.tree import DraftTree, static_rank_tree
+
+from .eagle3 import Eagle3Draft
+from .proposer import Proposer
+from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder
+
+
+@dataclass
+class _RootState:
+    hidden: Tensor  # [H] pre-norm draft hidden of the root's forward
+    logits: Tensor  # [draft_vocab] fp32
+
+
+@dataclass
+class _NodeJob:
+    """One node forwarded in a drafting step."""
+
+    req: int  # index into the request batch
+    node: int  # builder-specific node id
+    token: int
+    feature: Tensor  # [H] hidden of the parent's forward
+    depth: int
+    scratch: int  # scratch index t (position c + t)
+    ancestors: list[int]  # scratch indices of ancestors with depth >= 1
+
+
+class Eagle3Proposer(Proposer):
+    name = "EAGLE3"
+
+    def __init__(
+        self,
+        draft: Eagle3Draft,
+        pool: KVPool,
+        backend: AttentionBackend,
+        spec: SpecConfig,
+        target_num_layers: int,
+        target_vocab_size: int,
+    ) -> None:
+        self.draft = draft
+        self.pool = pool
+        self.backend = backend
+        self.spec = spec
+        self.vocab_size = target_vocab_size
+        self.capture_layers = draft.cfg.capture_layers(target_num_layers)
+        sampled_nodes = len(static_rank_tree(spec.num_steps, spec.topk, spec.num_draft_tokens - 1))
+        self.temp_slots = max(spec.max_draft_forwards, sampled_nodes)
+        self.hot_ids = draft.to_target_ids(torch.arange(draft.cfg.draft_vocab_size))  # [Vd]
+
+    def _batch(self, seqs: list[SeqAttnMeta], out_slots: list[Tensor]) -> ForwardBatch:
+        meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
+        return ForwardBatch(meta, self.pool.k, self.pool.v, self.backend)
+
+    # ---- extend: commit draft K/V for new positions ----------------------------------------------
+    @torch.inference_mode()
+    def extend(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
+        ids: list[int] = []
+        feats: list[Tensor] = []
+        positions: list[Tensor] = []
+        seqs: list[SeqAttnMeta] = []
+        out_slots: list[Tensor] = []
+        last_rows: list[int] = []
+        row = 0
+        for req, start, feat in zip(reqs, starts, features, strict=True):
+            assert feat is not None
+            m = feat.shape[0]
+            end = start + m
+            ids.extend(req.all_ids[start + 1 : end + 1])  # shift by one: pair h_p with x_{p+1}
+            feats.append(feat)
+            slots = req.kv_slots(end)
+            kv_pos = torch.arange(end)
+            seqs.append(SeqAttnMeta(row, m, slots, kv_pos[start:], kv_pos, None))
+            out_slots.append(slots[start:])
+            positions.append(kv_pos[start:])
+            row += m
+            last_rows.append(row - 1)
+        x = self.draft.project_features(list(torch.cat(feats).split(self.draft.cfg.target_hidden_size, dim=-1)))
+        out = self.draft(torch.tensor(ids), x, torch.cat(positions), self._batch(seqs, out_slots))
+        rows = torch.tensor(last_rows)
+        logits = self.draft.draft_logits(out.logits_hidden[rows])  # [B, Vd]
+        for i, req in enumerate(reqs):
+            req.spec_state = _RootState(out.hidden[last_rows[i]], logits[i])
+
+    # ---- propose: grow one tree per request ------------------------------------------------------
+    def _target_probs(self, req: Req, draft_logits: Tensor) -> Tensor:
+        """The request's processed distribution over *target* ids from draft logits [Vd]."""
+        full = torch.full((1, self.vocab_size), float("-inf"))
+        full[0, self.hot_ids] = draft_logits
+        return processed_probs(full, [req.params])[0]
+
+    @torch.inference_mode()
+    def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:
+        spec = self.spec
+        builders: list[GreedyTreeBuilder | SampledTreeBuilder] = []
+        # per request: node id -> (hidden of its forward, scratch index, ancestor scratch list)
+        hidden: list[dict[int, Tensor]] = []
+        scratch: list[dict[int, tuple[int, list[int]]]] = []
+        frontier: list[list[int]] = []
+        for req in reqs:
+            state: _RootState = req.spec_state
+            root = req.all_ids[-1]
+            if req.params.is_greedy:
+                gb = GreedyTreeBuilder(root, spec.topk, spec.num_draft_tokens - 1)
+                first = gb.add_children(-1, torch.log_softmax(state.logits, -1), self.hot_ids)
+                builders.append(gb)
+                frontier.append(first)
+            else:
+                sb = SampledTreeBuilder(root, spec.num_steps, spec.topk, spec.num_draft_tokens - 1,
+                                        self.vocab_size, req.generator)
+                sb.add_children(0, self._target_probs(req, state.logits))
+                builders.append(sb)
+                frontier.append(sb.expandable(1))
+            hidden.append({-1 if req.params.is_greedy else 0: state.hidden})  # the root's key
+            scratch.append({})
+        for _step in range(2, spec.num_steps + 1):
+            jobs = self._jobs(reqs, builders, frontier, hidden, scratch)
+            if not jobs:
+                break
+            out_hidden, logits = self._forward_nodes(reqs, jobs)
+            new_frontier: list[list[int]] = [[] for _ in reqs]
+            per_req_new: list[list[int]] = [[] for _ in reqs]
+            for j, job in enumerate(jobs):
+                b = builders[job.req]
+                hidden[job.req][job.node] = out_hidden[j]
+                if isinstance(b, GreedyTreeBuilder):
+                    per_req_new[job.req] += b.add_children(
+                        job.node, torch.log_softmax(logits[j], -1), self.hot_ids
+                    )
+                else:
+                    b.add_children(job.node, self._target_probs(reqs[job.req], logits[j]))
+            for r, b in enumerate(builders):
+                if isinstance(b, GreedyTreeBuilder):
+                    new_frontier[r] = b.best(per_req_new[r])
+                else:
+                    new_frontier[r] = b.expandable(_step)
+            frontier = new_frontier
+        return [b.finish() for b in builders]
+
+    def _jobs(
+        self,
+        reqs: Sequence[Req],
+        builders: list[GreedyTreeBuilder | SampledTreeBuilder],
+        frontier: list[list[int]],
+        hidden: list[dict[int, Tensor]],
+        scratch: list[dict[int, tuple[int, list[int]]]],
+    ) -> list[_NodeJob]:
+        jobs = []
+        for r, b in enumerate(builders):
+            for node in frontier[r]:
+                if isinstance(b, GreedyTreeBuilder):
+                    parent = b.cands[node].parent
+                    token, depth = b.cands[node].token, b.depth[node]
+                else:
+                    parent = b.parents[node]
+                    token, depth = b.tokens[node], b.depth[node]
+                # ancestors with scratch K/V: the parent's plus the parent itself (depth >= 2)
+                anc = [] if depth == 1 else [*scratch[r][parent][1], scratch[r][parent][0]]
+                t = len(scratch[r])
+                scratch[r][node] = (t, anc)
+                jobs.append(_NodeJob(r, node, token, hidden[r][parent], depth, t, anc))
+        return jobs
+
+    def _forward_nodes(self, reqs: Sequence[Req], jobs: list[_NodeJob]) -> tuple[Tensor, Tensor]:
+        """One draft forward over every job; returns hidden [J, H] and draft logits [J, Vd]."""
+        by_req: dict[int, list[_NodeJob]] = {}
+        for job in jobs:
+            by_req.setdefault(job.req, []).append(job)
+        seqs: list[SeqAttnMeta] = []
+        out_slots: list[Tensor] = []
+        ordered: list[_NodeJob] = []
+        row = 0
+        for r, rjobs in by_req.items():
+            c = reqs[r].num_cached
+            t_end = max(j.scratch for j in rjobs) + 1
+            slots = reqs[r].kv_slots(c + t_end)  # committed prefix + scratch so far
+            mask = torch.zeros(len(rjobs), c + t_end, dtype=torch.bool)
+            mask[:, :c] = True
+            for q, job in enumerate(rjobs):
+                mask[q, [c + a for a in job.ancestors] + [c + job.scratch]] = True
+            q_pos = torch.tensor([c - 1 + j.depth for j in rjobs])
+            kv_pos = torch.arange(c + t_end)  # unused without chunking; mask decides
+            seqs.append(SeqAttnMeta(row, len(rjobs), slots, q_pos, kv_pos, mask))
+            out_slots.append(slots[[c + j.scratch for j in rjobs]])
+            ordered.extend(rjobs)
+            row += len(rjobs)
+        ids = torch.tensor([j.token for j in ordered])
+        feats = torch.stack([j.feature for j in ordered])
+        positions = torch.cat([s.q_positions for s in seqs])
+        out = self.draft(ids, feats, positions, self._batch(seqs, out_slots))
+        logits = self.draft.draft_logits(out.logits_hidden)
+        # back to the caller's job order
+        pos_of = {id(j): i for i, j in enumerate(ordered)}
+        order = torch.tensor([pos_of[id(j)] for j in jobs])
+        return out.hidden[order], logits[order]

@@ -1,0 +1,37 @@
+"""The interface every speculative proposer implements (EAGLE3 head, n-gram lookup).
+
+Life of a request under speculation, with `c` = tokens whose target K/V are cached:
+
+1. a target forward commits new tokens and (for EAGLE3) captures aux hidden states;
+2. `extend(reqs, starts, features)` tells the proposer about them: draft position p pairs
+   the target feature at p with token p + 1 (so the rows for positions [start, start + m)
+   pair with `all_ids[start + 1 : start + 1 + m]`);
+3. `propose(reqs)` returns one `DraftTree` per request, rooted at the last token.
+
+A proposer may use pool slots of positions [c, c + temp_slots) of the request's page table
+as scratch space while drafting (the scheduler reserves them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from specdec.request import Req
+from specdec.tree import DraftTree
+
+
+class Proposer(ABC):
+    name: str = "abstract"
+    capture_layers: tuple[int, ...] = ()  # target layer inputs needed as features
+    temp_slots: int = 0  # scratch KV slots needed beyond the committed prefix
+
+    @abstractmethod
+    def extend(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
+        """Consume target features [m_i, 3H] for draft positions [starts[i], starts[i] + m_i)."""
+
+    @abstractmethod
+    def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:
+        """One tree per request, node 0 = the request's last token."""
