@@ -40,6 +40,7 @@ class Eagle3Config:
 
     def capture_layers(self, num_target_layers: int) -> tuple[int, ...]:
         """Target layer *inputs* to capture, in the order `fc` concatenates them."""
+        ids: tuple[int, ...]
         if self.aux_layer_ids is None:
             ids = (2, num_target_layers // 2, num_target_layers - 3)
         else:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
 from specdec.target.llama4 import Llama4ForCausalLM
 from specdec.target.loader import (
     DTYPES,
@@ -73,7 +72,7 @@ def _name_table(cfg: Eagle3Config) -> Callable[[str], Target | None]:
 def _has_tensor(files: list[Path], suffix: str) -> bool:
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            if any(k == suffix or k.endswith("." + suffix) for k in fh.keys()):  # noqa: SIM118
+            if any(k == suffix or k.endswith("." + suffix) for k in fh.keys()):
                 return True
     return False
 

@@ -31,13 +31,14 @@ def attend_one(
     mask: Tensor | None,  # [q_len, kv_len] bool
     scale: float,
 ) -> Tensor:  # [q_len, H, D]
-    qh = q.transpose(0, 1)  # (H, q_len, D)
-    kh = keys.transpose(0, 1)  # (Hkv, kv_len, D)
-    vh = values.transpose(0, 1)
+    # 4-D inputs select PyTorch's fused CPU kernel (3-D falls back to the unfused math path)
+    qh = q.transpose(0, 1)[None]  # (1, H, q_len, D)
+    kh = keys.transpose(0, 1)[None]  # (1, Hkv, kv_len, D)
+    vh = values.transpose(0, 1)[None]
     out = F.scaled_dot_product_attention(
-        qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=kh.shape[0] != qh.shape[0]
+        qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=kh.shape[1] != qh.shape[1]
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class TorchAttentionBackend(AttentionBackend):

@@ -208,9 +208,9 @@ class Engine:
             ids = [self.encode(t) for t in texts]
         else:
             assert input_ids is not None
-            seq = list(input_ids)
+            seq: list[Any] = list(input_ids)
             single = not seq or not isinstance(seq[0], (list, tuple))
-            ids = [list(seq)] if single else [list(x) for x in seq]  # type: ignore[arg-type]
+            ids = [[int(t) for t in seq]] if single else [[int(t) for t in x] for x in seq]
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(ids):
                 raise ValueError(f"{len(sampling_params)} sampling_params for {len(ids)} prompts")

@@ -130,16 +130,25 @@ def tree_from_candidates(root_token: int, candidates: Sequence[Candidate], num_n
     return DraftTree(tuple(tokens), tuple(parents))
 
 
+RANK_WEIGHT = 0.75
+RANK_DECAY = 0.3
+
+
+def _rank_weight(rank: int) -> float:
+    return RANK_WEIGHT * RANK_DECAY**rank
+
+
 def static_rank_tree(num_steps: int, topk: int, num_nodes: int) -> list[tuple[int, ...]]:
     """A fixed tree shape as rank paths (r1, ..., rd), used when drafts are *sampled*.
 
     Sampled trees must not choose their shape from the sampled values (that would bias
     which draws survive and break losslessness), so the shape is a pure function of the
-    config: rank r among siblings weighs 2^-(r+1); the `num_nodes` heaviest rank paths of
+    config: the r-th draw among siblings weighs RANK_WEIGHT * RANK_DECAY^r (a rough prior
+    of its acceptance), a path weighs the product; the `num_nodes` heaviest rank paths of
     depth <= num_steps with ranks < topk are kept. Every kept path's parent and elder
     siblings are kept too (their weights are strictly larger).
     """
-    heap: list[tuple[float, tuple[int, ...]]] = [(-0.5 ** (r + 1), (r,)) for r in range(topk)]
+    heap: list[tuple[float, tuple[int, ...]]] = [(-_rank_weight(r), (r,)) for r in range(topk)]
     heapq.heapify(heap)
     out: list[tuple[int, ...]] = []
     while heap and len(out) < num_nodes:
@@ -147,6 +156,6 @@ def static_rank_tree(num_steps: int, topk: int, num_nodes: int) -> list[tuple[in
         out.append(path)
         if len(path) < num_steps:
             for r in range(topk):
-                heapq.heappush(heap, (neg_w * 0.5 ** (r + 1), (*path, r)))
+                heapq.heappush(heap, (neg_w * _rank_weight(r), (*path, r)))
     # parents before children, siblings in rank order
     return sorted(out, key=lambda p: (len(p), p))

@@ -163,14 +163,13 @@ class Llama4ForCausalLM(nn.Module):
             raise ValueError("pass exactly one of input_ids and input_embeds")
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         rope = self.rotary.cos_sin(positions)
-        aux: list[Tensor] = []
+        captured: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in batch.capture_layers:
-                aux.append(x)
+                captured[i] = x  # the input of layer i
             x = layer(x, positions, rope, batch)
-        if len(self.layers) in batch.capture_layers:
-            aux.append(x)
-        return ModelOutput(self.norm(x), aux)
+        captured[len(self.layers)] = x
+        return ModelOutput(self.norm(x), [captured[i] for i in batch.capture_layers])
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -94,11 +94,20 @@ def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
     def rule(pattern: str, make: Callable[[int, bool], Target]) -> None:
         layer_rules.append((re.compile(pattern), make))
 
+    def qkv(shard: int, perm: Transform | None) -> Callable[[int, bool], Target]:
+        def make(n: int, b: bool) -> Target:
+            return Target(f"layers.{n}.attn.qkv.{'bias' if b else 'weight'}", shard, b, perm)
+
+        return make
+
+    def shared_expert(shard: int) -> Callable[[int, bool], Target]:
+        def make(n: int, b: bool) -> Target:
+            return Target(f"layers.{n}.feed_forward.shared_expert.gate_up.weight", shard)
+
+        return make
+
     for i, (proj, perm) in enumerate((("q", perm_q), ("k", perm_k), ("v", None))):
-        rule(
-            rf"self_attn\.{proj}_proj\.(weight|bias)",
-            lambda n, b, i=i, perm=perm: Target(f"layers.{n}.attn.qkv.{'bias' if b else 'weight'}", i, b, perm),
-        )
+        rule(rf"self_attn\.{proj}_proj\.(weight|bias)", qkv(i, perm))
     rule(r"self_attn\.o_proj\.(weight|bias)",
          lambda n, b: Target(f"layers.{n}.attn.o_proj.{'bias' if b else 'weight'}", 0, b))
     rule(r"input_layernorm\.weight", lambda n, b: Target(f"layers.{n}.input_layernorm.weight"))
@@ -115,8 +124,7 @@ def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
     rule(r"feed_forward\.experts\.down_proj",  # [E, I, H] -> [E, H, I]
          lambda n, b: Target(f"layers.{n}.feed_forward.experts.w2", None, False, _transpose_last))
     for i, proj in enumerate(("gate", "up")):
-        rule(rf"feed_forward\.shared_expert\.{proj}_proj\.weight",
-             lambda n, b, i=i: Target(f"layers.{n}.feed_forward.shared_expert.gate_up.weight", i))
+        rule(rf"feed_forward\.shared_expert\.{proj}_proj\.weight", shared_expert(i))
     rule(r"feed_forward\.shared_expert\.down_proj\.weight",
          lambda n, b: Target(f"layers.{n}.feed_forward.shared_expert.down.weight", 0))
 
