@@ -1,4 +1,9 @@
-"""`specdec` command line: `specdec generate` (one generation from a prompt)."""
+"""`specdec` command line.
+
+    specdec serve      the OpenAI-compatible server (same flags as python -m specdec.launch_server)
+    specdec chat       an interactive chat client for any OpenAI-compatible server
+    specdec generate   one generation from a prompt with the offline engine
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import json
 import sys
 import time
 
-from .cli_args import add_engine_args, engine_kwargs
+from .cli_args import add_engine_args, engine_kwargs, resolve_speculative_defaults
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -15,7 +20,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .engine import Engine
 
-    with Engine(**engine_kwargs(args)) as engine:
+    with Engine(**resolve_speculative_defaults(engine_kwargs(args))) as engine:
         if args.raw:
             prompt = args.prompt
         else:
@@ -30,15 +35,29 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps(out))
         else:
             print(out["text"])
-            n = out["meta_info"]["completion_tokens"]
-            print(f"\n[{n} tokens in {dt:.2f}s: {n / dt:.1f} tok/s; "
-                  f"finish {out['meta_info']['finish_reason']}]", file=sys.stderr)
+            meta = out["meta_info"]
+            n = meta["completion_tokens"]
+            spec = f"; accept length {meta['spec_accept_length']:.2f}" if "spec_accept_length" in meta else ""
+            print(f"\n[{n} tokens in {dt:.2f}s: {n / dt:.1f} tok/s{spec}; "
+                  f"finish {meta['finish_reason']}]", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specdec", description=__doc__)
+    from .launch_server import add_server_args, serve
+
+    parser = argparse.ArgumentParser(prog="specdec", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="Start the OpenAI-compatible HTTP server.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_server_args(srv)
+    srv.set_defaults(func=serve)
+    sub.add_parser("chat", help="Chat with an OpenAI-compatible server (specdec chat --help).",
+                   add_help=False)
+    train = sub.add_parser("train-eagle3", help="Train an EAGLE3 head (specdec train-eagle3 --help).",
+                           add_help=False)
+    del train
     gen = sub.add_parser("generate", help="Generate once from a prompt with the offline engine.")
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True, help="User message (chat template applied).")
@@ -51,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "chat":
+        from specdec.server.chat_client import main as chat_main
+
+        return chat_main(argv[1:])
+    if argv and argv[0] == "train-eagle3":
+        from specdec.draft.train_eagle3 import main as train_main
+
+        return int(train_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"specdec: error: {e}", file=sys.stderr)
         return 2
 

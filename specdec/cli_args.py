@@ -36,9 +36,53 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="Accepted for SGLang compatibility; downloaded code is never executed.")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Do not load a tokenizer (requests must pass input_ids).")
+    s = parser.add_argument_group("speculative decoding")
+    s.add_argument("--speculative-algorithm", default=None, type=str.upper,
+                   choices=["EAGLE3", "EAGLE", "NGRAM", "NONE"],
+                   help="EAGLE3 (an EAGLE3 draft head), EAGLE (same head format), NGRAM (prompt "
+                   "lookup, no draft model), NONE (off). Default: EAGLE3 with the shipped head when "
+                   "serving the embedded model, otherwise off.")
+    s.add_argument("--speculative-draft-model-path", default=None,
+                   help="EAGLE3 head folder (SGLang/vLLM format: config.json + safetensors).")
+    s.add_argument("--speculative-num-steps", type=int, default=None,
+                   help="Drafting rounds = max tree depth (default 5).")
+    s.add_argument("--speculative-eagle-topk", type=int, default=None,
+                   help="Nodes expanded per round and children per node (default 4; 1 = chain).")
+    s.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="Tree size verified per step, root included (default 8; chain: steps + 1).")
+    s.add_argument("--speculative-accept-threshold-single", type=float, default=1.0,
+                   help="Lossy: accept a draft token whose target probability reaches this (1 = off).")
+    s.add_argument("--speculative-accept-threshold-acc", type=float, default=1.0,
+                   help="Lossy: divide the acceptance ratio's threshold by this (1 = lossless).")
+    s.add_argument("--speculative-token-map", default=None,
+                   help="Accepted for SGLang compatibility; EAGLE3 heads carry their own d2t map.")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig fields present in parsed args."""
     fields = set(EngineConfig.__dataclass_fields__)
     return {k: v for k, v in vars(args).items() if k in fields}
+
+
+def resolve_speculative_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """NONE turns speculation off; the embedded model gets EAGLE3 with its shipped head."""
+    kwargs = dict(kwargs)
+    algo = kwargs.get("speculative_algorithm")
+    if algo == "NONE":
+        kwargs["speculative_algorithm"] = None
+        return kwargs
+    if algo is None and kwargs.get("model_path") is None and kwargs.get("speculative_draft_model_path") is None:
+        from specdec.draft.heads import shipped_head_for_embedded
+
+        head = shipped_head_for_embedded()
+        if head is not None:
+            kwargs["speculative_algorithm"] = "EAGLE3"
+            kwargs["speculative_draft_model_path"] = str(head)
+    elif algo in ("EAGLE3", "EAGLE") and kwargs.get("speculative_draft_model_path") is None \
+            and kwargs.get("model_path") is None:
+        from specdec.draft.heads import shipped_head_for_embedded
+
+        head = shipped_head_for_embedded()
+        if head is not None:
+            kwargs["speculative_draft_model_path"] = str(head)
+    return kwargs

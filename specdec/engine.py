@@ -88,7 +88,7 @@ class Engine:
                 context_length=self.context_length,
             ),
             self.eos_token_ids,
-            None if self.tokenizer is None else self._detokenize,
+            None if self.tokenizer is None else self.detokenize,
             self.metrics,
             self.spec,
         )
@@ -142,7 +142,7 @@ class Engine:
             raise ValueError(f"max_total_tokens={tokens} is smaller than one page")
         return tokens
 
-    def _detokenize(self, ids: list[int], skip_special_tokens: bool) -> str:
+    def detokenize(self, ids: list[int], skip_special_tokens: bool) -> str:
         assert self.tokenizer is not None
         return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
@@ -272,7 +272,7 @@ class Engine:
         """SGLang's response dict for a request (finished or in flight)."""
         text = ""
         if self.tokenizer is not None:
-            text = self._detokenize(req.output_ids, req.params.skip_special_tokens)
+            text = self.detokenize(req.output_ids, req.params.skip_special_tokens)
             reason = req.finish_reason or {}
             if isinstance(reason.get("matched"), str):
                 text = text[: text.find(reason["matched"])]

@@ -1,0 +1,13 @@
+"""Trained EAGLE3 heads shipped with specdec (SGLang/vLLM checkpoint format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEADS_DIR = Path(__file__).parent
+EMBEDDED_HEAD = HEADS_DIR / "smollm2-135m-instruct-eagle3"
+
+
+def shipped_head_for_embedded() -> Path | None:
+    """The EAGLE3 head trained for the embedded SmolLM2-135M-Instruct, if present."""
+    return EMBEDDED_HEAD if (EMBEDDED_HEAD / "config.json").exists() else None

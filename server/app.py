@@ -1,0 +1,195 @@
+"""FastAPI routing only: bodies are decoded and encoded with msgspec, never pydantic.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+POST /generate (SGLang's native body), GET /get_server_info, GET /get_model_info,
+GET /metrics (Prometheus text, SGLang's metric names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from specdec.engine_loop import Update
+from specdec.sampling_params import SamplingParams
+
+from .metrics_text import prometheus_text
+from .openai_api import DONE, chat_completions, completions, sse, wait_final
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+)
+from .state import ApiError, ServerState
+
+T = TypeVar("T")
+OPEN_PATHS = frozenset({"/health", "/health_generate"})
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def error_response(e: ApiError) -> Response:
+    return json_response(ErrorResponse(ErrorInfo(e.message, e.kind, e.param, e.status)), e.status)
+
+
+async def read_body(request: Request, state: ServerState, kind: type[T]) -> T:
+    body = await request.body()
+    if len(body) > state.max_body_bytes:
+        raise ApiError(413, f"request body of {len(body)} bytes exceeds the {state.max_body_bytes}-byte limit")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        # e.g. "Expected `int`, got `str` - at `$.max_tokens`"
+        param = str(e).rsplit("`$.", 1)[-1].rstrip("`") if "`$." in str(e) else None
+        raise ApiError(400, f"invalid request: {e}", param) from e
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from e
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="specdec", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if state.api_key is not None and request.url.path not in OPEN_PATHS:
+            if request.headers.get("authorization") != f"Bearer {state.api_key}":
+                return error_response(ApiError(401, "missing or invalid API key (Authorization: Bearer ...)"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
+            return error_response(ApiError(413, f"request body exceeds the {state.max_body_bytes}-byte limit"))
+        try:
+            return await call_next(request)
+        except ApiError as e:
+            return error_response(e)
+
+    def handle(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            try:
+                out = await fn(request)
+            except ApiError as e:
+                return error_response(e)
+            if isinstance(out, Response):
+                return out
+            if hasattr(out, "__aiter__"):
+                return StreamingResponse(out, media_type="text/event-stream")
+            return json_response(out)
+
+        return route
+
+    async def chat(request: Request) -> Any:
+        body = await read_body(request, state, ChatCompletionRequest)
+        return await chat_completions(state, body, request.is_disconnected)
+
+    async def complete(request: Request) -> Any:
+        body = await read_body(request, state, CompletionRequest)
+        return await completions(state, body, request.is_disconnected)
+
+    async def models(request: Request) -> Any:
+        card = ModelCard(state.served_model_name, state.created, root=str(state.engine.model_path),
+                         max_model_len=state.engine.context_length)
+        return ModelList([card])
+
+    async def health(request: Request) -> Any:
+        return Response(status_code=200)
+
+    async def generate(request: Request) -> Any:
+        return await native_generate(state, await read_body(request, state, GenerateRequest), request)
+
+    async def server_info(request: Request) -> Any:
+        snap = state.engine.metrics.snapshot()
+        internal = {
+            "avg_spec_accept_length": snap["avg_spec_accept_length"],
+            "spec_accept_rate": snap["spec_accept_rate"],
+            "last_gen_throughput": state.loop.last_gen_throughput,
+        }
+        return {**state.server_args, "version": _version(), "internal_states": [internal],
+                "avg_spec_accept_length": snap["avg_spec_accept_length"], "metrics": snap}
+
+    async def model_info(request: Request) -> Any:
+        return {"model_path": str(state.engine.model_path), "tokenizer_path": str(state.engine.model_path),
+                "is_generation": True, "served_model_name": state.served_model_name}
+
+    async def metrics(request: Request) -> Any:
+        return Response(prometheus_text(state.engine.metrics, state.loop.last_gen_throughput),
+                        media_type="text/plain; version=0.0.4")
+
+    for path, fn, methods in (
+        ("/v1/chat/completions", chat, ["POST"]),
+        ("/v1/completions", complete, ["POST"]),
+        ("/v1/models", models, ["GET"]),
+        ("/health", health, ["GET"]),
+        ("/generate", generate, ["POST"]),
+        ("/get_server_info", server_info, ["GET"]),
+        ("/get_model_info", model_info, ["GET"]),
+        ("/metrics", metrics, ["GET"]),
+    ):
+        app.add_api_route(path, handle(fn), methods=methods)
+    return app
+
+
+def _version() -> str:
+    import specdec
+
+    return specdec.__version__
+
+
+async def native_generate(state: ServerState, body: GenerateRequest, request: Request) -> Any:
+    """SGLang's /generate: text or input_ids, sampling_params, stream, return_logprob."""
+    engine = state.engine
+    if (body.text is None) == (body.input_ids is None):
+        raise ApiError(400, "pass exactly one of text and input_ids", "text")
+    if body.text is not None:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        batch = [engine.encode(t) for t in texts]
+        single = isinstance(body.text, str)
+    else:
+        ids = body.input_ids or []
+        single = not ids or isinstance(ids[0], int)
+        batch = [list(ids)] if single else [list(x) for x in ids]  # type: ignore[arg-type]
+    try:
+        params = SamplingParams.from_dict(body.sampling_params)
+        reqs = [engine.make_request(ids, params, body.return_logprob, body.logprob_start_len,
+                                    body.top_logprobs_num, rid=body.rid if single and body.rid else None)
+                for ids in batch]
+    except ValueError as e:
+        raise ApiError(400, str(e), "sampling_params") from e
+    queues = [state.loop.submit(r) for r in reqs]
+    if body.stream:
+        if not single:
+            raise ApiError(400, "stream=True takes a single prompt")
+        return _native_stream(state, reqs[0].rid, queues[0])
+    outs = []
+    for req, q in zip(reqs, queues, strict=True):
+        update = await wait_final(state, req, q, request.is_disconnected)
+        outs.append(update.result)
+    return outs[0] if single else outs
+
+
+async def _native_stream(state: ServerState, rid: str, queue: Any) -> AsyncIterator[bytes]:
+    """Each chunk carries the cumulative text and output ids, as SGLang streams them."""
+    ids: list[int] = []
+    finished = False
+    try:
+        while True:
+            update: Update = await queue.get()
+            ids.extend(update.new_ids)
+            if update.finished:
+                finished = True
+                yield sse(update.result)
+                yield DONE
+                return
+            text = state.engine.detokenize(ids, True) if state.engine.tokenizer is not None else ""
+            yield sse({"text": text, "output_ids": ids, "meta_info": {"id": rid, "completion_tokens": len(ids)}})
+    finally:
+        if not finished:
+            state.loop.abort(rid)

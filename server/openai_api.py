@@ -1,0 +1,361 @@
+"""OpenAI-compatible /v1/chat/completions and /v1/completions over the engine loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from specdec.engine_loop import Update
+from specdec.request import LogprobEntry, Req
+from specdec.sampling_params import SamplingParams
+
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from .state import ApiError, ServerState
+
+MAX_TOP_LOGPROBS = 20
+IsDisconnected = Callable[[], Awaitable[bool]]
+
+
+# ---- shared helpers -----------------------------------------------------------------------------
+
+
+def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_len: int) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; every invalid value is a 400 naming the field."""
+    if body.n != 1:
+        raise ApiError(400, "only n = 1 is supported", "n")
+    if max_new is None:
+        max_new = state.engine.context_length - prompt_len
+    if max_new <= 0:
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_new}", "max_tokens")
+    if body.temperature is not None and body.temperature < 0:
+        raise ApiError(400, f"temperature must be >= 0, got {body.temperature}", "temperature")
+    if body.top_p is not None and not 0 < body.top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {body.top_p}", "top_p")
+    fields: dict[str, Any] = {
+        "max_new_tokens": max_new,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "stop": body.stop,
+        "stop_token_ids": body.stop_token_ids,
+        "seed": body.seed,
+        "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens,
+    }
+    try:
+        return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+
+
+def make_request(state: ServerState, ids: list[int], params: SamplingParams, prefix: str, **kw: Any) -> Req:
+    try:
+        return state.engine.make_request(ids, params, rid=f"{prefix}-{uuid.uuid4().hex}", **kw)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages" if prefix == "chatcmpl" else "prompt") from e
+
+
+async def wait_final(state: ServerState, req: Req, queue: asyncio.Queue[Update],
+                     is_disconnected: IsDisconnected) -> Update:
+    """Await the final update; a client that goes away aborts its request (KV freed)."""
+    while True:
+        try:
+            update = await asyncio.wait_for(queue.get(), timeout=0.5)
+        except TimeoutError:
+            if await is_disconnected():
+                state.loop.abort(req.rid)
+                raise ApiError(499, "client disconnected") from None
+            continue
+        if update.finished:
+            return update
+
+
+def finish_reason(result: dict[str, Any]) -> tuple[str | None, int | str | None]:
+    reason = result["meta_info"]["finish_reason"] or {}
+    kind = reason.get("type")
+    return (None if kind is None else str(kind)), reason.get("matched")
+
+
+def spec_metadata(meta: dict[str, Any]) -> dict[str, Any] | None:
+    keys = [k for k in meta if k.startswith("spec_")]
+    return {k: meta[k] for k in keys} if keys else None
+
+
+def usage_of(result: dict[str, Any]) -> Usage:
+    m = result["meta_info"]
+    return Usage(m["prompt_tokens"], m["completion_tokens"], m["prompt_tokens"] + m["completion_tokens"])
+
+
+def chat_logprobs(entries: Sequence[LogprobEntry], tops: Sequence[Sequence[LogprobEntry]]) -> ChoiceLogprobs:
+    content = []
+    for i, (lp, _tid, text) in enumerate(entries):
+        tok = text or ""
+        row = tops[i] if i < len(tops) else []
+        top = [TopLogprob(t or "", float(v or 0.0), list((t or "").encode())) for v, _, t in row]
+        content.append(TokenLogprob(tok, float(lp or 0.0), list(tok.encode()), top))
+    return ChoiceLogprobs(content)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class TextStreamer:
+    """Incremental detokenization that never sends a partial UTF-8 character or the start
+    of a stop string (held back until it is known not to be one)."""
+
+    def __init__(self, state: ServerState, params: SamplingParams) -> None:
+        self.state = state
+        self.params = params
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, new_ids: Sequence[int]) -> str:
+        self.ids.extend(new_ids)
+        text = self.state.engine.detokenize(self.ids, self.params.skip_special_tokens)
+        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD
+        hold = 0
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, len(safe)), 0, -1):
+                if safe.endswith(stop[:k]):  # might be the start of a stop string
+                    hold = max(hold, k)
+                    break
+        safe = safe[: len(safe) - hold]
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        delta = safe[len(self.sent):]
+        self.sent = safe
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        delta = final_text[len(self.sent):] if final_text.startswith(self.sent) else ""
+        self.sent = final_text
+        return delta
+
+
+# ---- chat -----------------------------------------------------------------------------------------
+
+
+async def chat_completions(state: ServerState, body: ChatCompletionRequest,
+                           is_disconnected: IsDisconnected) -> ChatCompletionResponse | AsyncIterator[bytes]:
+    state.check_model(body.model)
+    if not body.messages:
+        raise ApiError(400, "messages must contain at least one message", "messages")
+    if state.chat_template is None:
+        raise ApiError(400, "this server has no chat template; start it with --chat-template", "messages")
+    messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
+    try:
+        prompt = state.chat_template.render(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages") from e
+    ids = state.engine.encode(prompt)
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+    params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens, len(ids))
+    req = make_request(state, ids, params, "chatcmpl", return_logprob=body.logprobs,
+                       top_logprobs_num=(body.top_logprobs or 0) if body.logprobs else 0)
+    queue = state.loop.submit(req)
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _chat_stream(state, req, queue, params, created, include_usage, body.logprobs)
+    update = await wait_final(state, req, queue, is_disconnected)
+    result = update.result
+    assert result is not None
+    meta = result["meta_info"]
+    kind, matched = finish_reason(result)
+    logprobs = None
+    if body.logprobs:
+        logprobs = chat_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs", []))
+    choice = ChatChoice(0, AssistantMessage("assistant", result["text"]), logprobs, kind, matched)
+    return ChatCompletionResponse(req.rid, created, state.served_model_name, [choice], usage_of(result),
+                                  spec_metadata(meta))
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.type != "text" or part.text is None:
+            raise ApiError(400, f"unsupported content part type {part.type!r} (only text)", "messages")
+        parts.append(part.text)
+    return "\n".join(parts)
+
+
+async def _chat_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update], params: SamplingParams,
+                       created: int, include_usage: bool, want_logprobs: bool) -> AsyncIterator[bytes]:
+    model = state.served_model_name
+    streamer = TextStreamer(state, params)
+    finished = False
+
+    def chunk(delta: DeltaMessage, reason: str | None = None, lps: ChoiceLogprobs | None = None,
+              metadata: dict[str, Any] | None = None) -> bytes:
+        return sse(ChatCompletionChunk(req.rid, created, model, [ChatChunkChoice(0, delta, lps, reason)],
+                                       None, metadata))
+
+    try:
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        while True:
+            update = await queue.get()
+            lps = chat_logprobs(update.new_logprobs, update.new_top_logprobs) if want_logprobs else None
+            if update.finished:
+                finished = True
+                result = update.result
+                assert result is not None
+                delta = streamer.finish(result["text"])
+                if delta or (lps and lps.content):
+                    yield chunk(DeltaMessage(content=delta), None, lps)
+                kind, _ = finish_reason(result)
+                yield chunk(DeltaMessage(), kind, None, spec_metadata(result["meta_info"]))
+                if include_usage:
+                    yield sse(ChatCompletionChunk(req.rid, created, model, [], usage_of(result),
+                                                  spec_metadata(result["meta_info"])))
+                yield DONE
+                return
+            delta = streamer.push(update.new_ids)
+            if delta or (lps and lps.content):
+                yield chunk(DeltaMessage(content=delta), None, lps)
+    finally:
+        if not finished:
+            state.loop.abort(req.rid)
+
+
+# ---- completions ----------------------------------------------------------------------------------
+
+
+def _prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.engine.encode(prompt)]
+    if not prompt:
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    if isinstance(prompt[0], str):
+        return [state.engine.encode(p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+def completion_logprobs(state: ServerState, entries: Sequence[LogprobEntry],
+                        tops: Sequence[Any], offset0: int) -> CompletionLogprobs:
+    tokens, lps, top_out, offsets = [], [], [], []
+    pos = offset0
+    for i, (lp, _tid, text) in enumerate(entries):
+        tok = text or ""
+        tokens.append(tok)
+        lps.append(lp)
+        top = tops[i] if i < len(tops) else None
+        top_out.append(None if not top else {t or "": float(v or 0.0) for v, _, t in top})
+        offsets.append(pos)
+        pos += len(tok)
+    return CompletionLogprobs(tokens, lps, top_out, offsets)
+
+
+async def completions(state: ServerState, body: CompletionRequest,
+                      is_disconnected: IsDisconnected) -> CompletionResponse | AsyncIterator[bytes]:
+    state.check_model(body.model)
+    all_ids = _prompts(state, body.prompt)
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+    want_lp = body.logprobs is not None
+    reqs = []
+    for ids in all_ids:
+        params = sampling_params(state, body, body.max_tokens, len(ids))
+        reqs.append((make_request(state, ids, params, "cmpl", return_logprob=want_lp,
+                                  logprob_start_len=0 if (body.echo and want_lp) else -1,
+                                  top_logprobs_num=body.logprobs or 0), params))
+    created = int(time.time())
+    if body.stream:
+        if len(reqs) != 1:
+            raise ApiError(400, "streaming takes a single prompt", "prompt")
+        req, params = reqs[0]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _completion_stream(state, req, state.loop.submit(req), params, created, body.echo, include_usage)
+    queues = [state.loop.submit(r) for r, _ in reqs]
+    choices = []
+    prompt_tokens = completion_tokens = 0
+    meta_all: dict[str, Any] | None = None
+    for i, ((req, _params), q) in enumerate(zip(reqs, queues, strict=True)):
+        update = await wait_final(state, req, q, is_disconnected)
+        result = update.result
+        assert result is not None
+        meta = result["meta_info"]
+        prompt_text = state.engine.detokenize(req.prompt_ids, False) if body.echo else ""
+        logprobs = None
+        if want_lp:
+            entries = list(meta["output_token_logprobs"])
+            tops = list(meta.get("output_top_logprobs", []))
+            if body.echo:
+                entries = list(meta["input_token_logprobs"]) + entries
+                tops = list(meta.get("input_top_logprobs", [])) + tops
+            logprobs = completion_logprobs(state, entries, tops, 0)
+        kind, matched = finish_reason(result)
+        choices.append(CompletionChoice(i, prompt_text + result["text"], logprobs, kind, matched))
+        prompt_tokens += meta["prompt_tokens"]
+        completion_tokens += meta["completion_tokens"]
+        meta_all = spec_metadata(meta)
+    usage = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+    return CompletionResponse(reqs[0][0].rid, created, state.served_model_name, choices, usage, meta_all)
+
+
+async def _completion_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update], params: SamplingParams,
+                             created: int, echo: bool, include_usage: bool) -> AsyncIterator[bytes]:
+    model = state.served_model_name
+    streamer = TextStreamer(state, params)
+    finished = False
+
+    def chunk(text: str, reason: str | None = None, metadata: dict[str, Any] | None = None) -> bytes:
+        return sse(CompletionResponse(req.rid, created, model, [CompletionChoice(0, text, None, reason)],
+                                      None, metadata))
+
+    try:
+        if echo:
+            yield chunk(state.engine.detokenize(req.prompt_ids, False))
+        while True:
+            update = await queue.get()
+            if update.finished:
+                finished = True
+                result = update.result
+                assert result is not None
+                kind, _ = finish_reason(result)
+                yield chunk(streamer.finish(result["text"]), kind, spec_metadata(result["meta_info"]))
+                if include_usage:
+                    yield sse(CompletionResponse(req.rid, created, model, [], usage_of(result)))
+                yield DONE
+                return
+            delta = streamer.push(update.new_ids)
+            if delta:
+                yield chunk(delta)
+    finally:
+        if not finished:
+            state.loop.abort(req.rid)

@@ -1,0 +1,125 @@
+"""The engine's scheduler loop in its own thread, fed from an asyncio server.
+
+The HTTP event loop never runs model code: it `submit`s validated requests and awaits
+`Update`s on an asyncio queue; the loop thread admits and aborts requests between steps
+(continuous batching) and publishes what each step produced. A step that raises fails the
+requests in flight with an abort reason; the loop (and the server) keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Engine
+from .request import LogprobEntry, Req
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    rid: str
+    new_ids: tuple[int, ...]
+    new_logprobs: tuple[LogprobEntry, ...]
+    new_top_logprobs: tuple[list[LogprobEntry], ...]
+    finished: bool
+    result: dict[str, Any] | None  # Engine.result() once finished
+
+
+@dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Update]
+    req: Req
+    sent: int = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._subs: dict[str, _Subscriber] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="specdec-engine", daemon=True)
+        self.last_gen_throughput = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    # ---- called from the event loop -----------------------------------------------------------
+    def submit(self, req: Req) -> asyncio.Queue[Update]:
+        q: asyncio.Queue[Update] = asyncio.Queue()
+        self._inbox.put(("add", _Subscriber(asyncio.get_running_loop(), q, req)))
+        return q
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    # ---- the loop thread ------------------------------------------------------------------------
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                self._subs[payload.req.rid] = payload
+                self.engine.scheduler.add(payload.req)
+            elif kind == "abort":
+                req = self.engine.scheduler.abort(payload, "client disconnected")
+                if req is not None:
+                    self._publish(req)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        scheduler = self.engine.scheduler
+        while not self._stop.is_set():
+            self._drain(block=not scheduler.has_work())
+            if not scheduler.has_work():
+                continue
+            t0 = time.perf_counter()
+            try:
+                touched = scheduler.step()
+            except Exception as e:  # keep serving: fail the batch, not the server
+                log.exception("engine step failed")
+                for req in list(scheduler.waiting) + list(scheduler.running):
+                    aborted = scheduler.abort(req.rid, f"internal error: {e}")
+                    if aborted is not None:
+                        self._publish(aborted)
+                continue
+            produced = 0
+            for req in touched:
+                produced += self._publish(req)
+            dt = time.perf_counter() - t0
+            if produced and dt > 0:
+                self.last_gen_throughput = produced / dt
+
+    def _publish(self, req: Req) -> int:
+        sub = self._subs.get(req.rid)
+        if sub is None:
+            return 0
+        new = req.output_ids[sub.sent:]
+        lps = req.output_token_logprobs[sub.sent:] if req.return_logprob else []
+        tops = req.output_top_logprobs[sub.sent:] if req.return_logprob and req.top_logprobs_num else []
+        sub.sent = req.output_len
+        result = self.engine.result(req) if req.finished else None
+        if req.finished:
+            del self._subs[req.rid]
+        update = Update(req.rid, tuple(new), tuple(lps), tuple(tops), req.finished, result)
+        sub.loop.call_soon_threadsafe(sub.queue.put_nowait, update)
+        return len(new)

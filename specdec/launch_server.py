@@ -1,0 +1,83 @@
+"""`python -m specdec.launch_server` / `specdec serve`: the OpenAI-compatible HTTP server.
+
+    python -m specdec.launch_server --port 30000     # embedded SmolLM2 + its EAGLE3 head
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .cli_args import add_engine_args, engine_kwargs, resolve_speculative_defaults
+
+log = logging.getLogger("specdec")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    g = parser.add_argument_group("HTTP server")
+    g.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    g.add_argument("--port", type=int, default=30000, help="Port to listen on.")
+    g.add_argument("--served-model-name", default=None,
+                   help="Model id reported by /v1/models and accepted in requests "
+                   "(default: the model folder's name).")
+    g.add_argument("--api-key", default=None,
+                   help="Require `Authorization: Bearer <key>` on every route but /health.")
+    g.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
+                   help="Largest accepted request body; bigger bodies get a 413.")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from specdec.engine import Engine
+    from specdec.engine_loop import EngineLoop
+    from specdec.server.app import create_app
+    from specdec.server.chat_template import load_chat_template
+    from specdec.server.state import ServerState
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    kwargs = resolve_speculative_defaults(engine_kwargs(args))
+    print(f"[specdec] loading {kwargs.get('model_path') or 'the embedded SmolLM2-135M-Instruct'} ...",
+          file=sys.stderr, flush=True)
+    engine = Engine(**kwargs)
+    template = None
+    if engine.tokenizer is not None:
+        template = load_chat_template(args.chat_template, engine.model_path)
+    name = args.served_model_name or engine.model_path.name
+    loop = EngineLoop(engine)
+    state = ServerState(engine, loop, template, name, args.api_key, args.max_request_bytes,
+                        server_args={k: _plain(v) for k, v in vars(args).items() if k != "func"})
+    loop.start()
+    spec = engine.spec_config
+    print(f"[specdec] serving {name!r} on http://{args.host}:{args.port} "
+          f"(speculative: {spec.algorithm if spec else 'off'}"
+          + (f", steps {spec.num_steps} topk {spec.topk} draft tokens {spec.num_draft_tokens})" if spec else ")"),
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        loop.stop()
+    return 0
+
+
+def _plain(v: object) -> object:
+    return v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec serve", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return serve(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"specdec serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
