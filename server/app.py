@@ -7,6 +7,7 @@ GET /metrics (Prometheus text, SGLang's metric names).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from .protocol import (
 from .state import ApiError, ServerState
 
 T = TypeVar("T")
+log = logging.getLogger("specdec.server")
 OPEN_PATHS = frozenset({"/health", "/health_generate"})
 
 
@@ -78,6 +80,9 @@ def create_app(state: ServerState) -> FastAPI:
                 out = await fn(request)
             except ApiError as e:
                 return error_response(e)
+            except Exception as e:  # a bug must not take the server down: report a 500
+                log.exception("error in %s", request.url.path)
+                return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
             if isinstance(out, Response):
                 return out
             if hasattr(out, "__aiter__"):
@@ -154,8 +159,10 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
         single = isinstance(body.text, str)
     else:
         ids = body.input_ids or []
-        single = not ids or isinstance(ids[0], int)
-        batch = [list(ids)] if single else [list(x) for x in ids]  # type: ignore[arg-type]
+        single = not ids or not isinstance(ids[0], list)
+        batch = [list(ids)] if single else [list(x) for x in ids]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for seq in batch for t in seq):
+            raise ApiError(400, "input_ids must be a list of token ids or a list of such lists", "input_ids")
     try:
         params = SamplingParams.from_dict(body.sampling_params)
         reqs = [engine.make_request(ids, params, body.return_logprob, body.logprob_start_len,

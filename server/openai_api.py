@@ -255,15 +255,19 @@ async def _chat_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update
 
 
 def _prompts(state: ServerState, prompt: Any) -> list[list[int]]:
+    """str | list[int] | list[str] | list[list[int]] -> token id lists."""
     if isinstance(prompt, str):
         return [state.engine.encode(prompt)]
     if not prompt:
         raise ApiError(400, "prompt must not be empty", "prompt")
-    if isinstance(prompt[0], int):
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [list(prompt)]
-    if isinstance(prompt[0], str):
+    if all(isinstance(p, str) for p in prompt):
         return [state.engine.encode(p) for p in prompt]
-    return [list(p) for p in prompt]
+    if all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        return [list(p) for p in prompt]
+    raise ApiError(400, "prompt must be a string, a list of token ids, a list of strings or a list of "
+                   "token id lists", "prompt")
 
 
 def completion_logprobs(state: ServerState, entries: Sequence[LogprobEntry],

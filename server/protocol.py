@@ -53,7 +53,9 @@ class ChatCompletionRequest(msgspec.Struct):
 
 
 class CompletionRequest(msgspec.Struct):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # str | list[int] | list[str] | list[list[int]]; msgspec unions allow one array type,
+    # so the element types are checked when the prompt is tokenized
+    prompt: str | list[Any]
     model: str | None = None
     max_tokens: int | None = 16
     temperature: float | None = None
@@ -77,10 +79,10 @@ class CompletionRequest(msgspec.Struct):
 
 
 class GenerateRequest(msgspec.Struct):
-    """SGLang's native /generate body."""
+    """SGLang's native /generate body (input_ids: list[int] or list[list[int]])."""
 
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[Any] | None = None
     sampling_params: dict[str, Any] | None = None
     stream: bool = False
     return_logprob: bool = False

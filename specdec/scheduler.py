@@ -75,6 +75,7 @@ class Scheduler:
                     req.finish_reason = {"type": "abort", "message": message}
                     req.finished_at = time.perf_counter()
                     self.metrics.requests_aborted += 1
+                    self._update_gauges()
                     return req
         return None
 

@@ -1,0 +1,227 @@
+"""A live server on localhost (the embedded model) driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+import specdec
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "sk-test-123"
+PROMPTS = [f"Name {n} colours." for n in range(1, 17)]
+MAX_TOKENS = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
+           "--api-key", API_KEY, "--speculative-algorithm", "NGRAM", "--max-running-requests", "16",
+           "--max-total-tokens", "4096", "--log-level", "warning", "--random-seed", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                out = proc.stdout.read() if proc.stdout else ""
+                raise RuntimeError(f"server exited: {out}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("server did not start")
+        yield base
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def offline() -> Any:
+    return specdec.Engine(dtype="float32", max_total_tokens=4096, log_level="warning")
+
+
+def _headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _chat_ids(engine: Any, text: str) -> list[int]:
+    from specdec.server.chat_template import load_chat_template
+
+    prompt = load_chat_template(None, engine.model_path).render([{"role": "user", "content": text}])
+    return engine.encode(prompt)
+
+
+def test_models(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+
+
+def test_chat_matches_offline_engine(client: openai.OpenAI, offline: Any) -> None:
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=MAX_TOKENS, temperature=0,
+    )
+    ref = offline.generate(input_ids=_chat_ids(offline, PROMPTS[0]),
+                           sampling_params={"temperature": 0, "max_new_tokens": MAX_TOKENS})
+    assert r.choices[0].message.content == ref["text"]
+    assert r.usage is not None and r.usage.completion_tokens == len(ref["output_ids"])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    meta: Any = r.metadata or {}  # SGLang-style per-request speculative figures
+    assert int(meta["spec_verify_ct"]) >= 1
+
+
+def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=MAX_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    text, usage, reasons = "", None, []
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            if ch.finish_reason:
+                reasons.append(ch.finish_reason)
+    assert text and usage is not None and usage.completion_tokens > 0
+    assert reasons in (["stop"], ["length"])
+
+
+def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                  max_tokens=5, temperature=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text.startswith("The capital of France is")
+    assert choice.logprobs is not None
+    lps = choice.logprobs.token_logprobs or []
+    assert lps[0] is None and all(lp is not None and lp <= 0 for lp in lps[1:])
+    r2 = client.completions.create(model="SmolLM2-135M-Instruct", prompt=[504, 3575, 282], max_tokens=3,
+                                   temperature=0)
+    assert r2.usage is not None and r2.usage.prompt_tokens == 3
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and len(content[0].top_logprobs) == 3
+    # greedy: the chosen token is the most likely one
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-5)
+
+
+def test_native_generate_and_server_info(server: str) -> None:
+    r = httpx.post(f"{server}/generate", headers=_headers(), timeout=60,
+                   json={"text": "Hello", "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
+    body = r.json()
+    assert r.status_code == 200 and body["meta_info"]["completion_tokens"] == 4
+    info = httpx.get(f"{server}/get_server_info", headers=_headers()).json()
+    assert "avg_spec_accept_length" in info and info["port"] > 0
+    metrics = httpx.get(f"{server}/metrics", headers=_headers()).text
+    assert "sglang:spec_accept_length" in metrics and "sglang:num_running_reqs" in metrics
+
+
+def test_sixteen_concurrent_streams_equal_offline(server: str, offline: Any) -> None:
+    def run(prompt: str) -> str:
+        c = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+        s = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": prompt}],
+                                      max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in s if ch.choices)
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(run, PROMPTS))
+    refs = offline.generate(input_ids=[_chat_ids(offline, p) for p in PROMPTS],
+                            sampling_params={"temperature": 0, "max_new_tokens": MAX_TOKENS})
+    assert texts == [r["text"] for r in refs]
+
+
+def _kv_used(server: str) -> int:
+    return int(httpx.get(f"{server}/get_server_info", headers=_headers()).json()["metrics"]["kv_used_tokens"])
+
+
+def test_aborted_stream_frees_kv(server: str) -> None:
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=_headers(), timeout=60,
+                      json={"messages": [{"role": "user", "content": "Tell a long story."}],
+                            "max_tokens": 2000, "stream": True, "ignore_eos": True}) as r:
+        for i, _line in enumerate(r.iter_lines()):
+            if i > 6:
+                break  # the client goes away mid-stream
+    for _ in range(100):
+        if _kv_used(server) == 0:
+            break
+        time.sleep(0.1)
+    assert _kv_used(server) == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"max_tokens": 5}, 400, None),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ],
+)
+def test_bad_requests_get_errors_and_server_survives(server: str, body: Any, status: int, param: str | None) -> None:
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(), json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == status and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_malformed_json_and_oversize_body(server: str) -> None:
+    r = httpx.post(f"{server}/v1/chat/completions", headers={**_headers(), "content-type": "application/json"},
+                   content=b"{not json")
+    assert r.status_code == 400 and "malformed" in r.json()["error"]["message"]
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * (9 * 1024 * 1024) + b'"}]}'
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(), content=big, timeout=60)
+    assert r.status_code == 413
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_api_key_is_enforced(server: str) -> None:
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
