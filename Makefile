@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve generate test test-fast lint clean
+.PHONY: install run generate test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: the embedded default model, one generation from a prompt.
+# The main job: the OpenAI-compatible server on the embedded default model (EAGLE3 on).
 run: install
+	$(VENV)/bin/specdec serve
+
+# One generation from a prompt with the offline engine.
+generate: install
 	$(VENV)/bin/specdec generate --prompt "Write a haiku about speculative decoding."
 
 test: install
