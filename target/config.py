@@ -285,7 +285,8 @@ def _parse_llama4_text(
         moe_layers = list(range(step - 1, n_layers, step))
     top_k = int(raw.get("num_experts_per_tok", 1))
     chunk = raw.get("attention_chunk_size", 8192)
-    tie = raw.get("tie_word_embeddings", outer.get("tie_word_embeddings", False))
+    # the text config's own field (transformers' default False), never the outer config's
+    tie = raw.get("tie_word_embeddings", False)
     return ModelConfig(
         architecture=arch,
         layout=layout,
