@@ -1,0 +1,70 @@
+"""Speculative decoding on the embedded SmolLM2-135M-Instruct: lossless greedy output and
+n-gram acceptance on a copy task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import specdec
+from specdec.draft.heads import shipped_head_for_embedded
+from specdec.server.chat_template import load_chat_template
+
+from .spec_models import make_random_eagle3
+
+pytestmark = pytest.mark.slow
+
+PASSAGE = (
+    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
+    "single step. To be or not to be, that is the question."
+)
+QUESTIONS = ["What is the boiling point of water?", "Give me three tips for staying healthy.",
+             "Write a short poem about the sea."]
+
+
+@pytest.fixture(scope="module")
+def base() -> Any:
+    return specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning")
+
+
+def _chat(engine: Any, text: str) -> list[int]:
+    prompt = load_chat_template(None, engine.model_path).render([{"role": "user", "content": text}])
+    return list(engine.encode(prompt))
+
+
+def test_ngram_accepts_long_runs_on_a_copy_task(base: Any) -> None:
+    engine = specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning",
+                            speculative_algorithm="NGRAM", speculative_num_steps=7,
+                            speculative_eagle_topk=1, speculative_num_draft_tokens=8)
+    ids = _chat(engine, f"Repeat this passage exactly, word for word:\n\n{PASSAGE}")
+    out = engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 48})
+    ref = base.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": 48})
+    assert out["output_ids"] == ref["output_ids"]
+    assert out["meta_info"]["spec_accept_length"] >= 3.0
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shipped = shipped_head_for_embedded()
+    if shipped is not None:
+        return shipped
+    path = tmp_path_factory.mktemp("head")
+    make_random_eagle3(path, 576, 49152, seed=0, draft_vocab=4096, aux_layer_ids=None, scale=0.05)
+    return path
+
+
+@pytest.mark.parametrize("tree", [(5, 4, 8), (3, 1, 4)])
+def test_eagle3_greedy_equals_plain_decoding(base: Any, head: Path, tree: tuple[int, int, int]) -> None:
+    steps, topk, ndt = tree
+    engine = specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning",
+                            speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head),
+                            speculative_num_steps=steps, speculative_eagle_topk=topk,
+                            speculative_num_draft_tokens=ndt)
+    ids = [_chat(engine, q) for q in QUESTIONS]
+    params = {"temperature": 0, "max_new_tokens": 40}
+    outs = engine.generate(input_ids=ids, sampling_params=params)
+    refs = base.generate(input_ids=ids, sampling_params=params)
+    assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in refs]
+    assert engine.allocator.num_free_pages == engine.allocator.num_pages
