@@ -13,13 +13,15 @@ Position p of the draft pairs the target feature at p with the token at p + 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from specdec.kernels.backend import ForwardBatch
 from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope
-from torch import Tensor, nn
 
 from .eagle3_config import Eagle3Config
 
@@ -77,15 +79,32 @@ class Eagle3Draft(nn.Module):
         positions: Tensor,  # [T]
         batch: ForwardBatch,
     ) -> DraftOutput:
-        T = input_ids.shape[0]
+        """Inference over the paged KV: K/V go to the draft pool, `batch.attn` decides visibility."""
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # [T, H|Hkv, D] -> [T, H, D]
+            return batch.backend.forward(q, k, v, batch.kv_k[0], batch.kv_v[0], batch.attn, self.scale, None)
+
+        return self.layer(input_ids, features, positions, attend)
+
+    def layer(
+        self,
+        input_ids: Tensor,  # [*, T]
+        features: Tensor,  # [*, T, H]
+        positions: Tensor,  # [*, T]
+        attend: Callable[[Tensor, Tensor, Tensor], Tensor],  # q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]
+    ) -> DraftOutput:
+        """The decoder layer with attention left to `attend`; leading dims are flattened to N rows
+        around it (inference passes [T], training [B, T] with its own TTT attention)."""
+        lead = input_ids.shape
+        N = input_ids.numel()
         x = torch.cat((self.input_layernorm(self.embed(input_ids)), self.hidden_norm(features)), dim=-1)
-        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        cos, sin = self.rotary.cos_sin(positions)
-        q = apply_rope(q.view(T, self.cfg.num_heads, self.cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.cfg.num_kv_heads, self.cfg.head_dim), cos, sin)
-        v = v.view(T, self.cfg.num_kv_heads, self.cfg.head_dim)
-        attn = batch.backend.forward(q, k, v, batch.kv_k[0], batch.kv_v[0], batch.attn, self.scale, None)
-        h = features + self.o_proj(attn.reshape(T, self.q_size))
+        q, k, v = self.qkv(x.reshape(N, -1)).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        cos, sin = self.rotary.cos_sin(positions.reshape(N))
+        q = apply_rope(q.view(N, self.cfg.num_heads, self.cfg.head_dim), cos, sin)
+        k = apply_rope(k.view(N, self.cfg.num_kv_heads, self.cfg.head_dim), cos, sin)
+        v = v.view(N, self.cfg.num_kv_heads, self.cfg.head_dim)
+        attn = attend(q, k, v)  # [N, H, D]
+        h = features + self.o_proj(attn.reshape(N, self.q_size)).view(*lead, -1)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return DraftOutput(self.norm(h), h)
 

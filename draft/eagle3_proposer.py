@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
-from specdec.kernels.kv_pool import KVPool
 from torch import Tensor
 
+from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
+from specdec.kernels.kv_pool import KVPool
 from specdec.request import Req
 from specdec.sampler import processed_probs
 from specdec.spec_config import SpecConfig

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
 from specdec.target.llama4 import Llama4ForCausalLM
 from specdec.target.loader import (
     DTYPES,

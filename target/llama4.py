@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from specdec.kernels.backend import ForwardBatch
 from torch import Tensor, nn
+
+from specdec.kernels.backend import ForwardBatch
 
 from .config import ModelConfig
 from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope, l2_norm

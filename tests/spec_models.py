@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from specdec.draft.eagle3 import Eagle3Draft
 from specdec.draft.eagle3_config import Eagle3Config
 from specdec.draft.save import save_eagle3

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from specdec.target.embedded import ensure_embedded_model
 
 import specdec
+from specdec.target.embedded import ensure_embedded_model
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from specdec.server.chat_template import (
     BUILTIN_TEMPLATES,
     ChatTemplate,

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from specdec.target.config import CheckpointLayout, ConfigError, ModelConfig, RopeConfig
 from transformers import Llama4Config, Llama4TextConfig, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+from specdec.target.config import CheckpointLayout, ConfigError, ModelConfig, RopeConfig
 
 from .tiny_models import TINY_VISION
 

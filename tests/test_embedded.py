@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from specdec.target import embedded
 from specdec.target.embedded import (
     COMPLETE_MARKER,

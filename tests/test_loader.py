@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from specdec.target.loader import LoadError, load_model
 
 import specdec
+from specdec.target.loader import LoadError, load_model
 
 from .tiny_models import Checkpoint, build_model, make_checkpoint, save_checkpoint
 

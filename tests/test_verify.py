@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from specdec.draft.tree_builders import SampledTreeBuilder
 
+from specdec.draft.tree_builders import SampledTreeBuilder
 from specdec.sampler import processed_probs
 from specdec.sampling_params import SamplingParams
 from specdec.tree import DraftTree
