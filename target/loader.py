@@ -229,14 +229,46 @@ def load_model(model_path: str | Path, dtype: str = "auto") -> tuple[Llama4ForCa
     model = model.to(dtype=torch_dtype).to_empty(device="cpu")
     model.requires_grad_(False)
     files = checkpoint_files(path)
-    missing = fill_weights(model, build_name_table(cfg), files, cfg.architecture)
+    lookup = build_name_table(cfg)
+    missing = fill_weights(model, lookup, files, cfg.architecture)
     if missing:
-        raise LoadError(f"checkpoint {path} is missing tensors for: {describe_units(missing)}")
+        names = checkpoint_names(cfg, lookup)
+        keys = [names.get(u, describe_units([u])) for u in missing]
+        more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+        raise LoadError(
+            f"checkpoint {path} is missing tensor(s) {', '.join(keys[:8])}{more} "
+            f"(for {describe_units(missing)})"
+        )
     model.eval()
     return model, cfg
 
 
 Unit = tuple[str, int | None, bool]  # (parameter, shard, is_bias)
+
+_LAYER_KEYS = (
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias", "self_attn.o_proj.bias", "input_layernorm.weight",
+    "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "mlp.down_proj.weight", "feed_forward.gate_proj.weight", "feed_forward.up_proj.weight",
+    "feed_forward.down_proj.weight", "feed_forward.router.weight",
+    "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj",
+    "feed_forward.shared_expert.gate_proj.weight", "feed_forward.shared_expert.up_proj.weight",
+    "feed_forward.shared_expert.down_proj.weight",
+)
+
+
+def checkpoint_names(cfg: ModelConfig, lookup: Callable[[str], Target | None]) -> dict[Unit, str]:
+    """The checkpoint key each parameter unit is loaded from (for error messages)."""
+    prefix = "language_model." if cfg.layout is CheckpointLayout.LLAMA4_CONDITIONAL else ""
+    keys = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    keys += [f"model.layers.{n}.{k}" for n in range(cfg.num_layers) for k in _LAYER_KEYS]
+    out: dict[Unit, str] = {}
+    for key in keys:
+        target = lookup(prefix + key)
+        if target is not None and target is not SKIP:
+            out.setdefault((target.param, target.shard, target.is_bias), prefix + key)
+    return out
 
 
 def describe_units(units: list[Unit]) -> str:
