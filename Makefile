@@ -26,10 +26,10 @@ generate: install
 	$(VENV)/bin/specdec generate --prompt "Write a haiku about speculative decoding."
 
 test: install
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest tests
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -q tests -m "not slow"
+	$(VENV)/bin/python -m pytest tests -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
