@@ -10,6 +10,7 @@ Positions past c + a + 1 are freed after drafting (the draft's scratch slots liv
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,6 +29,16 @@ from .verify import VerifyResult, verify_greedy, verify_stochastic
 AppendFn = Callable[[Req, int, Tensor | None], None]
 
 
+class VerifyRecord(NamedTuple):
+    """One request's verify step, recorded only while `SpecDecoder.trace` is a list."""
+
+    rid: str
+    position: int  # output tokens before this step
+    accepted: int  # draft tokens accepted (the depth the accepted path reached)
+    emitted: int  # tokens emitted by the step (accepted + 1)
+    depth: int  # depth of the verified tree
+
+
 class SpecDecoder:
     def __init__(
         self, spec: SpecConfig, proposer: Proposer, runner: ModelRunner, metrics: EngineMetrics
@@ -36,6 +47,8 @@ class SpecDecoder:
         self.proposer = proposer
         self.runner = runner
         self.metrics = metrics
+        # set to a list to record every verify step (bench/accept_analysis.py); None costs nothing
+        self.trace: list[VerifyRecord] | None = None
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -92,6 +105,8 @@ class SpecDecoder:
             req.spec_num_proposed_drafts += depth
             req.spec_emitted_tokens += len(emitted)
             self.metrics.record_verify(len(result.accepted), len(emitted), depth)
+            if self.trace is not None:
+                self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted), depth))
             for j, token in enumerate(emitted):
                 append(req, token, None if logprobs is None else logprobs[q0 + path[j]])
                 if req.finished:
