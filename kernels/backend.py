@@ -35,11 +35,23 @@ class SeqAttnMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class PaddedKV:
+    """A decode batch (one causal query per request) with every request's keys padded to
+    the longest, so a backend can attend all requests in one call."""
+
+    index: Tensor  # [B, L] int64 slots (0 where padded)
+    valid: Tensor  # [B, L] bool
+    kv_positions: Tensor  # [B, L] int64
+    q_positions: Tensor  # [B] int64
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMeta:
     """Per-forward metadata, built once and shared by every layer."""
 
     out_slots: Tensor  # [T] int64: pool slot that receives each new token's K/V
     seqs: tuple[SeqAttnMeta, ...]
+    padded: PaddedKV | None = None  # set for plain decode batches (same content as seqs)
 
     @property
     def num_tokens(self) -> int:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import AttentionBackend, AttentionMeta, SeqAttnMeta
+from .backend import AttentionBackend, AttentionMeta, PaddedKV, SeqAttnMeta
 
 
 def visibility_mask(seq: SeqAttnMeta, chunk_size: int | None) -> Tensor | None:
@@ -59,6 +59,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> Tensor:
         k_cache[meta.out_slots] = k.to(k_cache.dtype)
         v_cache[meta.out_slots] = v.to(v_cache.dtype)
+        if meta.padded is not None:
+            return self._padded_decode(q, k_cache, v_cache, meta.padded, scale, chunk_size)
         if len(meta.seqs) == 1:
             return self._one(q, k_cache, v_cache, meta.seqs[0], scale, chunk_size)
         out = torch.empty_like(q)
@@ -66,6 +68,28 @@ class TorchAttentionBackend(AttentionBackend):
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
             out[rows] = self._one(q[rows], k_cache, v_cache, seq, scale, chunk_size)
         return out
+
+    @staticmethod
+    def _padded_decode(
+        q: Tensor,  # [B, H, D]
+        k_cache: Tensor,
+        v_cache: Tensor,
+        padded: PaddedKV,
+        scale: float,
+        chunk_size: int | None,
+    ) -> Tensor:  # [B, H, D]
+        mask = padded.valid  # [B, L]
+        if chunk_size is not None:
+            mask = mask & (
+                (padded.kv_positions // chunk_size) == (padded.q_positions // chunk_size)[:, None]
+            )
+        keys = k_cache[padded.index].to(q.dtype).transpose(1, 2)  # (B, Hkv, L, D)
+        values = v_cache[padded.index].to(q.dtype).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=keys.shape[1] != q.shape[1],
+        )  # (B, H, 1, D)
+        return out[:, :, 0, :]
 
     @staticmethod
     def _one(

@@ -13,7 +13,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
+from specdec.kernels.backend import (
+    AttentionBackend,
+    AttentionMeta,
+    ForwardBatch,
+    PaddedKV,
+    SeqAttnMeta,
+)
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.llama4 import Llama4ForCausalLM
 
@@ -67,7 +73,8 @@ class ModelRunner:
             q_lens.append(n)
             start += n
         ids = torch.tensor([t for toks in tokens for t in toks], dtype=torch.long)
-        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens)
+        padded = _pad_decode(seqs) if len(seqs) > 1 and all(n == 1 for n in q_lens) else None
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, padded)
 
     @torch.inference_mode()
     def verify_trees(
@@ -106,8 +113,9 @@ class ModelRunner:
         capture_layers: tuple[int, ...],
         q_starts: list[int],
         q_lens: list[int],
+        padded: PaddedKV | None = None,
     ) -> ExtendOutput:
-        meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
+        meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), padded=padded)
         batch = ForwardBatch(meta, self.pool.k, self.pool.v, self.backend, capture_layers)
         out = self.model(ids, torch.cat(positions), batch)
         return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
@@ -115,3 +123,17 @@ class ModelRunner:
     def logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
         with torch.inference_mode():
             return self.model.compute_logits(hidden)
+
+
+def _pad_decode(seqs: list[SeqAttnMeta]) -> PaddedKV:
+    """One query per request: pad every request's keys to the longest (see PaddedKV)."""
+    lens = torch.tensor([s.kv_len for s in seqs])
+    longest = int(lens.max())
+    index = torch.zeros(len(seqs), longest, dtype=torch.long)
+    kv_pos = torch.zeros(len(seqs), longest, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        index[i, : s.kv_len] = s.kv_slots
+        kv_pos[i, : s.kv_len] = s.kv_positions
+    valid = torch.arange(longest)[None, :] < lens[:, None]
+    q_pos = torch.cat([s.q_positions for s in seqs])
+    return PaddedKV(index, valid, kv_pos, q_pos)

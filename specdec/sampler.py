@@ -100,7 +100,15 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     greedy = torch.tensor([p.is_greedy for p in params], dtype=torch.bool, device=device)  # [B]
     probs = torch.empty_like(logits)  # [B, V]
 
-    sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    plain_rows = [i for i, p in enumerate(params) if not p.is_greedy and not _truncates(p, vocab_size)]
+    if plain_rows:  # temperature only: no sort needed
+        rows = torch.tensor(plain_rows, dtype=torch.long, device=device)  # [P]
+        temperature = torch.tensor(
+            [params[i].temperature for i in plain_rows], dtype=torch.float32, device=device
+        ).unsqueeze(1)  # [P, 1]
+        probs[rows] = torch.softmax(logits[rows] / temperature, dim=-1)
+
+    sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy and _truncates(p, vocab_size)]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, dtype=torch.long, device=device)  # [S]
         row_params = [params[i] for i in sampled_rows]
@@ -143,10 +151,17 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     return probs
 
 
+def _truncates(p: SamplingParams, vocab_size: int) -> bool:
+    """Whether top-k, top-p or min-p remove any token (otherwise no sort is needed)."""
+    return 0 < p.top_k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0
+
+
 def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Draw one token id per row of ``probs`` [B, V]; returns int64 [B].
 
-    Each row is drawn with ``torch.multinomial`` using that row's generator, so a
+    Each row is drawn by the exponential race (argmax of p / E with E ~ Exp(1), which
+    picks token i with probability p_i, like ``torch.multinomial`` but without building a
+    CDF) using that row's generator, so a
     seeded request reproduces its tokens regardless of what else is in the batch;
     rows whose generator is ``None`` share the global torch RNG. Deterministic
     rows (one-hot, e.g. greedy) take the argmax and consume no randomness.
@@ -164,7 +179,8 @@ def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) ->
         if gen is None:
             unseeded.append(row)
         else:
-            tokens[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
+            race = torch.empty_like(probs[row]).exponential_(generator=gen)  # [V]
+            tokens[row] = torch.argmax(probs[row] / race)
     if unseeded:
         rows = torch.tensor(unseeded, dtype=torch.long, device=probs.device)  # [U]
         tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
