@@ -1,0 +1,44 @@
+"""The command line: bad flags and combinations exit non-zero with a one-line reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "specdec.launch_server", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--speculative-algorithm", "EAGLE3", "--speculative-eagle-topk", "1",
+          "--speculative-num-steps", "3", "--speculative-num-draft-tokens", "9"), "num_steps + 1 = 4"),
+        (("--speculative-num-steps", "3", "--speculative-algorithm", "NONE"), "without --speculative-algorithm"),
+        (("--model-path", "/nonexistent/model"), "does not exist"),
+        (("--port", "70000"), "--port"),
+        (("--page-size", "0"), "page_size"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_one_line(args: tuple[str, ...], message: str) -> None:
+    proc = _run(*args)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_help_documents_every_flag() -> None:
+    out = subprocess.run([sys.executable, "-m", "specdec.launch_server", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    for flag in ("--model-path", "--tokenizer-path", "--host", "--port", "--dtype", "--context-length",
+                 "--max-total-tokens", "--page-size", "--max-running-requests", "--chat-template",
+                 "--served-model-name", "--trust-remote-code", "--attention-backend", "--random-seed",
+                 "--log-level", "--api-key", "--speculative-algorithm", "--speculative-draft-model-path",
+                 "--speculative-num-steps", "--speculative-eagle-topk", "--speculative-num-draft-tokens",
+                 "--speculative-accept-threshold-single", "--speculative-accept-threshold-acc",
+                 "--speculative-token-map"):
+        assert flag in out, flag
