@@ -1,0 +1,358 @@
+"""Train an EAGLE3 draft head for a target model by self-distillation.
+
+    python -m specdec.draft.train_eagle3 --recipe smollm2 --out draft/heads/smollm2-135m-instruct-eagle3
+
+Stages (`--stages`, default all; every stage resumes from what is on disk in `--work-dir`):
+  prompts    held-out + training prompts (GSM8K train, Alpaca seed tasks, self-written)
+  responses  the target answers the training prompts (`specdec.Engine`, chat template)
+  features   teacher-forced target pass: aux hidden states + final hidden per token
+  train      EAGLE3 training-time test (draft/ttt.py); checkpoints, logs, and the head in `--out`
+  eval       greedy accept length on the held-out prompts at (5,4,8) and (3,1,4) -> `--out`/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .train_data import (
+    DEFAULT_DATA_DIR,
+    build_feature_shards,
+    choose_draft_vocab,
+    generate_responses,
+    read_jsonl,
+    self_written_prompts,
+    split_prompts,
+    vocab_coverage,
+    write_jsonl,
+)
+
+log = logging.getLogger("specdec.train")
+
+SHARD_SIZE = 64  # sequences per feature shard
+STAGES = ("prompts", "responses", "features", "train", "eval")
+
+
+@dataclass
+class TrainArgs:
+    # data
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    data_dir: str = str(DEFAULT_DATA_DIR)
+    seed: int = 0
+    n_gsm8k: int = 64
+    n_alpaca: int = 16
+    n_self: int = 0
+    heldout_gsm8k: int = 48
+    heldout_alpaca: int = 16
+    max_prompts: int | None = None  # answer only the first N training prompts (None: all)
+    max_new_tokens: int = 192
+    sample_frac: float = 0.2  # share of responses sampled at temperature 0.7 (rest greedy)
+    gen_batch: int = 32  # concurrent requests during generation
+    gen_dtype: str = "float32"
+    max_len: int = 1024  # tokens per training sequence (prompt + response), longer ones cut
+    # draft
+    draft_vocab_size: int = 8192
+    draft_intermediate_size: int | None = None  # None: the target's
+    init_from_target: bool = True  # lm_head rows / final norm from the target
+    # optimisation
+    ttt_steps: int = 7
+    ttt_decay: float = 0.8
+    epochs: float = 2.0
+    max_steps: int | None = None
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.5
+    batch_tokens: int = 2048  # padded tokens per optimiser step
+    batch_seqs: int = 8
+    device: str = "auto"
+    threads: int = 2
+    # bookkeeping
+    log_every: int = 10
+    save_every: int = 100  # optimiser steps between checkpoints (the head is exported too)
+    save_dtype: str = "bfloat16"
+    eval_prompts: int = 64
+    eval_max_new_tokens: int = 128
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # ~3 h on 2 CPU cores: ~1300 self-distilled answers (~190k response tokens), 2 epochs
+    "smollm2": {
+        "n_gsm8k": 900, "n_alpaca": 159, "n_self": 64, "heldout_gsm8k": 48, "heldout_alpaca": 16,
+        "max_new_tokens": 160, "sample_frac": 0.2, "draft_vocab_size": 8192, "ttt_steps": 7,
+        "epochs": 2.0, "lr": 5e-4, "warmup_steps": 30, "batch_tokens": 2048, "batch_seqs": 8,
+    },
+    # seconds: for tests and smoke runs
+    "tiny": {
+        "n_gsm8k": 24, "n_alpaca": 8, "n_self": 4, "heldout_gsm8k": 4, "heldout_alpaca": 2,
+        "max_new_tokens": 16, "draft_vocab_size": 64, "ttt_steps": 3, "epochs": 4.0,
+        "warmup_steps": 2, "batch_tokens": 512, "batch_seqs": 8, "log_every": 1, "save_every": 8,
+        "lr": 3e-3,
+    },
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specdec train-eagle3", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="preset; explicit flags override it")
+    p.add_argument("--out", required=True, help="folder for the head (config.json, model.safetensors)")
+    p.add_argument("--work-dir", help="data, features and checkpoints (default: <cache>/train/<out name>)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    p.add_argument("--resume", action="store_true", help="continue training from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    for f in fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                           metavar="BOOL")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], str)
+            p.add_argument(flag, type=typ, default=None)
+    return p
+
+
+def resolve_args(ns: argparse.Namespace) -> TrainArgs:
+    values: dict[str, Any] = dict(RECIPES[ns.recipe]) if ns.recipe else {}
+    for f in fields(TrainArgs):
+        v = getattr(ns, f.name)
+        if v is not None:
+            values[f.name] = v
+    return TrainArgs(**values)
+
+
+def default_work_dir(out: Path) -> Path:
+    from specdec.target.embedded import default_cache_dir
+
+    return default_cache_dir() / "train" / out.resolve().name
+
+
+class _Progress:
+    """tqdm when available and wanted, else a no-op with the same calls."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True,
+                             mininterval=2.0 if sys.stderr.isatty() else 30.0)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix(self, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**kw, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _engine(args: TrainArgs) -> Any:
+    import specdec
+
+    max_total = args.gen_batch * (args.max_len + args.max_new_tokens + 64)
+    return specdec.Engine(model_path=args.model_path, dtype=args.gen_dtype, log_level="warning",
+                          max_running_requests=args.gen_batch, max_total_tokens=max_total,
+                          random_seed=args.seed)
+
+
+def _template(engine: Any) -> Any:
+    from specdec.server.chat_template import load_chat_template
+
+    return load_chat_template(None, engine.model_path)
+
+
+def stage_prompts(args: TrainArgs, work: Path, out: Path, engine_fn: Any, progress: bool) -> None:
+    prompts_path = work / "prompts.jsonl"
+    heldout_path = out / "heldout_prompts.jsonl"
+    if prompts_path.exists() and heldout_path.exists():
+        return
+    split = split_prompts(Path(args.data_dir), args.seed, args.n_gsm8k, args.n_alpaca,
+                          args.heldout_gsm8k, args.heldout_alpaca)
+    heldout_set = {p["prompt"] for p in split.heldout}
+    engine = engine_fn()
+    t0 = time.perf_counter()
+    own = self_written_prompts(engine, _template(engine), args.n_self, args.seed)
+    own = [p for p in own if p["prompt"] not in heldout_set]
+    log.info("%d self-written prompts in %.0fs", len(own), time.perf_counter() - t0)
+    train = split.train + own
+    # interleave the self-written ones so any prefix of the file is a fair sample
+    random.Random(args.seed + 1).shuffle(train)
+    write_jsonl(prompts_path, train)
+    write_jsonl(heldout_path, split.heldout)
+
+
+def stage_responses(args: TrainArgs, work: Path, engine_fn: Any, progress: bool) -> None:
+    prompts = read_jsonl(work / "prompts.jsonl")[: args.max_prompts]
+    out_path = work / "responses.jsonl"
+    if out_path.exists() and len(read_jsonl(out_path)) >= len(prompts):
+        return
+    engine = engine_fn()
+    bar = _Progress(len(prompts), "responses", progress)
+    t0 = time.perf_counter()
+    rows = generate_responses(engine, _template(engine), prompts, out_path, args.max_new_tokens,
+                              args.sample_frac, args.seed, chunk=2 * args.gen_batch, progress=bar)
+    bar.close()
+    n_tok = sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)
+    log.info("%d responses, %d response tokens (%.0fs)", len(rows), n_tok, time.perf_counter() - t0)
+
+
+def load_target(args: TrainArgs) -> Any:
+    """The target model alone (fp32, no KV cache), for the features and train stages."""
+    from specdec.target.embedded import resolve_model_path
+    from specdec.target.loader import load_model
+
+    model, _ = load_model(resolve_model_path(args.model_path), "float32")
+    return model
+
+
+def stage_features(args: TrainArgs, work: Path, target: Any, progress: bool) -> list[Path]:
+    records = read_jsonl(work / "responses.jsonl")[: args.max_prompts]
+    capture = default_capture_layers(target.cfg.num_layers)
+    bar = _Progress(len(records), "features", progress)
+    t0 = time.perf_counter()
+    paths = build_feature_shards(target, records, capture, work / "features", shard_size=SHARD_SIZE,
+                                 max_len=args.max_len, progress=bar)
+    bar.close()
+    log.info("features of %d sequences in %d shards (%.0fs)", len(records), len(paths),
+             time.perf_counter() - t0)
+    return paths
+
+
+EVAL_CONFIGS = ((5, 4, 8), (3, 1, 4))
+
+
+def evaluate_head(
+    head: Path, prompts: Sequence[dict[str, Any]], model_path: str | None, max_new_tokens: int,
+    configs: Sequence[tuple[int, int, int]] = EVAL_CONFIGS, batch: int = 16,
+) -> dict[str, Any]:
+    """Greedy accept length of `head` on chat prompts at each (steps, topk, draft tokens):
+    emitted tokens / verify steps summed over all prompts (SGLang's spec_accept_length)."""
+    import specdec
+
+    results: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    for steps, topk, ndraft in configs:
+        engine = specdec.Engine(model_path=model_path, dtype="float32", log_level="warning",
+                                speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head),
+                                speculative_num_steps=steps, speculative_eagle_topk=topk,
+                                speculative_num_draft_tokens=ndraft, max_running_requests=batch,
+                                max_total_tokens=batch * 1024)
+        template = _template(engine)
+        ids = [engine.encode(template.render([{"role": "user", "content": p["prompt"]}])) for p in prompts]
+        t0 = time.perf_counter()
+        outs: Any = engine.generate(
+            input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens}
+        )
+        dt = time.perf_counter() - t0
+        ct = sum(o["meta_info"]["spec_verify_ct"] for o in outs)
+        emitted = sum(o["meta_info"]["spec_accept_length"] * o["meta_info"]["spec_verify_ct"] for o in outs)
+        key = f"{steps},{topk},{ndraft}"
+        results[key] = {
+            "accept_length": emitted / max(1, ct),
+            "mean_request_accept_length": sum(o["meta_info"]["spec_accept_length"] for o in outs) / len(outs),
+            "completion_tokens": sum(o["meta_info"]["completion_tokens"] for o in outs),
+            "verify_steps": ct, "seconds": round(dt, 1),
+        }
+        log.info("eval (%s): accept length %.3f over %d prompts (%.0fs)", key,
+                 results[key]["accept_length"], len(prompts), dt)
+    return results
+
+
+def default_capture_layers(num_layers: int) -> tuple[int, int, int]:
+    """SGLang's default aux layers (no `eagle_aux_hidden_state_layer_ids` in the head's config):
+    the *inputs* of layers 2, L // 2 and L - 3, as `Eagle3Config.capture_layers` returns."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+def write_provenance(
+    args: TrainArgs, work: Path, out: Path, records: Sequence[dict[str, Any]], hot: torch.Tensor
+) -> None:
+    """out/training_data.json: where every training sequence came from, and the recipe."""
+    sources: dict[str, int] = {}
+    for r in records:
+        kind = r["source"].split(":")[0]
+        kind += "/greedy" if r["temperature"] == 0 else f"/t{r['temperature']}"
+        sources[kind] = sources.get(kind, 0) + 1
+    info = {
+        "target": args.model_path or "SmolLM2-135M-Instruct (bundled, specdec.target.embedded)",
+        "sequences": len(records),
+        "response_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in records),
+        "sources": sources,
+        "draft_vocab_size": int(hot.numel()),
+        "draft_vocab_coverage": vocab_coverage(records, hot),
+        "heldout": "heldout_prompts.jsonl (never trained on; drawn first from the same shuffles)",
+        "args": asdict(args),
+    }
+    (out / "training_data.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    args = resolve_args(ns)
+    logging.basicConfig(level=logging.INFO, format="[specdec.train %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    out = Path(ns.out)
+    work = Path(ns.work_dir) if ns.work_dir else default_work_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in ns.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"unknown stage(s) {bad}; choose from {STAGES}")
+    (work / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    progress = not ns.no_progress
+    engine_box: list[Any] = []
+
+    def engine_fn() -> Any:
+        if not engine_box:
+            engine_box.append(_engine(args))
+        return engine_box[0]
+
+    if "prompts" in stages:
+        stage_prompts(args, work, out, engine_fn, progress)
+    if "responses" in stages:
+        stage_responses(args, work, engine_fn, progress)
+    engine_box.clear()  # free the generation engine's KV cache
+    target: Any = load_target(args) if {"features", "train"} & set(stages) else None
+    if "features" in stages:
+        stage_features(args, work, target, progress)
+    if "train" in stages:
+        from .ttt import train
+
+        records = read_jsonl(work / "responses.jsonl")[: args.max_prompts]
+        hot = choose_draft_vocab(records, args.draft_vocab_size, target.cfg.vocab_size)
+        log.info("draft vocab %d covers %.2f%% of response tokens", len(hot),
+                 100 * vocab_coverage(records, hot))
+        n_shards = -(-len(records) // SHARD_SIZE)
+        shards = [work / "features" / f"shard_{i:05d}.pt" for i in range(n_shards)]
+        missing = [p for p in shards if not p.exists()]
+        if missing:
+            raise SystemExit(f"missing feature shards {missing[:3]}...; run the features stage")
+        train(args, target, hot, shards, work, out, resume=ns.resume, progress=progress)
+        write_provenance(args, work, out, records, hot)
+    if "eval" in stages:
+        heldout = read_jsonl(out / "heldout_prompts.jsonl")[: args.eval_prompts]
+        res = evaluate_head(out, heldout, args.model_path, args.eval_max_new_tokens)
+        (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

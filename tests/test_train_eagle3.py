@@ -1,0 +1,132 @@
+"""The EAGLE3 trainer end to end on a tiny random Llama target (seconds): features + TTT
+training through the CLI lower the loss; the saved head round-trips through the strict loader
+(d2t included) and speculative decoding with it stays lossless (greedy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from specdec.draft.loader import load_eagle3
+from specdec.draft.train_data import choose_draft_vocab, write_jsonl
+from specdec.draft.train_eagle3 import main
+from specdec.draft.ttt import ChainAttention, make_draft
+from specdec.target.loader import load_model
+
+from .tiny_models import make_checkpoint, random_prompts
+
+DRAFT_VOCAB = 48
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eagle3_train")
+    ckpt = make_checkpoint(root / "target", "llama", num_hidden_layers=4)
+    torch.manual_seed(0)
+    # self-distilled responses from the tiny target (greedy, token prompts: no tokenizer)
+    prompts = random_prompts([5, 7, 9, 6, 8, 4, 10, 5] * 3, seed=3)
+    with ckpt.engine() as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24})
+    rows = [{"key": str(i), "source": "random", "prompt": "", "temperature": 0.0, "prompt_len": len(p),
+             "input_ids": p + o["output_ids"]} for i, (p, o) in enumerate(zip(prompts, outs, strict=True))]
+    work, out = root / "work", root / "head"
+    write_jsonl(work / "responses.jsonl", rows)
+    argv = ["--recipe", "tiny", "--out", str(out), "--work-dir", str(work), "--model-path", str(ckpt.path),
+            "--stages", "features,train", "--draft-vocab-size", str(DRAFT_VOCAB), "--epochs", "30",
+            "--lr", "3e-3", "--ttt-steps", "3", "--no-progress", "--batch-tokens", "256", "--batch-seqs", "8",
+            "--log-every", "1", "--save-every", "1000", "--warmup-steps", "5", "--threads", "1"]
+    assert main(argv) == 0
+    return {"target": ckpt.path, "head": out, "work": work}
+
+
+def test_training_lowers_the_loss(trained: dict[str, Path]) -> None:
+    log = [json.loads(line) for line in (trained["head"] / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) > 20
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert len(log[-1]["step_acc"]) == 3
+    assert log[-1]["step_acc"][0] > log[0]["step_acc"][0]
+
+
+def test_head_round_trips_through_the_loader(trained: dict[str, Path]) -> None:
+    head = trained["head"]
+    cfg = json.loads((head / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert cfg["draft_vocab_size"] == DRAFT_VOCAB
+    target, _ = load_model(trained["target"], "float32")
+    draft = load_eagle3(head, target)
+    rows = [json.loads(line) for line in (trained["work"] / "responses.jsonl").read_text().splitlines()]
+    hot = choose_draft_vocab(rows, DRAFT_VOCAB, target.cfg.vocab_size)
+    assert torch.equal(draft.to_target_ids(torch.arange(DRAFT_VOCAB)), hot)
+    with safe_open(str(head / "model.safetensors"), framework="pt") as f:
+        t2d = f.get_tensor("t2d")
+        d2t = f.get_tensor("d2t")
+    assert t2d.dtype == torch.bool and int(t2d.sum()) == DRAFT_VOCAB and bool(t2d[hot].all())
+    assert torch.equal(d2t + torch.arange(DRAFT_VOCAB), hot)
+    # the trained weights survive save (bf16) + load, checkpoint vs head
+    state = torch.load(trained["work"] / "ckpt" / "last.pt", weights_only=False)["model"]
+    assert torch.allclose(draft.fc.weight, state["fc.weight"].to(torch.bfloat16).float())
+    assert torch.allclose(draft.lm_head.weight, state["lm_head.weight"].to(torch.bfloat16).float())
+
+
+def test_speculative_engine_with_the_head_is_lossless(trained: dict[str, Path]) -> None:
+    import specdec
+
+    prompts = random_prompts([6, 9, 4, 12], seed=11)
+    params = {"temperature": 0, "max_new_tokens": 32}
+    kw = {"dtype": "float32", "page_size": 16, "max_total_tokens": 2048, "skip_tokenizer_init": True,
+          "log_level": "warning"}
+    with specdec.Engine(model_path=str(trained["target"]), **kw) as plain:
+        ref = [o["output_ids"] for o in plain.generate(input_ids=prompts, sampling_params=params)]
+    for steps, topk, ndraft in ((5, 4, 8), (3, 1, 4)):
+        with specdec.Engine(model_path=str(trained["target"]), speculative_algorithm="EAGLE3",
+                            speculative_draft_model_path=str(trained["head"]), speculative_num_steps=steps,
+                            speculative_eagle_topk=topk, speculative_num_draft_tokens=ndraft, **kw) as spec:
+            outs = spec.generate(input_ids=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in outs] == ref
+        assert sum(o["meta_info"]["spec_verify_ct"] for o in outs) > 0
+
+
+def test_chain_attention_matches_the_proposers_visibility() -> None:
+    """Step k at row p sees step-0 keys 0..p and its own chain keys of steps 1..k."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 6, 4, 2, 8
+    start = 2
+    attn = ChainAttention(B, T, start, H, Hkv, D**-0.5)
+    qs = [torch.randn(B * T, H, D)] + [torch.randn(B * (T - start), H, D) for _ in range(2)]
+    ks = [torch.randn(B * T, Hkv, D)] + [torch.randn(B * (T - start), Hkv, D) for _ in range(2)]
+    vs = [torch.randn(B * T, Hkv, D)] + [torch.randn(B * (T - start), Hkv, D) for _ in range(2)]
+    outs = [attn(q, k, v) for q, k, v in zip(qs, ks, vs, strict=True)]
+    rep = H // Hkv
+
+    def view(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(B, n, *x.shape[1:])
+
+    for step in (1, 2):
+        q = view(qs[step], T - start)
+        for b in range(B):
+            for i in range(T - start):
+                p = start + i
+                keys = [view(ks[0], T)[b, : p + 1]] + [view(ks[j], T - start)[b, i : i + 1] for j in range(1, step + 1)]
+                vals = [view(vs[0], T)[b, : p + 1]] + [view(vs[j], T - start)[b, i : i + 1] for j in range(1, step + 1)]
+                kk = torch.cat(keys).repeat_interleave(rep, dim=1)  # [n, H, D]
+                vv = torch.cat(vals).repeat_interleave(rep, dim=1)
+                w = torch.softmax(torch.einsum("hd,nhd->hn", q[b, i], kk) * D**-0.5, dim=-1)
+                ref = torch.einsum("hn,nhd->hd", w, vv)
+                assert torch.allclose(view(outs[step], T - start)[b, i], ref, atol=1e-5)
+
+
+def test_make_draft_starts_at_the_targets_logit_lens(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "t", "llama", num_hidden_layers=4)
+    target, _ = load_model(ckpt.path, "float32")
+    hot = torch.tensor([0, 3, 5, 7, 100])
+    draft = make_draft(target, hot, None, True, 0)
+    assert torch.equal(draft.to_target_ids(torch.arange(5)), hot)
+    # a tenth of the target rows of the draft vocabulary (see make_draft)
+    assert torch.allclose(draft.lm_head.weight, 0.1 * target.lm_head.weight[hot])
+    assert draft.cfg.capture_layers(4) == (2, 2, 1)
