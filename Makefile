@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run generate test test-fast lint clean
+.PHONY: install run generate test test-fast train-head lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -m "not slow"
+
+# Reproduce the shipped EAGLE3 head for the embedded model (resumable; hours on 2 cores).
+train-head: install
+	$(VENV)/bin/specdec train-eagle3 --recipe smollm2 --out draft/heads/smollm2-135m-instruct-eagle3
 
 lint: install
 	$(VENV)/bin/ruff check .
