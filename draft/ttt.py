@@ -265,7 +265,7 @@ def train(
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if not torch.equal(state["hot_ids"], hot_ids):
             raise SystemExit("checkpoint draft vocabulary differs from the data's; cannot resume")
-        draft.load_state_dict(state["model"], strict=False)
+        draft.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
