@@ -297,7 +297,7 @@ def fill_weights(
         if target is None:
             raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of {owner} takes it)")
         if target is SKIP:
-            skipped += 1
+            skipped += key.startswith(_SKIP_PREFIXES)  # (a tied lm_head is skipped silently)
             continue
         unit = (target.param, target.shard, target.is_bias)
         if unit not in expected:
