@@ -152,7 +152,7 @@ def ttt_forward(
     ids, resp, top1 = batch["input_ids"], batch["loss_mask"], batch["top1"]  # [B, T]
     B, T = ids.shape
     lengths = batch["lengths"]
-    pos = torch.arange(T)[None, :].expand(B, T)
+    pos = torch.arange(T, device=ids.device)[None, :].expand(B, T)  # [B, T]
     inside = pos < lengths[:, None]  # [B, T]
     # row j scores token x_{j+1}: a response token, and the target's argmax at j is draftable
     scored = _shift(resp & inside, 1, False) & in_vocab[top1] & inside  # [B, T] over target rows j

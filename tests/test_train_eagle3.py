@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # self-distilled responses from the tiny target (greedy, token prompts: no tokenizer)
     prompts = random_prompts([5, 7, 9, 6, 8, 4, 10, 5] * 3, seed=3)
     with ckpt.engine() as engine:
-        outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24})
+        outs: Any = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 24})
     rows = [{"key": str(i), "source": "random", "prompt": "", "temperature": 0.0, "prompt_len": len(p),
              "input_ids": p + o["output_ids"]} for i, (p, o) in enumerate(zip(prompts, outs, strict=True))]
     work, out = root / "work", root / "head"
@@ -79,15 +80,16 @@ def test_speculative_engine_with_the_head_is_lossless(trained: dict[str, Path]) 
 
     prompts = random_prompts([6, 9, 4, 12], seed=11)
     params = {"temperature": 0, "max_new_tokens": 32}
-    kw = {"dtype": "float32", "page_size": 16, "max_total_tokens": 2048, "skip_tokenizer_init": True,
+    kw: dict[str, Any] = {"dtype": "float32", "page_size": 16, "max_total_tokens": 2048, "skip_tokenizer_init": True,
           "log_level": "warning"}
     with specdec.Engine(model_path=str(trained["target"]), **kw) as plain:
-        ref = [o["output_ids"] for o in plain.generate(input_ids=prompts, sampling_params=params)]
+        plain_outs: Any = plain.generate(input_ids=prompts, sampling_params=params)
+        ref = [o["output_ids"] for o in plain_outs]
     for steps, topk, ndraft in ((5, 4, 8), (3, 1, 4)):
         with specdec.Engine(model_path=str(trained["target"]), speculative_algorithm="EAGLE3",
                             speculative_draft_model_path=str(trained["head"]), speculative_num_steps=steps,
                             speculative_eagle_topk=topk, speculative_num_draft_tokens=ndraft, **kw) as spec:
-            outs = spec.generate(input_ids=prompts, sampling_params=params)
+            outs: Any = spec.generate(input_ids=prompts, sampling_params=params)
         assert [o["output_ids"] for o in outs] == ref
         assert sum(o["meta_info"]["spec_verify_ct"] for o in outs) > 0
 
