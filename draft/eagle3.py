@@ -70,7 +70,7 @@ class Eagle3Draft(nn.Module):
 
     def project_features(self, aux: list[Tensor]) -> Tensor:
         """Three captured target hidden states [T, H_t] each -> draft features [T, H]."""
-        return self.fc(torch.cat(aux, dim=-1).to(self.fc.weight.dtype))
+        return self.fc(torch.cat(aux, dim=-1).to(self.norm.weight.dtype))
 
     def forward(
         self,

@@ -6,7 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels
 from .backend import AttentionBackend, AttentionMeta, PaddedKV, SeqAttnMeta
+
+FAST_MAX_QUERIES = 64  # longer extends (prefill) go to SDPA
+_NO_MASK = torch.empty(0, dtype=torch.bool)
+
+
+def _fast_kernels(q: Tensor, k_cache: Tensor):  # -> the CPU extension module or None
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    return cpu_kernels.w8_kernel()
 
 
 def visibility_mask(seq: SeqAttnMeta, chunk_size: int | None) -> Tensor | None:
@@ -59,6 +69,13 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> Tensor:
         k_cache[meta.out_slots] = k.to(k_cache.dtype)
         v_cache[meta.out_slots] = v.to(v_cache.dtype)
+        if meta.padded is None and len(meta.seqs) == 1 and meta.seqs[0].q_len <= FAST_MAX_QUERIES:
+            fast = _fast_kernels(q, k_cache)
+            if fast is not None:  # batch-1 decode / verification on the CPU, float32
+                seq = meta.seqs[0]
+                mask = visibility_mask(seq, chunk_size) if chunk_size is not None else seq.mask
+                return fast.paged_attention(q.contiguous(), k_cache, v_cache, seq.kv_slots,
+                                            _NO_MASK if mask is None else mask.contiguous(), scale)
         if meta.padded is not None:
             return self._padded_decode(q, k_cache, v_cache, meta.padded, scale, chunk_size)
         if len(meta.seqs) == 1:

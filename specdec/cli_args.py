@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .engine_config import ATTENTION_BACKENDS, DTYPE_CHOICES, LOG_LEVELS, EngineConfig
+from .engine_config import (
+    ATTENTION_BACKENDS,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    LOG_LEVELS,
+    QUANTIZATION_CHOICES,
+    EngineConfig,
+)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +24,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-path", default=None, help="Tokenizer folder (default: the model's).")
     g.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES,
                    help="Weight and activation dtype; auto takes the checkpoint's.")
+    g.add_argument("--quantization", default=None, choices=QUANTIZATION_CHOICES,
+                   help="Weight-only quantisation applied at load time: w8a16 (int8 per channel; "
+                   "our AVX2 kernel on x86 CPUs) or w4a16 (int4, groups of 32). Default: none.")
+    g.add_argument("--device", default=d.device,
+                   help=f"{' | '.join(DEVICE_CHOICES)} | cuda:N; auto picks cuda when a GPU is visible.")
     g.add_argument("--context-length", type=int, default=None,
                    help="Max prompt + output tokens (default: the model's max_position_embeddings).")
     g.add_argument("--max-total-tokens", type=int, default=None,

@@ -32,6 +32,7 @@ from specdec.kernels.kv_pool import KVPool
 from specdec.target.config import ModelConfig
 from specdec.target.embedded import resolve_model_path
 from specdec.target.loader import load_model
+from specdec.target.quant import quantize_model
 
 from .engine_config import EngineConfig
 from .metrics import EngineMetrics
@@ -62,6 +63,7 @@ class Engine:
         self.model, self.model_config = load_model(self.model_path, self.config.dtype)
         log.info("loaded %s (%s) in %.1fs", self.model_path, self.model_config.architecture,
                  time.perf_counter() - t0)
+        quantize_model(self.model, self.config.quantization)
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             Path(self.config.tokenizer_path or self.model_path)
         )
@@ -108,6 +110,7 @@ class Engine:
             )
         t0 = time.perf_counter()
         draft = load_eagle3(spec.draft_model_path, self.model, self.config.dtype)
+        quantize_model(draft, self.config.quantization)
         log.info("loaded EAGLE3 draft %s in %.1fs (aux layers %s)", spec.draft_model_path,
                  time.perf_counter() - t0, draft.cfg.capture_layers(self.model_config.num_layers))
         return draft

@@ -11,6 +11,8 @@ from .spec_config import SpecConfig
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+QUANTIZATION_CHOICES = ("w8a16", "w4a16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -19,6 +21,8 @@ class EngineConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     tokenizer_path: str | None = None
     dtype: str = "auto"
+    quantization: str | None = None  # weight-only: w8a16 | w4a16 (see specdec.target.quant)
+    device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     context_length: int | None = None  # None: the model's max_position_embeddings
     max_total_tokens: int | None = None  # KV slots; None: sized from free memory
     page_size: int = 16
@@ -45,6 +49,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} (or unset); "
+                f"got {self.quantization!r}"
+            )
+        if self.device not in DEVICE_CHOICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N; got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "

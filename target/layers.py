@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.kernels import cpu_kernels
+
 
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 like transformers."""
@@ -22,6 +24,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            fast = cpu_kernels.w8_kernel() if x.device.type == "cpu" and x.dim() == 2 else None
+            if fast is not None and not torch.is_grad_enabled():
+                return fast.rms_norm(x.contiguous(), self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
@@ -48,6 +55,11 @@ class RotaryEmbedding:
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
         return torch.cos(freqs), torch.sin(freqs)
 
+    def cis(self, positions: Tensor) -> Tensor:
+        """positions [T] -> cos + i sin [T, D/2] complex64, for `apply_rope_cis`."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        return torch.polar(torch.ones_like(freqs), freqs)
+
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, H, D]; cos/sin [T, D/2] -> rotated x, same dtype (fp32 math)."""
@@ -56,6 +68,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     c, s = cos[:, None, :], sin[:, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def apply_rope_cis(x: Tensor, cis: Tensor) -> Tensor:
+    """x [T, H, D] (last dim contiguous); cis [T, D/2] complex -> rotated x, same dtype.
+
+    The same rotation as `apply_rope`, as one complex multiply: adjacent pairs are the real
+    and imaginary parts. Used on the hot path (q and k of a layer in one call)."""
+    T, H, D = x.shape
+    xc = torch.view_as_complex(x.float().view(T, H, D // 2, 2))  # [T, H, D/2]
+    return torch.view_as_real(xc * cis[:, None, :]).view(T, H, D).to(x.dtype)
 
 
 class Linear(nn.Module):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from specdec.kernels.backend import ForwardBatch
 
 from .config import ModelConfig
-from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope, l2_norm
+from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis, l2_norm
 
 
 class ModelOutput(NamedTuple):
@@ -50,21 +50,20 @@ class Attention(nn.Module):
         self,
         x: Tensor,  # [T, hidden]
         positions: Tensor,  # [T]
-        rope: tuple[Tensor, Tensor],  # cos, sin [T, D/2]
+        rope: Tensor,  # cos + i sin [T, D/2] complex
         batch: ForwardBatch,
     ) -> Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)  # [T, q + 2 kv]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, Hkv, D)
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, H + Hkv, D)
         if self.use_rope:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *rope)
+            qk = apply_rope_cis(qk, rope)  # q and k heads in one call
             if self.qk_norm:
-                q = l2_norm(q, self.eps)
-                k = l2_norm(k, self.eps)
-        elif self.temperature_tuning:
+                qk = l2_norm(qk, self.eps)
+        q, k = qk[:, :H], qk[:, H:]
+        if not self.use_rope and self.temperature_tuning:
             # NoPE layers: q *= 1 + attn_scale * log(1 + floor((pos + 1) / floor_scale))
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale))
             q = (q * (scales * self.attn_scale + 1.0)[:, None, None]).to(q.dtype)
@@ -90,7 +89,24 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter), requires_grad=False)
 
+        self.quantized: nn.ModuleList | None = None  # per expert (w13, w2) after `quantize`
+
+    def quantize(self, scheme: str) -> int:
+        """Replace the stacked weights by one quantised (w13, w2) pair per expert."""
+        from .quant import QuantWeight
+
+        self.quantized = nn.ModuleList(
+            nn.ModuleList((QuantWeight(self.w13.data[e], scheme), QuantWeight(self.w2.data[e], scheme)))
+            for e in range(self.w13.shape[0])
+        )
+        del self.w13, self.w2
+        return 2 * len(self.quantized)
+
     def forward_one(self, e: int, x: Tensor) -> Tensor:  # x [N, H] -> [N, H]
+        if self.quantized is not None:
+            w13, w2 = self.quantized[e]
+            gate, up = w13(x).split(self.inter, dim=-1)
+            return w2(F.silu(gate) * up)
         gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
@@ -132,7 +148,7 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], batch: ForwardBatch
+        self, x: Tensor, positions: Tensor, rope: Tensor, batch: ForwardBatch
     ) -> Tensor:
         h = x + self.attn(self.input_layernorm(x), positions, rope, batch)
         return h + self.feed_forward(self.post_attention_layernorm(h))
@@ -148,7 +164,7 @@ class Llama4ForCausalLM(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head: Linear | None = (
+        self.lm_head: nn.Module | None = (
             None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,))
         )
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
@@ -163,7 +179,7 @@ class Llama4ForCausalLM(nn.Module):
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids and input_embeds")
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        rope = self.rotary.cos_sin(positions)
+        rope = self.rotary.cis(positions)  # [T, D/2] complex
         captured: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in batch.capture_layers:
@@ -173,5 +189,14 @@ class Llama4ForCausalLM(nn.Module):
         return ModelOutput(self.norm(x), [captured[i] for i in batch.capture_layers])
 
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def tie_lm_head(self, scheme: str) -> None:
+        """Quantisation: tied embeddings get a quantised copy as the lm_head (the embedding
+        itself stays in the model dtype for lookups)."""
+        from .quant import QuantLinear
+
+        if self.lm_head is None:
+            self.lm_head = QuantLinear.from_weight(self.embed_tokens.weight.data, scheme)

@@ -1,0 +1,146 @@
+"""specdec's CPU kernels (kernels/csrc/*.cpp), each beside its torch reference.
+
+One C++ extension, built on first use with torch's extension loader (gcc + ninja; about a
+minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with AVX2 + FMA:
+
+* `w8_linear(x, w, scale, bias)`: weight-only int8 linear, float32 activations, int8 [N, K]
+  weights in the kernel's layout (`pack_w8`), float32 [N] scales. Reference:
+  `w8_linear_reference` (float64, on the logical weights).
+* `rms_norm(x, weight, eps)`: float32 RMSNorm in one call. Reference: `rms_norm_reference`.
+* `paged_attention(q, k_cache, v_cache, slots, mask, scale)`: a few float32 queries over keys
+  gathered from the paged pool (decode and tree verification). Reference:
+  `paged_attention_reference`.
+
+`w8_kernel()` returns the compiled module, or None when this CPU or toolchain cannot build it
+(no AVX2/FMA, no compiler, SPECDEC_NO_CPU_KERNELS=1); callers then use PyTorch's ops (and
+PyTorch's own int8 kernel for w8a16). The reason is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("specdec")
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "cpu_ops.cpp")
+DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this (Linux) machine; empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def unsupported_reason() -> str | None:
+    """Why the AVX2 kernel cannot be used here, or None when it can."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return f"{DISABLE_ENV} is set"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is x86-64 only (this is {platform.machine()})"
+    if not {"avx2", "fma"} <= cpu_flags():
+        return "this CPU lacks AVX2/FMA"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler on PATH"
+    if shutil.which("ninja") is None:
+        return "ninja is not on PATH (pip install ninja)"
+    return None
+
+
+@functools.cache
+def w8_kernel() -> ModuleType | None:
+    """Build (once per machine) and load the AVX2 int8 kernel; None if unavailable."""
+    reason = unsupported_reason()
+    if reason is not None:
+        log.info("specdec's CPU kernels are off (PyTorch ops are used instead): %s", reason)
+        return None
+    from torch.utils import cpp_extension
+
+    try:
+        module = cpp_extension.load(
+            name="specdec_cpu_kernels",
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # a broken toolchain must not stop the server
+        log.warning("could not build specdec's CPU kernels (%s); using PyTorch's ops",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return module
+
+
+def pack_w8(w: Tensor) -> Tensor:
+    """int8 [N, K] (K % 32 == 0) -> the kernel's layout, same shape: within each group of 32,
+    byte j of 32-bit word d holds k = 8 j + d, so the kernel widens with shifts, not shuffles."""
+    N, K = w.shape
+    if K % 32:
+        raise ValueError(f"the int8 kernel needs K % 32 == 0, got K={K}")
+    return w.view(N, K // 32, 4, 8).transpose(-1, -2).contiguous().view(N, K)
+
+
+def unpack_w8(packed: Tensor) -> Tensor:
+    """Inverse of `pack_w8`."""
+    N, K = packed.shape
+    return packed.view(N, K // 32, 8, 4).transpose(-1, -2).contiguous().view(N, K)
+
+
+def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] float32, w [N, K] int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
+    kernel = w8_kernel()
+    if kernel is None:
+        raise RuntimeError(f"the AVX2 int8 kernel is unavailable: {unsupported_reason()}")
+    empty = x.new_empty(0)
+    return kernel.w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
+
+
+def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The same product in float64: x @ (w * scale[:, None]).T (+ bias), returned as float32."""
+    out = x.double() @ (w.double() * scale.double()[:, None]).T
+    if bias is not None:
+        out = out + bias.double()
+    return out.float()
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, in float64, returned as float32."""
+    xd = x.double()
+    return (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * weight.double()).float()
+
+
+def paged_attention_reference(
+    q: Tensor,  # [T, H, D]
+    k_cache: Tensor,  # [S, Hkv, D]
+    v_cache: Tensor,
+    slots: Tensor,  # [L] int64
+    mask: Tensor | None,  # [T, L] bool; None: causal by index
+    scale: float,
+) -> Tensor:  # [T, H, D] float32
+    T, H, _ = q.shape
+    L = slots.shape[0]
+    keys, values = k_cache[slots].double(), v_cache[slots].double()  # [L, Hkv, D]
+    group = H // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    if mask is None:
+        mask = torch.arange(L)[None, :] <= (L - T + torch.arange(T))[:, None]
+    scores = torch.einsum("thd,lhd->htl", q.double(), keys) * scale
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see nothing -> zeros
+    return torch.einsum("htl,lhd->thd", probs, values).float()
