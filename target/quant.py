@@ -12,6 +12,7 @@ model dtype.
   devices the weight is dequantised per call.
 * w4a16: int4, groups of 32 along K with a float scale and zero (asymmetric), through
   PyTorch's `_weight_int4pack_mm_for_cpu` (bfloat16 activations); dequantised elsewhere.
+  A weight with K % 32 != 0 or N % 16 != 0 (PyTorch's int4 packing) is quantised to int8.
 
 Both are lossy; docs/PERFORMANCE.md records the logprob differences against the unquantised
 model. Speculative output stays exactly the quantised model's own greedy output.
@@ -63,8 +64,10 @@ class QuantWeight(nn.Module):
         super().__init__()
         if scheme not in QUANTIZATION_CHOICES:
             raise ValueError(f"unknown quantization {scheme!r}; choose one of {QUANTIZATION_CHOICES}")
-        self.scheme = scheme
         self.out_features, self.in_features = weight.shape
+        if scheme == "w4a16" and (self.in_features % W4_GROUP or self.out_features % 16):
+            scheme = "w8a16"  # PyTorch's int4 packing needs K % 32 == 0, N % 16 == 0: keep int8
+        self.scheme = scheme
         self.kernel = "dequant"
         cpu = weight.device.type == "cpu"
         if scheme == "w8a16":

@@ -1,0 +1,83 @@
+"""specdec's C++ CPU kernels against their torch references (float64 inside)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec.kernels import cpu_kernels as ck
+
+kernels = ck.w8_kernel()
+pytestmark = pytest.mark.skipif(kernels is None, reason=f"CPU kernels unavailable: {ck.unsupported_reason()}")
+
+TOL = 2e-5  # relative to the largest output magnitude (float32 accumulation vs float64)
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape
+    if ref.numel() == 0:
+        return
+    assert (y - ref).abs().max().item() <= TOL * max(1.0, ref.abs().max().item())
+
+
+def test_pack_round_trip() -> None:
+    w = torch.randint(-127, 128, (5, 96), dtype=torch.int8)
+    packed = ck.pack_w8(w)
+    assert not torch.equal(packed, w)
+    assert torch.equal(ck.unpack_w8(packed), w)
+    with pytest.raises(ValueError, match="K % 32"):
+        ck.pack_w8(torch.zeros(4, 48, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 4, 8, 17])
+@pytest.mark.parametrize(("N", "K"), [(4, 32), (7, 64), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8_linear(M: int, N: int, K: int, bias: bool) -> None:
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    scale = torch.rand(N, generator=g) * 0.01
+    b = torch.randn(N, generator=g) if bias else None
+    _close(ck.w8_linear(x, ck.pack_w8(w), scale, b), ck.w8_linear_reference(x, w, scale, b))
+
+
+def test_w8_linear_rejects_bad_inputs() -> None:
+    w = ck.pack_w8(torch.zeros(4, 32, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="K="):
+        ck.w8_linear(torch.zeros(1, 64), w, torch.ones(4))
+    with pytest.raises(RuntimeError, match="float32"):
+        ck.w8_linear(torch.zeros(1, 32, dtype=torch.float64), w, torch.ones(4))
+
+
+@pytest.mark.parametrize(("T", "H"), [(1, 576), (3, 576), (8, 32)])
+def test_rms_norm(T: int, H: int) -> None:
+    x, w = torch.randn(T, H) * 3, torch.rand(H) + 0.5
+    _close(kernels.rms_norm(x, w, 1e-5), ck.rms_norm_reference(x, w, 1e-5))
+
+
+@pytest.mark.parametrize(("H", "Hkv"), [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize(("T", "L", "masked"), [(1, 1, False), (1, 40, False), (5, 5, False),
+                                                  (8, 50, True), (32, 70, True)])
+def test_paged_attention(H: int, Hkv: int, T: int, L: int, masked: bool) -> None:
+    g = torch.Generator().manual_seed(T * 100 + L + H)
+    S, D = 128, 64
+    k_cache, v_cache = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
+    q = torch.randn(T, H, D, generator=g)
+    slots = torch.randperm(S, generator=g)[:L]
+    mask = None
+    if masked:
+        mask = torch.rand(T, L, generator=g) < 0.4
+        mask[:, 0] = True
+        mask[T // 2] = False  # a query that sees nothing gets zeros
+    empty = torch.empty(0, dtype=torch.bool)
+    y = kernels.paged_attention(q, k_cache, v_cache, slots, empty if mask is None else mask, 0.125)
+    _close(y, ck.paged_attention_reference(q, k_cache, v_cache, slots, mask, 0.125))
+    if masked:
+        assert torch.count_nonzero(y[T // 2]) == 0
+
+
+def test_paged_attention_rejects_slots_outside_the_pool() -> None:
+    cache = torch.zeros(4, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.paged_attention(torch.zeros(1, 1, 8), cache, cache, torch.tensor([0, 9]),
+                                torch.empty(0, dtype=torch.bool), 1.0)

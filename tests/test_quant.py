@@ -1,0 +1,103 @@
+"""Weight-only quantisation (--quantization w8a16 | w4a16): error bounds of the codes, every
+kernel path against its dequantised weight, and the engine end to end on a tiny Llama 4 with
+MoE (greedy speculative output equals the quantised model's own greedy output)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from specdec.kernels import cpu_kernels
+from specdec.target.quant import QuantWeight, quantize_w4, quantize_w8
+
+from .spec_models import make_random_eagle3
+from .test_spec_e2e import FULL_LLAMA4
+from .tiny_models import VOCAB, Checkpoint, make_checkpoint, random_prompts
+
+
+def test_w8_codes_are_within_half_a_step() -> None:
+    w = torch.randn(16, 64) * torch.rand(16, 1) * 3
+    q, scale = quantize_w8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
+    err = (q.float() * scale[:, None] - w).abs()
+    assert bool((err <= scale[:, None] / 2 + 1e-6).all())
+
+
+def test_w4_codes_are_within_half_a_step() -> None:
+    w = torch.randn(8, 96)
+    q, scale, zero = quantize_w4(w)
+    assert int(q.min()) >= 0 and int(q.max()) <= 15
+    deq = ((q.float().view(8, 3, 32) - 8) * scale[..., None] + zero[..., None]).view(8, 96)
+    assert bool(((deq - w).abs() <= scale.repeat_interleave(32, 1) / 2 + 1e-5).all())
+    with pytest.raises(ValueError, match="% 32"):
+        quantize_w4(torch.randn(4, 48))
+
+
+PATHS = [  # scheme, in_features, expected kernel, relative tolerance against x @ deq.T
+    ("w8a16", 64, "avx2" if cpu_kernels.w8_kernel() else "int8pack", 1e-5),
+    ("w8a16", 48, "int8pack", 2e-2),  # K % 32 != 0: PyTorch's int8 kernel, bf16 activations
+    ("w4a16", 64, "int4pack", 2e-2),
+    ("w4a16", 48, "int8pack", 2e-2),  # int4 groups need K % 32 == 0: kept in int8
+]
+
+
+@pytest.mark.parametrize(("scheme", "K", "kernel", "tol"), PATHS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_quantized_matmul_matches_its_dequantized_weight(scheme: str, K: int, kernel: str, tol: float,
+                                                         rows: int) -> None:
+    g = torch.Generator().manual_seed(K + rows)
+    w, x, bias = torch.randn(48, K, generator=g), torch.randn(rows, K, generator=g), torch.randn(48, generator=g)
+    qw = QuantWeight(w, scheme)
+    assert qw.kernel == kernel
+    ref = x.double() @ qw.dequantized().double().T + bias.double()
+    y = qw(x, bias)
+    assert y.dtype == torch.float32 and y.shape == (rows, 48)
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    # and the dequantised weight is close to the original (the quantisation error itself)
+    rel = ((qw.dequantized() - w).norm() / w.norm()).item()
+    assert rel < (0.01 if qw.scheme == "w8a16" else 0.12)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    return make_checkpoint(tmp_path_factory.mktemp("qtarget"), "llama4", seed=5, hidden_size=64,
+                           intermediate_size=64, intermediate_size_mlp=96, **FULL_LLAMA4)
+
+
+def _prompt_logprobs(engine: Any, prompt: list[int]) -> torch.Tensor:
+    out = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 1},
+                          return_logprob=True, logprob_start_len=0)
+    return torch.tensor([lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]])
+
+
+@pytest.mark.parametrize(("scheme", "max_mean_diff"), [("w8a16", 0.02), ("w4a16", 0.25)])
+def test_engine_quantized_is_close_and_speculation_stays_lossless(
+    target: Checkpoint, tmp_path: Path, scheme: str, max_mean_diff: float
+) -> None:
+    prompts = random_prompts((4, 9, 17), seed=3)
+    params = {"temperature": 0, "max_new_tokens": 20}
+    with target.engine() as full, target.engine(quantization=scheme) as quant:
+        ref_lp = _prompt_logprobs(full, prompts[2])
+        q_lp = _prompt_logprobs(quant, prompts[2])
+        plain = [o["output_ids"] for o in quant.generate(input_ids=prompts, sampling_params=params)]
+        experts = [m for m in quant.model.modules() if getattr(m, "quantized", None) is not None]
+        assert experts, "the routed experts were not quantised"
+    # quantisation error on the prompt's logprobs, per token (random weights: a loose bound)
+    assert (q_lp - ref_lp).abs().mean().item() < max_mean_diff
+    draft = tmp_path / "draft"
+    make_random_eagle3(draft, 64, VOCAB, seed=1)
+    with target.engine(quantization=scheme, speculative_algorithm="EAGLE3",
+                       speculative_draft_model_path=str(draft), speculative_num_steps=3,
+                       speculative_eagle_topk=2, speculative_num_draft_tokens=4) as spec:
+        outs = spec.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in outs] == plain
+
+
+def test_bad_quantization_is_refused() -> None:
+    import specdec
+
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        specdec.Engine(quantization="fp3")
