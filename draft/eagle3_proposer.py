@@ -70,11 +70,13 @@ class Eagle3Proposer(Proposer):
         self.capture_layers = draft.cfg.capture_layers(target_num_layers)
         sampled_nodes = len(static_rank_tree(spec.num_steps, spec.topk, spec.num_draft_tokens - 1))
         self.temp_slots = max(spec.max_draft_forwards, sampled_nodes)
-        self.hot_ids = draft.to_target_ids(torch.arange(draft.cfg.draft_vocab_size))  # [Vd]
+        self.device = pool.k[0].device
+        hot = torch.arange(draft.cfg.draft_vocab_size, device=self.device)
+        self.hot_ids = draft.to_target_ids(hot).cpu()  # [Vd]; tree building runs on the CPU
 
     def _batch(self, seqs: list[SeqAttnMeta], out_slots: list[Tensor]) -> ForwardBatch:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
-        return ForwardBatch(meta, self.pool.k, self.pool.v, self.backend)
+        return ForwardBatch(meta.to(self.device), self.pool.k, self.pool.v, self.backend)
 
     # ---- extend: commit draft K/V for new positions ----------------------------------------------
     @torch.inference_mode()
@@ -100,9 +102,10 @@ class Eagle3Proposer(Proposer):
             row += m
             last_rows.append(row - 1)
         x = self.draft.project_features(list(torch.cat(feats).split(self.draft.cfg.target_hidden_size, dim=-1)))
-        out = self.draft(torch.tensor(ids), x, torch.cat(positions), self._batch(seqs, out_slots))
+        out = self.draft(torch.tensor(ids, device=self.device), x, torch.cat(positions).to(self.device),
+                         self._batch(seqs, out_slots))
         rows = torch.tensor(last_rows)
-        logits = self.draft.draft_logits(out.logits_hidden[rows])  # [B, Vd]
+        logits = self.draft.draft_logits(out.logits_hidden[rows]).cpu()  # [B, Vd]
         for i, req in enumerate(reqs):
             req.spec_state = _RootState(out.hidden[last_rows[i]], logits[i])
 
@@ -211,8 +214,8 @@ class Eagle3Proposer(Proposer):
         ids = torch.tensor([j.token for j in ordered])
         feats = torch.stack([j.feature for j in ordered])
         positions = torch.cat([s.q_positions for s in seqs])
-        out = self.draft(ids, feats, positions, self._batch(seqs, out_slots))
-        logits = self.draft.draft_logits(out.logits_hidden)
+        out = self.draft(ids.to(self.device), feats, positions.to(self.device), self._batch(seqs, out_slots))
+        logits = self.draft.draft_logits(out.logits_hidden).cpu()
         # back to the caller's job order
         pos_of = {id(j): i for i, j in enumerate(ordered)}
         order = torch.tensor([pos_of[id(j)] for j in jobs])

@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -33,6 +34,12 @@ class SeqAttnMeta:
     def kv_len(self) -> int:
         return int(self.kv_slots.shape[0])
 
+    def to(self, device: torch.device) -> SeqAttnMeta:
+        """The same metadata with its tensors on `device` (built on the CPU, used on a GPU)."""
+        return SeqAttnMeta(self.q_start, self.q_len, self.kv_slots.to(device),
+                           self.q_positions.to(device), self.kv_positions.to(device),
+                           None if self.mask is None else self.mask.to(device))
+
 
 @dataclass(frozen=True, slots=True)
 class PaddedKV:
@@ -43,6 +50,10 @@ class PaddedKV:
     valid: Tensor  # [B, L] bool
     kv_positions: Tensor  # [B, L] int64
     q_positions: Tensor  # [B] int64
+
+    def to(self, device: torch.device) -> PaddedKV:
+        return PaddedKV(self.index.to(device), self.valid.to(device), self.kv_positions.to(device),
+                        self.q_positions.to(device))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,13 @@ class AttentionMeta:
     @property
     def num_tokens(self) -> int:
         return int(self.out_slots.shape[0])
+
+    def to(self, device: torch.device) -> AttentionMeta:
+        """Metadata is built on the CPU; a GPU forward gets a copy on its device."""
+        if device.type == "cpu":
+            return self
+        return AttentionMeta(self.out_slots.to(device), tuple(s.to(device) for s in self.seqs),
+                             None if self.padded is None else self.padded.to(device))
 
 
 class AttentionBackend(ABC):

@@ -10,6 +10,9 @@ minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with 
 * `paged_attention(q, k_cache, v_cache, slots, mask, scale)`: a few float32 queries over keys
   gathered from the paged pool (decode and tree verification). Reference:
   `paged_attention_reference`.
+* `decoder_layer(...)`: a whole dense Llama layer (norms, int8 or float32 linears, RoPE, KV
+  store, attention, SiLU MLP, residuals) in one call. Reference: the module path
+  (`DecoderLayer.forward`), compared in tests/test_cpu_kernels.py.
 
 `w8_kernel()` returns the compiled module, or None when this CPU or toolchain cannot build it
 (no AVX2/FMA, no compiler, SPECDEC_NO_CPU_KERNELS=1); callers then use PyTorch's ops (and
@@ -32,7 +35,7 @@ from torch import Tensor
 log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "cpu_ops.cpp")
+SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp")
 DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
 
 

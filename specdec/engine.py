@@ -50,6 +50,17 @@ Prompt = str | Sequence[str] | None
 InputIds = Sequence[int] | Sequence[Sequence[int]] | None
 
 
+def resolve_device(name: str) -> torch.device:
+    """`--device`: auto -> cuda when a GPU is visible, else cpu; cuda without a GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return device
+
+
 class Engine:
     """Loads the model once; `generate` runs requests through the continuous-batching loop."""
 
@@ -60,10 +71,12 @@ class Engine:
             torch.manual_seed(self.config.random_seed)
         self.model_path = resolve_model_path(self.config.model_path)
         t0 = time.perf_counter()
+        self.device = resolve_device(self.config.device)
         self.model, self.model_config = load_model(self.model_path, self.config.dtype)
-        log.info("loaded %s (%s) in %.1fs", self.model_path, self.model_config.architecture,
-                 time.perf_counter() - t0)
-        quantize_model(self.model, self.config.quantization)
+        self.model.to(self.device)
+        log.info("loaded %s (%s) in %.1fs on %s", self.model_path, self.model_config.architecture,
+                 time.perf_counter() - t0, self.device)
+        quantize_model(self.model, self.config.quantization)  # after placement: kernels per device
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             Path(self.config.tokenizer_path or self.model_path)
         )
@@ -76,8 +89,9 @@ class Engine:
         page_size = self.config.page_size
         self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
         mc = self.model_config
-        self.kv_pool = KVPool(mc.num_layers, self.max_total_tokens, mc.num_kv_heads, mc.head_dim, dtype)
-        backend = get_attention_backend(self.config.attention_backend)
+        self.kv_pool = KVPool(mc.num_layers, self.max_total_tokens, mc.num_kv_heads, mc.head_dim, dtype,
+                              self.device)
+        backend = get_attention_backend(self.config.attention_backend, self.device)
         self.runner = ModelRunner(self.model, self.kv_pool, backend)
         self.metrics = EngineMetrics()
         self.spec = self._make_spec_decoder(backend, dtype)
@@ -110,6 +124,7 @@ class Engine:
             )
         t0 = time.perf_counter()
         draft = load_eagle3(spec.draft_model_path, self.model, self.config.dtype)
+        draft.to(self.device)
         quantize_model(draft, self.config.quantization)
         log.info("loaded EAGLE3 draft %s in %.1fs (aux layers %s)", spec.draft_model_path,
                  time.perf_counter() - t0, draft.cfg.capture_layers(self.model_config.num_layers))
@@ -124,7 +139,7 @@ class Engine:
             proposer = NgramProposer(spec)
         else:
             dc = self.draft_model.cfg
-            pool = KVPool(1, self.max_total_tokens, dc.num_kv_heads, dc.head_dim, dtype)
+            pool = KVPool(1, self.max_total_tokens, dc.num_kv_heads, dc.head_dim, dtype, self.device)
             proposer = Eagle3Proposer(self.draft_model, pool, backend, spec,
                                       self.model_config.num_layers, self.model_config.vocab_size)
         return SpecDecoder(spec, proposer, self.runner, self.metrics)
@@ -138,7 +153,9 @@ class Engine:
         if self.config.max_total_tokens is not None:
             tokens = self.config.max_total_tokens
         else:
-            budget = int(available_memory_bytes() * self.config.mem_fraction_kv)
+            free = (torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda"
+                    else available_memory_bytes())
+            budget = int(free * self.config.mem_fraction_kv)
             tokens = max_tokens_for_budget(budget, per_token, self.config.page_size)
         tokens -= tokens % self.config.page_size
         if tokens < self.config.page_size:

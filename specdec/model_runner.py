@@ -45,6 +45,7 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.backend = backend
+        self.device = pool.k[0].device  # model, pool and forward inputs live here
 
     @torch.inference_mode()
     def extend(
@@ -116,13 +117,14 @@ class ModelRunner:
         padded: PaddedKV | None = None,
     ) -> ExtendOutput:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), padded=padded)
-        batch = ForwardBatch(meta, self.pool.k, self.pool.v, self.backend, capture_layers)
-        out = self.model(ids, torch.cat(positions), batch)
+        batch = ForwardBatch(meta.to(self.device), self.pool.k, self.pool.v, self.backend, capture_layers)
+        out = self.model(ids.to(self.device), torch.cat(positions).to(self.device), batch)
         return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
 
-    def logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
+    def logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32, on the CPU
+        """Sampling and verification run on the CPU; on a GPU only the logits come back."""
         with torch.inference_mode():
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden).cpu()
 
 
 def _pad_decode(seqs: list[SeqAttnMeta]) -> PaddedKV:

@@ -8,13 +8,15 @@ MLP of `intermediate_size_mlp` -> residual.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
+from specdec.kernels.torch_backend import _NO_MASK, FAST_MAX_QUERIES
 
 from .config import ModelConfig
 from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis, l2_norm
@@ -104,9 +106,9 @@ class Experts(nn.Module):
 
     def forward_one(self, e: int, x: Tensor) -> Tensor:  # x [N, H] -> [N, H]
         if self.quantized is not None:
-            w13, w2 = self.quantized[e]
-            gate, up = w13(x).split(self.inter, dim=-1)
-            return w2(F.silu(gate) * up)
+            pair: Any = self.quantized[e]
+            gate, up = pair[0](x).split(self.inter, dim=-1)
+            return pair[1](F.silu(gate) * up)
         gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
@@ -147,11 +149,57 @@ class DecoderLayer(nn.Module):
             MoE(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg.hidden_size, cfg.intermediate_size_mlp)
         )
 
+        self._fused: tuple[Tensor, ...] | bool | None = None  # None: not yet decided; False: no
+
+    def fused_weights(self) -> tuple[Tensor, ...] | None:
+        """Weights for the one-call CPU kernel (`cpu_kernels` decoder_layer), or None when this
+        layer is not a plain dense Llama layer with float32 or AVX2-int8 weights."""
+        if self._fused is None:
+            self._fused = _fused_weights(self) or False
+        return self._fused if isinstance(self._fused, tuple) else None
+
     def forward(
         self, x: Tensor, positions: Tensor, rope: Tensor, batch: ForwardBatch
     ) -> Tensor:
         h = x + self.attn(self.input_layernorm(x), positions, rope, batch)
         return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(weight, scale) for the fused kernel: int8 packed + scale, or float32 + empty scale."""
+    if isinstance(module, Linear):
+        if module.bias is not None or module.weight.dtype != torch.float32:
+            return None
+        return module.weight, torch.empty(0)
+    qw = getattr(module, "qw", None)
+    if qw is not None and getattr(module, "bias", None) is None and qw.kernel == "avx2":
+        return qw.qweight, qw.scale
+    return None
+
+
+def _fused_weights(layer: DecoderLayer) -> tuple[Tensor, ...] | None:
+    a, mlp = layer.attn, layer.feed_forward
+    if not a.use_rope or a.qk_norm or a.chunk_size is not None or not isinstance(mlp, GatedMLP):
+        return None
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
+        return None
+    linears = [_linear_args(m) for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down)]
+    if any(lin is None for lin in linears):
+        return None
+    qkv, o, gu, down = (lin for lin in linears if lin is not None)
+    return (norms[0], *qkv, *o, norms[1], *gu, *down)
+
+
+def _fast_path(x: Tensor, batch: ForwardBatch) -> Any:
+    """The CPU kernel module when this forward can run layers in one call each, else None:
+    float32 on the CPU, no autograd, one request of <= 64 new tokens, the torch backend."""
+    meta = batch.attn
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or meta.padded is not None or len(meta.seqs) != 1 or meta.seqs[0].q_len > FAST_MAX_QUERIES
+            or batch.backend.name != "torch" or batch.kv_k[0].dtype != torch.float32):
+        return None
+    return cpu_kernels.w8_kernel()
 
 
 class Llama4ForCausalLM(nn.Module):
@@ -181,10 +229,24 @@ class Llama4ForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         rope = self.rotary.cis(positions)  # [T, D/2] complex
         captured: dict[int, Tensor] = {}
+        fast = _fast_path(x, batch)
+        if fast is not None:
+            seq = batch.attn.seqs[0]
+            rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)
+            mask = _NO_MASK if seq.mask is None else seq.mask.contiguous()
         for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
             if i in batch.capture_layers:
                 captured[i] = x  # the input of layer i
-            x = layer(x, positions, rope, batch)
+            weights = layer.fused_weights() if fast is not None else None
+            if weights is not None:
+                a: Attention = layer.attn
+                x = fast.decoder_layer(
+                    x.contiguous(), rope_real, *weights, a.eps, a.num_heads, a.num_kv_heads, a.head_dim,
+                    batch.kv_k[i], batch.kv_v[i], batch.attn.out_slots, seq.kv_slots, mask, a.scale,
+                )
+            else:
+                x = layer(x, positions, rope, batch)
         captured[len(self.layers)] = x
         return ModelOutput(self.norm(x), [captured[i] for i in batch.capture_layers])
 

@@ -21,6 +21,7 @@ model. Speculative output stays exactly the quantised model's own greedy output.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,13 @@ def quantize_w4(weight: Tensor, group: int = W4_GROUP) -> tuple[Tensor, Tensor, 
 
 class QuantWeight(nn.Module):
     """One quantised [N, K] weight and how to multiply by it on this device."""
+
+    qweight: Tensor  # int8 [N, K] (packed for avx2) | int4-packed | uint8 codes
+    scale: Tensor
+    scale_bf16: Tensor
+    scales_zeros: Tensor  # [K/g, N, 2] bf16 (int4pack)
+    zero: Tensor
+    _avx2: Any
 
     def __init__(self, weight: Tensor, scheme: str) -> None:
         super().__init__()
@@ -139,7 +147,7 @@ class QuantLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_sizes = linear.out_sizes
         self.qw = QuantWeight(linear.weight.data, scheme)
-        self.bias = linear.bias
+        self.bias: Tensor | None = linear.bias
 
     @classmethod
     def from_weight(cls, weight: Tensor, scheme: str) -> QuantLinear:
@@ -177,5 +185,8 @@ def quantize_model(model: nn.Module, scheme: str | None) -> None:
     if callable(tie):
         tie(scheme)
         count += 1
+    for m in model.modules():  # layers decide their fused-kernel weights again
+        if hasattr(m, "_fused"):
+            setattr(m, "_fused", None)  # noqa: B010
     kernels = sorted({m.kernel for m in model.modules() if isinstance(m, QuantWeight)})
     log.info("quantized %d weights to %s (kernels: %s)", count, scheme, ", ".join(kernels))

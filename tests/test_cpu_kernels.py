@@ -81,3 +81,35 @@ def test_paged_attention_rejects_slots_outside_the_pool() -> None:
     with pytest.raises(RuntimeError, match="outside the pool"):
         kernels.paged_attention(torch.zeros(1, 1, 8), cache, cache, torch.tensor([0, 9]),
                                 torch.empty(0, dtype=torch.bool), 1.0)
+
+
+# ---- the one-call decoder layer against the module path, through the engine ------------------
+@pytest.mark.parametrize("quantization", [None, "w8a16"])
+def test_fused_decoder_layer_matches_the_module_path(tmp_path, monkeypatch, quantization) -> None:
+    import specdec.target.llama4 as llama4
+
+    from .tiny_models import make_checkpoint, random_prompts
+
+    # dense Llama, every K a multiple of 32 so w8a16 weights take the AVX2 kernel
+    target = make_checkpoint(tmp_path / "t", "llama", seed=2, hidden_size=64, intermediate_size=96,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    prompts = random_prompts((5, 17, 40), seed=4)
+    params = {"temperature": 0, "max_new_tokens": 12}
+
+    def run() -> tuple[list[list[int]], list[float]]:
+        with target.engine(quantization=quantization) as engine:
+            outs = engine.generate(input_ids=prompts, sampling_params=params)
+            lp = engine.generate(input_ids=prompts[2], sampling_params={"temperature": 0, "max_new_tokens": 1},
+                                 return_logprob=True, logprob_start_len=0)
+            layers = list(engine.model.layers)
+        return [o["output_ids"] for o in outs], [v for v, _, _ in lp["meta_info"]["input_token_logprobs"][1:]], layers
+
+    calls = []
+    real = llama4._fast_path
+    monkeypatch.setattr(llama4, "_fast_path", lambda x, b: calls.append(1) or real(x, b))
+    fused_ids, fused_lp, layers = run()
+    assert calls and all(layer.fused_weights() is not None for layer in layers)
+    monkeypatch.setattr(llama4, "_fast_path", lambda x, b: None)
+    ref_ids, ref_lp, _ = run()
+    assert fused_ids == ref_ids
+    assert max(abs(a - b) for a, b in zip(fused_lp, ref_lp)) < 1e-4

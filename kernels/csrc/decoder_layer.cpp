@@ -1,0 +1,110 @@
+// One dense Llama decoder layer in a single call, float32, for the CPU hot path (decode and
+// tree verification of one request). Python dispatches ~30 small torch ops per layer, which
+// at batch 1 costs as much as the layer's arithmetic; here they are plain C++ calls.
+// Reference: the module path (target/llama4.py DecoderLayer.forward with the torch
+// backend), which the tests compare against.
+//
+//   h   = rms_norm(x) ; qkv = h W_qkv^T ; rope(q, k) on adjacent pairs ; store k, v at out_slots
+//   x  += attention(q over kv_slots, mask) W_o^T
+//   x  += (silu(g) * u) W_down^T  with [g | u] = rms_norm(x) W_gu^T
+//
+// Each linear is either int8 (w int8 in pack_w8 layout + float scale) or float32 (scale empty).
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                     const at::Tensor& bias);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& slots, const at::Tensor& mask, double scale);
+
+namespace {
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  if (scale.numel() > 0) return w8_linear(x, w, scale, at::Tensor(x.new_empty({0})));
+  return at::linear(x, w);
+}
+
+// x [T, heads, D] contiguous, in place; rope [T, D/2, 2] = (cos, sin) per position and pair
+void rope_inplace(float* x, int64_t T, int64_t heads, int64_t D, const float* rope) {
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* cs = rope + t * half * 2;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float c = cs[2 * i], s = cs[2 * i + 1];
+        const float x0 = v[2 * i], x1 = v[2 * i + 1];
+        v[2 * i] = x0 * c - x1 * s;
+        v[2 * i + 1] = x0 * s + x1 * c;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
+                         const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
+                         const at::Tensor& o_s, const at::Tensor& post_norm, const at::Tensor& gu_w,
+                         const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s,
+                         double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                         double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "decoder_layer: x must be a contiguous float32 [T, hidden] tensor");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.size(0) == x.size(0) &&
+                  rope.size(1) * 2 == head_dim,
+              "decoder_layer: rope must be float32 [T, head_dim/2, 2] (cos, sin)");
+  TORCH_CHECK(out_slots.scalar_type() == at::kLong && out_slots.numel() == x.size(0),
+              "decoder_layer: out_slots must be int64 [T]");
+  const int64_t T = x.size(0), D = head_dim, H = num_heads, Hkv = num_kv_heads;
+  const int64_t q_size = H * D, kv_size = Hkv * D;
+  const int64_t S = k_cache.size(0);
+
+  at::Tensor h = rms_norm(x, in_norm, eps);
+  at::Tensor qkv = linear(h, qkv_w, qkv_s);  // [T, q + 2 kv]
+  TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "decoder_layer: qkv width does not match heads");
+  at::Tensor q = at::empty({T, H, D}, x.options());
+  float* qp = q.data_ptr<float>();
+  const float* src = qkv.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t* os = out_slots.data_ptr<int64_t>();
+  std::vector<float> kbuf(T * kv_size);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = src + t * (q_size + 2 * kv_size);
+    std::copy(row, row + q_size, qp + t * q_size);
+    std::copy(row + q_size, row + q_size + kv_size, kbuf.data() + t * kv_size);
+  }
+  const float* rp = rope.data_ptr<float>();
+  rope_inplace(qp, T, H, D, rp);
+  rope_inplace(kbuf.data(), T, Hkv, D, rp);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t slot = os[t];
+    TORCH_CHECK(slot >= 0 && slot < S, "decoder_layer: slot ", slot, " outside the pool");
+    const float* row = src + t * (q_size + 2 * kv_size);
+    std::copy(kbuf.data() + t * kv_size, kbuf.data() + (t + 1) * kv_size, kc + slot * kv_size);
+    std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, vc + slot * kv_size);
+  }
+  at::Tensor attn = paged_attention(q, k_cache, v_cache, kv_slots, mask, scale);  // [T, H, D]
+  at::Tensor out = x + linear(attn.view({T, q_size}), o_w, o_s);
+  at::Tensor gu = linear(rms_norm(out, post_norm, eps), gu_w, gu_s);  // [T, 2 I]
+  const int64_t I = gu.size(1) / 2;
+  at::Tensor act = at::empty({T, I}, x.options());
+  const float* gp = gu.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gp + t * 2 * I;
+    const float* u = g + I;
+    float* a = ap + t * I;
+    for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+  out.add_(linear(act, down_w, down_s));
+  return out;
+}
