@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.kernels.backend import ForwardBatch
-from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope
+from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis
 
 from .eagle3_config import Eagle3Config
 
@@ -99,9 +99,9 @@ class Eagle3Draft(nn.Module):
         N = input_ids.numel()
         x = torch.cat((self.input_layernorm(self.embed(input_ids)), self.hidden_norm(features)), dim=-1)
         q, k, v = self.qkv(x.reshape(N, -1)).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        cos, sin = self.rotary.cos_sin(positions.reshape(N))
-        q = apply_rope(q.view(N, self.cfg.num_heads, self.cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(N, self.cfg.num_kv_heads, self.cfg.head_dim), cos, sin)
+        cis = self.rotary.cis(positions.reshape(N))  # [N, D/2] complex
+        q = apply_rope_cis(q.view(N, self.cfg.num_heads, self.cfg.head_dim), cis)
+        k = apply_rope_cis(k.view(N, self.cfg.num_kv_heads, self.cfg.head_dim), cis)
         v = v.view(N, self.cfg.num_kv_heads, self.cfg.head_dim)
         attn = attend(q, k, v)  # [N, H, D]
         h = features + self.o_proj(attn.reshape(N, self.q_size)).view(*lead, -1)

@@ -68,3 +68,21 @@ def test_eagle3_greedy_equals_plain_decoding(base: Any, head: Path, tree: tuple[
     refs = base.generate(input_ids=ids, sampling_params=params)
     assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in refs]
     assert engine.allocator.num_free_pages == engine.allocator.num_pages
+
+
+def test_shipped_head_accepts_more_than_two_tokens_per_step() -> None:
+    """The trained head's headline figure on held-out GSM8K-style prompts (never trained on):
+    greedy, default tree (5, 4, 8), float32; accept length = emitted tokens / verify steps."""
+    import json
+
+    shipped = shipped_head_for_embedded()
+    assert shipped is not None, "the embedded model must ship an EAGLE3 head"
+    rows = [json.loads(line) for line in (shipped / "heldout_prompts.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows if r["source"].startswith("gsm8k")][:4]
+    with specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning",
+                        speculative_algorithm="EAGLE3", speculative_draft_model_path=str(shipped)) as engine:
+        outs = engine.generate(input_ids=[_chat(engine, p) for p in prompts],
+                               sampling_params={"temperature": 0, "max_new_tokens": 96})
+    steps = sum(o["meta_info"]["spec_verify_ct"] for o in outs)
+    emitted = sum(len(o["output_ids"]) for o in outs)
+    assert emitted / steps > 2.0, f"accept length {emitted / steps:.2f}"

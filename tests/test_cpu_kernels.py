@@ -113,3 +113,13 @@ def test_fused_decoder_layer_matches_the_module_path(tmp_path, monkeypatch, quan
     ref_ids, ref_lp, _ = run()
     assert fused_ids == ref_ids
     assert max(abs(a - b) for a, b in zip(fused_lp, ref_lp)) < 1e-4
+
+
+def test_complex_rope_equals_the_pairwise_reference() -> None:
+    from specdec.target.layers import RotaryEmbedding, apply_rope, apply_rope_cis
+
+    rot = RotaryEmbedding([1.0 / (10000.0 ** (i / 8)) for i in range(0, 8, 1)])
+    pos = torch.tensor([0, 3, 17, 400])
+    x = torch.randn(4, 5, 16)
+    cos, sin = rot.cos_sin(pos)
+    torch.testing.assert_close(apply_rope_cis(x, rot.cis(pos)), apply_rope(x, cos, sin), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,83 @@
+"""Accuracy cost of weight-only quantisation on held-out chat prompts, against the same model
+unquantised (float32):
+
+* the unquantised model answers each prompt greedily; every engine then scores prompt + answer
+  teacher-forced: mean |logprob difference| of the answer tokens, and how often its top-1 token
+  equals the unquantised model's;
+* each engine's own greedy answer: mean common prefix with the unquantised answer.
+
+    python -m specdec.bench.quant_accuracy --num-prompts 8 --schemes w8a16 w4a16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from specdec.draft.heads import shipped_head_for_embedded
+
+    head = shipped_head_for_embedded()
+    p = argparse.ArgumentParser(prog="python -m specdec.bench.quant_accuracy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=Path, default=None if head is None else head / "heldout_prompts.jsonl")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--schemes", nargs="+", default=["w8a16", "w4a16"])
+    p.add_argument("--dtype", default="float32")
+    return p.parse_args(argv)
+
+
+def score(engine: Any, prompt: list[int], answer: list[int]) -> tuple[list[float], list[int]]:
+    """Teacher-forced logprobs of `answer` after `prompt`, and the top-1 id at each answer row."""
+    out: Any = engine.generate(input_ids=prompt + answer, sampling_params={"temperature": 0, "max_new_tokens": 1},
+                               return_logprob=True, logprob_start_len=len(prompt) - 1, top_logprobs_num=1)
+    meta = out["meta_info"]
+    lps = [lp for lp, _, _ in meta["input_token_logprobs"][1:]]
+    tops = [row[0][1] for row in meta["input_top_logprobs"][:-1]]
+    return lps, tops
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from specdec import Engine
+
+    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    rows = rows[: args.num_prompts]
+    params = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
+    with Engine(dtype=args.dtype, log_level="warning") as ref:
+        assert ref.tokenizer is not None
+        prompts = [ref.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                     add_generation_prompt=True, tokenize=True) for r in rows]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+        answers = [o["output_ids"] for o in ref.generate(input_ids=prompts, sampling_params=params)]  # type: ignore[union-attr]
+        ref_scores = [score(ref, p, a) for p, a in zip(prompts, answers)]
+    print(f"{len(prompts)} held-out chat prompts, {args.dtype}, reference = unquantised greedy answers "
+          f"({sum(map(len, answers))} tokens)")
+    print(f"{'scheme':<8} {'mean |dlogprob|':>15} {'max |dlogprob|':>14} {'top-1 agree':>11} {'greedy common prefix':>21}")
+    for scheme in args.schemes:
+        with Engine(dtype=args.dtype, quantization=scheme, log_level="warning") as eng:
+            scores = [score(eng, p, a) for p, a in zip(prompts, answers)]
+            own = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]  # type: ignore[union-attr]
+        diffs = [abs(x - y) for (lq, _), (lr, _) in zip(scores, ref_scores) for x, y in zip(lq, lr)]
+        agree = [x == y for (_, tq), (_, tr) in zip(scores, ref_scores) for x, y in zip(tq, tr)]
+        prefix = statistics.mean(common_prefix(o, a) / max(1, len(a)) for o, a in zip(own, answers))
+        print(f"{scheme:<8} {statistics.mean(diffs):>15.4f} {max(diffs):>14.3f} {sum(agree) / len(agree):>11.3f} "
+              f"{prefix:>20.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
