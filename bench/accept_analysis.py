@@ -166,7 +166,7 @@ def load_prompts(args: argparse.Namespace) -> list[ChatSample]:
 
 # ---- offline engine ---------------------------------------------------------------------------
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw: dict[str, Any] = {"dtype": args.dtype, "log_level": "warning"}
+    kw: dict[str, Any] = {"dtype": args.dtype, "log_level": "warning", "quantization": args.quantization}
     if args.model_path:
         kw["model_path"] = args.model_path
     if args.max_total_tokens:
@@ -533,6 +533,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("offline engine")
     g.add_argument("--model-path", default=None, help="Default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    g.add_argument("--quantization", default=None, choices=("w8a16", "w4a16"),
+                   help="weight-only quantisation of target and draft (default: none)")
     g.add_argument("--max-total-tokens", type=int, default=None)
     g.add_argument("--random-seed", type=int, default=None)
     g = p.add_argument_group("server mode")

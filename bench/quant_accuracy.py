@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = [ref.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
                                                      add_generation_prompt=True, tokenize=True) for r in rows]
         prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
-        answers = [o["output_ids"] for o in ref.generate(input_ids=prompts, sampling_params=params)]  # type: ignore[union-attr]
+        ref_outs: Any = ref.generate(input_ids=prompts, sampling_params=params)
+        answers: list[list[int]] = [o["output_ids"] for o in ref_outs]
         ref_scores = [score(ref, p, a) for p, a in zip(prompts, answers)]
     print(f"{len(prompts)} held-out chat prompts, {args.dtype}, reference = unquantised greedy answers "
           f"({sum(map(len, answers))} tokens)")
@@ -70,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for scheme in args.schemes:
         with Engine(dtype=args.dtype, quantization=scheme, log_level="warning") as eng:
             scores = [score(eng, p, a) for p, a in zip(prompts, answers)]
-            own = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]  # type: ignore[union-attr]
+            outs: Any = eng.generate(input_ids=prompts, sampling_params=params)
+            own: list[list[int]] = [o["output_ids"] for o in outs]
         diffs = [abs(x - y) for (lq, _), (lr, _) in zip(scores, ref_scores) for x, y in zip(lq, lr)]
         agree = [x == y for (_, tq), (_, tr) in zip(scores, ref_scores) for x, y in zip(tq, tr)]
         prefix = statistics.mean(common_prefix(o, a) / max(1, len(a)) for o, a in zip(own, answers))

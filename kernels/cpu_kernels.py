@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -62,7 +63,10 @@ def unsupported_reason() -> str | None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler on PATH"
     if shutil.which("ninja") is None:
-        return "ninja is not on PATH (pip install ninja)"
+        venv_bin = Path(sys.executable).parent  # pip's ninja lands next to the interpreter
+        if not (venv_bin / "ninja").exists():
+            return "ninja is not on PATH (pip install ninja)"
+        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     return None
 
 

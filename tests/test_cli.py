@@ -22,6 +22,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (("--model-path", "/nonexistent/model"), "does not exist"),
         (("--port", "70000"), "--port"),
         (("--page-size", "0"), "page_size"),
+        (("--quantization", "fp3"), "--quantization"),
+        (("--device", "tpu"), "device must be one of"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(args: tuple[str, ...], message: str) -> None:
@@ -42,3 +44,21 @@ def test_help_documents_every_flag() -> None:
                  "--speculative-accept-threshold-single", "--speculative-accept-threshold-acc",
                  "--speculative-token-map"):
         assert flag in out, flag
+
+
+def test_embedded_model_defaults_to_the_shipped_head_and_its_tree() -> None:
+    from specdec.cli_args import resolve_speculative_defaults
+    from specdec.draft.heads import EMBEDDED_TREE, shipped_head_for_embedded
+
+    head = shipped_head_for_embedded()
+    assert head is not None
+    kw = resolve_speculative_defaults({"model_path": None, "speculative_algorithm": None})
+    assert kw["speculative_algorithm"] == "EAGLE3" and kw["speculative_draft_model_path"] == str(head)
+    assert (kw["speculative_num_steps"], kw["speculative_eagle_topk"], kw["speculative_num_draft_tokens"]) \
+        == EMBEDDED_TREE
+    # explicit tree flags win; NONE turns speculation off; other models get nothing implicit
+    kw = resolve_speculative_defaults({"model_path": None, "speculative_algorithm": None, "speculative_num_steps": 5,
+                                       "speculative_eagle_topk": None, "speculative_num_draft_tokens": None})
+    assert kw["speculative_num_steps"] == 5 and kw["speculative_eagle_topk"] is None
+    assert resolve_speculative_defaults({"speculative_algorithm": "NONE"})["speculative_algorithm"] is None
+    assert resolve_speculative_defaults({"model_path": "/m", "speculative_algorithm": None})["speculative_algorithm"] is None

@@ -6,6 +6,11 @@ from pathlib import Path
 
 HEADS_DIR = Path(__file__).parent
 EMBEDDED_HEAD = HEADS_DIR / "smollm2-135m-instruct-eagle3"
+# (steps, topk, draft tokens) used with the shipped head when the CLI is given no tree flags:
+# the fastest tree in docs/PERFORMANCE.md's sweep on a 2-core AVX2 CPU (verifying N tokens
+# costs ~1 + 0.25 (N - 1) steps there, so short chains win); the engine's own default stays
+# SGLang's (5, 4, 8).
+EMBEDDED_TREE = (2, 1, 3)
 
 
 def shipped_head_for_embedded() -> Path | None:
