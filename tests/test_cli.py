@@ -29,7 +29,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_bad_flags_exit_nonzero_with_one_line(args: tuple[str, ...], message: str) -> None:
     proc = _run(*args)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr
 
 
