@@ -71,16 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def load_prompts(path: Path, n: int, tokenizer: Any) -> list[list[int]]:
+    from .bench_decode import chat_prompt_ids
+
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
-    out = []
-    for row in rows:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
-        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return out
+    return [chat_prompt_ids(tokenizer, row["prompt"]) for row in rows]
 
 
-def ours(dtype: str, quantization: str | None, eos: Sequence[int], max_new: int, **spec: Any) -> Answer:
+def ours(dtype: str, quantization: str | None, max_new: int, **spec: Any) -> Answer:
     from specdec import Engine
 
     engine = Engine(dtype=dtype, quantization=quantization, log_level="warning", **spec)
@@ -152,11 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     if not args.skip_hf:
         contestants[HF_BF16] = hf_bf16(model_dir, eos, tok.pad_token_id, args.max_new_tokens)
-    contestants[label] = ours(args.dtype, quant, eos, args.max_new_tokens)
+    contestants[label] = ours(args.dtype, quant, args.max_new_tokens)
     for tree in args.trees:
         steps, topk, ndt = (int(v) for v in tree.split(","))
         contestants[f"{label} + EAGLE3 ({steps},{topk},{ndt})"] = ours(
-            args.dtype, quant, eos, args.max_new_tokens, speculative_algorithm="EAGLE3",
+            args.dtype, quant, args.max_new_tokens, speculative_algorithm="EAGLE3",
             speculative_draft_model_path=args.draft_model_path, speculative_num_steps=steps,
             speculative_eagle_topk=topk, speculative_num_draft_tokens=ndt)
     gguf = args.gguf or embedded_gguf_path()

@@ -43,25 +43,18 @@ def score(engine: Any, prompt: list[int], answer: list[int]) -> tuple[list[float
     return lps, tops
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from specdec import Engine
+
+    from .bench_decode import chat_prompt_ids, common_prefix
 
     rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     rows = rows[: args.num_prompts]
     params = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
     with Engine(dtype=args.dtype, log_level="warning") as ref:
         assert ref.tokenizer is not None
-        prompts = [ref.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                     add_generation_prompt=True, tokenize=True) for r in rows]
-        prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
+        prompts = [chat_prompt_ids(ref.tokenizer, r["prompt"]) for r in rows]
         ref_outs: Any = ref.generate(input_ids=prompts, sampling_params=params)
         answers: list[list[int]] = [o["output_ids"] for o in ref_outs]
         ref_scores = [score(ref, p, a) for p, a in zip(prompts, answers)]

@@ -14,7 +14,7 @@ minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with 
   store, attention, SiLU MLP, residuals) in one call. Reference: the module path
   (`DecoderLayer.forward`), compared in tests/test_cpu_kernels.py.
 
-`w8_kernel()` returns the compiled module, or None when this CPU or toolchain cannot build it
+`extension()` returns the compiled module, or None when this CPU or toolchain cannot build it
 (no AVX2/FMA, no compiler, SPECDEC_NO_CPU_KERNELS=1); callers then use PyTorch's ops (and
 PyTorch's own int8 kernel for w8a16). The reason is logged once.
 """
@@ -38,6 +38,7 @@ log = logging.getLogger("specdec")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp")
 DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
+NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
 
 
 def cpu_flags() -> set[str]:
@@ -71,8 +72,8 @@ def unsupported_reason() -> str | None:
 
 
 @functools.cache
-def w8_kernel() -> ModuleType | None:
-    """Build (once per machine) and load the AVX2 int8 kernel; None if unavailable."""
+def extension() -> ModuleType | None:
+    """Build (once per machine) and load the CPU kernel extension; None if unavailable."""
     reason = unsupported_reason()
     if reason is not None:
         log.info("specdec's CPU kernels are off (PyTorch ops are used instead): %s", reason)
@@ -111,7 +112,7 @@ def unpack_w8(packed: Tensor) -> Tensor:
 
 def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [M, K] float32, w [N, K] int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
-    kernel = w8_kernel()
+    kernel = extension()
     if kernel is None:
         raise RuntimeError(f"the AVX2 int8 kernel is unavailable: {unsupported_reason()}")
     empty = x.new_empty(0)

@@ -10,13 +10,12 @@ from . import cpu_kernels
 from .backend import AttentionBackend, AttentionMeta, PaddedKV, SeqAttnMeta
 
 FAST_MAX_QUERIES = 64  # longer extends (prefill) go to SDPA
-_NO_MASK = torch.empty(0, dtype=torch.bool)
 
 
 def _fast_kernels(q: Tensor, k_cache: Tensor):  # -> the CPU extension module or None
     if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
         return None
-    return cpu_kernels.w8_kernel()
+    return cpu_kernels.extension()
 
 
 def visibility_mask(seq: SeqAttnMeta, chunk_size: int | None) -> Tensor | None:
@@ -75,7 +74,7 @@ class TorchAttentionBackend(AttentionBackend):
                 seq = meta.seqs[0]
                 mask = visibility_mask(seq, chunk_size) if chunk_size is not None else seq.mask
                 return fast.paged_attention(q.contiguous(), k_cache, v_cache, seq.kv_slots,
-                                            _NO_MASK if mask is None else mask.contiguous(), scale)
+                                            cpu_kernels.NO_MASK if mask is None else mask.contiguous(), scale)
         if meta.padded is not None:
             return self._padded_decode(q, k_cache, v_cache, meta.padded, scale, chunk_size)
         if len(meta.seqs) == 1:

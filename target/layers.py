@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            fast = cpu_kernels.w8_kernel() if x.device.type == "cpu" and x.dim() == 2 else None
+            fast = cpu_kernels.extension() if x.device.type == "cpu" and x.dim() == 2 else None
             if fast is not None and not torch.is_grad_enabled():
                 return fast.rms_norm(x.contiguous(), self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -50,14 +50,18 @@ class RotaryEmbedding:
     def __init__(self, inv_freq: Sequence[float]) -> None:
         self.inv_freq = torch.tensor(list(inv_freq), dtype=torch.float32, device="cpu")
 
+    def angles(self, positions: Tensor) -> Tensor:
+        """positions [T] -> rotation angles [T, D/2] in fp32."""
+        return positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+
     def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T] -> cos, sin [T, D/2] in fp32."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        freqs = self.angles(positions)
         return torch.cos(freqs), torch.sin(freqs)
 
     def cis(self, positions: Tensor) -> Tensor:
         """positions [T] -> cos + i sin [T, D/2] complex64, for `apply_rope_cis`."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        freqs = self.angles(positions)
         return torch.polar(torch.ones_like(freqs), freqs)
 
 

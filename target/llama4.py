@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
-from specdec.kernels.torch_backend import _NO_MASK, FAST_MAX_QUERIES
+from specdec.kernels.torch_backend import FAST_MAX_QUERIES
 
 from .config import ModelConfig
 from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis, l2_norm
@@ -199,7 +199,7 @@ def _fast_path(x: Tensor, batch: ForwardBatch) -> Any:
             or meta.padded is not None or len(meta.seqs) != 1 or meta.seqs[0].q_len > FAST_MAX_QUERIES
             or batch.backend.name != "torch" or batch.kv_k[0].dtype != torch.float32):
         return None
-    return cpu_kernels.w8_kernel()
+    return cpu_kernels.extension()
 
 
 class Llama4ForCausalLM(nn.Module):
@@ -233,7 +233,7 @@ class Llama4ForCausalLM(nn.Module):
         if fast is not None:
             seq = batch.attn.seqs[0]
             rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)
-            mask = _NO_MASK if seq.mask is None else seq.mask.contiguous()
+            mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if i in batch.capture_layers:

@@ -81,7 +81,7 @@ class QuantWeight(nn.Module):
         if scheme == "w8a16":
             q, scale = quantize_w8(weight)
             self.register_buffer("scale", scale, persistent=False)
-            self._avx2 = cpu_kernels.w8_kernel() if cpu and self.in_features % 32 == 0 else None
+            self._avx2 = cpu_kernels.extension() if cpu and self.in_features % 32 == 0 else None
             if self._avx2 is not None:
                 self.kernel = "avx2"
                 self._no_bias = torch.empty(0)

@@ -7,7 +7,7 @@ import torch
 
 from specdec.kernels import cpu_kernels as ck
 
-kernels = ck.w8_kernel()
+kernels = ck.extension()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"CPU kernels unavailable: {ck.unsupported_reason()}")
 
 TOL = 2e-5  # relative to the largest output magnitude (float32 accumulation vs float64)

@@ -2,6 +2,8 @@
 // temporaries, thread wake-ups on 576-wide vectors) outweighs the arithmetic. References:
 // kernels/cpu_ops.py (rms_norm_reference, paged_attention_reference).
 
+#include "cpu_kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -10,17 +10,13 @@
 //
 // Each linear is either int8 (w int8 in pack_w8 layout + float scale) or float32 (scale empty).
 
+#include "cpu_kernels.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
-
-at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const at::Tensor& bias);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& slots, const at::Tensor& mask, double scale);
 
 namespace {
 

@@ -14,6 +14,8 @@
 // Verification with M rows re-reads the buffer, not memory, so it costs far less than M
 // single-row steps. The reference is `w8_linear_reference` in kernels/cpu_quant.py.
 
+#include "cpu_kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

@@ -1,0 +1,23 @@
+// Declarations of specdec's CPU kernels (one extension; see kernels/cpu_kernels.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+// w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N, K] in pack_w8 layout
+at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                     const at::Tensor& bias);
+
+// cpu_ops.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& slots, const at::Tensor& mask, double scale);
+
+// decoder_layer.cpp: one dense Llama layer over the paged cache
+at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
+                         const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
+                         const at::Tensor& o_s, const at::Tensor& post_norm, const at::Tensor& gu_w,
+                         const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s,
+                         double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                         double scale);
