@@ -3,9 +3,10 @@
 One C++ extension, built on first use with torch's extension loader (gcc + ninja; about a
 minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with AVX2 + FMA:
 
-* `w8_linear(x, w, scale, bias)`: weight-only int8 linear, float32 activations, int8 [N, K]
+* `w8_linear(x, w, scale, bias)`: weight-only int8 linear: float32 activations in and out,
+  quantised inside to int16 per block of 32 for integer dot products (`vpmaddwd`); int8
   weights in the kernel's layout (`pack_w8`), float32 [N] scales. Reference:
-  `w8_linear_reference` (float64, on the logical weights).
+  `w8_linear_reference` (float64, on the logical weights and the same int16 activations).
 * `rms_norm(x, weight, eps)`: float32 RMSNorm in one call. Reference: `rms_norm_reference`.
 * `paged_attention(q, k_cache, v_cache, slots, mask, scale)`: a few float32 queries over keys
   gathered from the paged pool (decode and tree verification). Reference:
@@ -95,23 +96,32 @@ def extension() -> ModuleType | None:
     return module
 
 
+W8_TILE = 8  # output channels per tile of the int8 kernel's layout
+ACT_BLOCK = 32  # k per activation scale of the int8 kernel
+
+
 def pack_w8(w: Tensor) -> Tensor:
-    """int8 [N, K] (K % 32 == 0) -> the kernel's layout, same shape: within each group of 32,
-    byte j of 32-bit word d holds k = 8 j + d, so the kernel widens with shifts, not shuffles."""
+    """int8 [N, K] (K % 32 == 0) -> the kernel's layout [N8, K] (N8 = N rounded up to 8, zero
+    rows appended): tiles of 8 output channels, each stored as [K/2, 8, 2] (a pair of k for
+    each channel), so one 16-byte load sign-extends to `vpmaddwd`'s eight int16 pairs."""
     N, K = w.shape
-    if K % 32:
+    if K % ACT_BLOCK:
         raise ValueError(f"the int8 kernel needs K % 32 == 0, got K={K}")
-    return w.view(N, K // 32, 4, 8).transpose(-1, -2).contiguous().view(N, K)
+    n8 = -(-N // W8_TILE) * W8_TILE
+    padded = torch.cat([w, w.new_zeros(n8 - N, K)]) if n8 != N else w
+    tiles = padded.view(n8 // W8_TILE, W8_TILE, K // 2, 2).transpose(1, 2)  # [tiles, K/2, 8, 2]
+    return tiles.contiguous().view(n8, K)
 
 
-def unpack_w8(packed: Tensor) -> Tensor:
-    """Inverse of `pack_w8`."""
-    N, K = packed.shape
-    return packed.view(N, K // 32, 8, 4).transpose(-1, -2).contiguous().view(N, K)
+def unpack_w8(packed: Tensor, n: int) -> Tensor:
+    """Inverse of `pack_w8`: the first `n` logical rows, int8 [n, K]."""
+    n8, K = packed.shape
+    tiles = packed.view(n8 // W8_TILE, K // 2, W8_TILE, 2).transpose(1, 2)  # [tiles, 8, K/2, 2]
+    return tiles.contiguous().view(n8, K)[:n]
 
 
 def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] float32, w [N, K] int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
+    """x [M, K] float32, w int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
     kernel = extension()
     if kernel is None:
         raise RuntimeError(f"the AVX2 int8 kernel is unavailable: {unsupported_reason()}")
@@ -119,9 +129,25 @@ def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -
     return kernel.w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
 
 
+def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """What the int8 kernel does to its input first: float32 [M, K] -> int16 codes [M, K] and
+    float32 scales [M, K/32], q = rint(x * (32767 / amax)), per block of 32 k (amax = 0 -> 0)."""
+    M, K = x.shape
+    blocks = x.float().view(M, K // ACT_BLOCK, ACT_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv).clamp(-32768, 32767).to(torch.int16)
+    return q.view(M, K), (amax / 32767.0).view(M, K // ACT_BLOCK)
+
+
 def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """The same product in float64: x @ (w * scale[:, None]).T (+ bias), returned as float32."""
-    out = x.double() @ (w.double() * scale.double()[:, None]).T
+    """The kernel's product in float64, on the logical int8 weights w [N, K]: activations
+    quantised as the kernel does (`quantize_activations_reference`), then
+    sum_b s_b (q_b . w_b) * scale (+ bias), returned as float32."""
+    q, s = quantize_activations_reference(x)
+    M, K = x.shape
+    xd = (q.double().view(M, K // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, K)
+    out = xd @ (w.double() * scale.double()[:, None]).T
     if bias is not None:
         out = out + bias.double()
     return out.float()

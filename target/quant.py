@@ -7,7 +7,8 @@ is replaced by its quantised form; activations, norms, attention and the KV cach
 model dtype.
 
 * w8a16: int8, one symmetric scale per output channel (scale = max|w_row| / 127). On x86
-  CPUs with AVX2 our kernel (kernels/csrc/w8_linear.cpp) multiplies with float32 activations;
+  CPUs with AVX2 our kernel (kernels/csrc/w8_linear.cpp) takes float32 activations and
+  quantises them to int16 per block of 32 for integer dot products (finer than bf16);
   elsewhere on the CPU PyTorch's `_weight_int8pack_mm` (bfloat16 activations); on other
   devices the weight is dequantised per call.
 * w4a16: int4, groups of 32 along K with a float scale and zero (asymmetric), through
@@ -107,7 +108,7 @@ class QuantWeight(nn.Module):
     def dequantized(self) -> Tensor:
         """The float32 [N, K] weight this module multiplies by (for references and tests)."""
         if self.scheme == "w8a16":
-            q = cpu_kernels.unpack_w8(self.qweight) if self.kernel == "avx2" else self.qweight
+            q = cpu_kernels.unpack_w8(self.qweight, self.out_features) if self.kernel == "avx2" else self.qweight
             return q.float() * self.scale[:, None]
         if self.kernel == "int4pack":
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
