@@ -23,6 +23,7 @@ PyTorch's own int8 kernel for w8a16). The reason is logged once.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -38,6 +39,7 @@ log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp")
+HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h")
 DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
 NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
 
@@ -72,6 +74,13 @@ def unsupported_reason() -> str | None:
     return None
 
 
+def _headers_hash() -> str:
+    digest = hashlib.sha1()
+    for header in HEADERS:
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """Build (once per machine) and load the CPU kernel extension; None if unavailable."""
@@ -85,7 +94,8 @@ def extension() -> ModuleType | None:
         module = cpp_extension.load(
             name="specdec_cpu_kernels",
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            # torch rebuilds when sources or flags change; the headers' hash is in the flags
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DSPECDEC_HEADERS={_headers_hash()}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -3,6 +3,7 @@
 // kernels/cpu_ops.py (rms_norm_reference, paged_attention_reference).
 
 #include "cpu_kernels.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +30,20 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = _mm_cvtss_f32(lo);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// q . k for 8 keys at once (D % 8 == 0); one reduction tree per key, the same for every lane,
+// so a key's score does not depend on which keys share its batch.
+inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < D; c += 8) {
+    const __m256 qc = _mm256_loadu_ps(q + c);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[i] + c), a[i]);
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 }  // namespace
@@ -90,35 +105,63 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   // small problems (one decode token over a short prefix) are cheaper on one thread
   const int64_t grain = T * H * L * D < (1 << 16) ? T * H : 1;
 
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, T * H, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(L);
+    std::vector<float> scores(L + 8);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t t = i / H, h = i % H, kvh = h / group;
       const float* qv = qp + (t * H + h) * D;
       const bool* row = has_mask ? mp + t * L : nullptr;
       const int64_t causal_end = L - T + t;  // last visible index without a mask
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < L; ++j) {
-        const bool visible = has_mask ? row[j] : j <= causal_end;
-        if (!visible) {
-          scores[j] = -std::numeric_limits<float>::infinity();
-          continue;
+      auto visible = [&](int64_t j) { return has_mask ? row[j] : j <= causal_end; };
+      // scores (invisible keys: -inf), 8 keys at a time when D allows
+      int64_t j = 0;
+      if (D % 8 == 0) {
+        for (; j < L; j += 8) {
+          const float* keys[8];
+          for (int u = 0; u < 8; ++u) keys[u] = kp + (sp[std::min(j + u, L - 1)] * Hkv + kvh) * D;
+          _mm256_storeu_ps(scores.data() + j, _mm256_mul_ps(_mm256_set1_ps(sc), dot8(qv, keys, D)));
         }
-        scores[j] = sc * dot(qv, kp + (sp[j] * Hkv + kvh) * D, D);
+      } else {
+        for (; j < L; ++j) scores[j] = sc * dot(qv, kp + (sp[j] * Hkv + kvh) * D, D);
+      }
+      float mx = neg_inf;
+      for (j = 0; j < L; ++j) {
+        if (!visible(j)) scores[j] = neg_inf;
         mx = std::max(mx, scores[j]);
       }
-      if (mx == -std::numeric_limits<float>::infinity()) continue;  // nothing visible
+      if (mx == neg_inf) continue;  // nothing visible: zeros
+      // probabilities (exp(-inf) = 0), then the weighted sum of values in key order
+      const __m256 vmx = _mm256_set1_ps(mx);
+      for (j = 0; j < L; j += 8) _mm256_storeu_ps(scores.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), vmx)));
       float denom = 0.0f;
-      float* dst = op + (t * H + h) * D;
-      for (int64_t j = 0; j < L; ++j) {
-        if (scores[j] == -std::numeric_limits<float>::infinity()) continue;
-        const float p = std::exp(scores[j] - mx);
-        denom += p;
-        const float* vv = vp + (sp[j] * Hkv + kvh) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] += p * vv[d];
-      }
+      for (j = 0; j < L; ++j) denom += scores[j];
       const float inv = 1.0f / denom;
-      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      float* dst = op + (t * H + h) * D;
+      if (D % 8 == 0) {
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators of 8 floats in registers
+          const int64_t nv = std::min<int64_t>(8, (D - d0) / 8);
+          __m256 acc[8];
+          for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+          for (j = 0; j < L; ++j) {
+            const float p = scores[j];
+            if (p == 0.0f) continue;  // invisible (or underflowed): adds nothing
+            const __m256 vp8 = _mm256_set1_ps(p);
+            const float* vv = vp + (sp[j] * Hkv + kvh) * D + d0;
+            for (int c = 0; c < nv; ++c) acc[c] = _mm256_fmadd_ps(vp8, _mm256_loadu_ps(vv + 8 * c), acc[c]);
+          }
+          const __m256 vinv = _mm256_set1_ps(inv);
+          for (int c = 0; c < nv; ++c) _mm256_storeu_ps(dst + d0 + 8 * c, _mm256_mul_ps(acc[c], vinv));
+        }
+      } else {
+        for (j = 0; j < L; ++j) {
+          const float p = scores[j];
+          if (p == 0.0f) continue;
+          const float* vv = vp + (sp[j] * Hkv + kvh) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] += p * vv[d];
+        }
+        for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      }
     }
   });
   return out;

@@ -11,6 +11,7 @@
 // Each linear is either int8 (w int8 in pack_w8 layout + float scale) or float32 (scale empty).
 
 #include "cpu_kernels.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 
@@ -95,12 +96,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
   at::Tensor act = at::empty({T, I}, x.options());
   const float* gp = gu.data_ptr<float>();
   float* ap = act.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* g = gp + t * 2 * I;
-    const float* u = g + I;
-    float* a = ap + t * I;
-    for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
+  for (int64_t t = 0; t < T; ++t) silu_mul(gp + t * 2 * I, gp + t * 2 * I + I, ap + t * I, I);
   out.add_(linear(act, down_w, down_s));
   return out;
 }
