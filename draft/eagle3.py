@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
 from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis
+from specdec.target.llama4 import fast_path, linear_args
 
 from .eagle3_config import Eagle3Config
 
@@ -53,6 +55,21 @@ class Eagle3Draft(nn.Module):
         self.d2t = nn.Parameter(torch.zeros(cfg.draft_vocab_size, dtype=torch.long), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
         self.scale = cfg.head_dim**-0.5
+        self._fused: tuple[Tensor, ...] | bool | None = None  # None: not yet decided; False: no
+
+    def fused_weights(self) -> tuple[Tensor, ...] | None:
+        """Weights for the one-call CPU kernel (`cpu_kernels` eagle3_layer), or None when the
+        layer's weights are not float32 / AVX2-int8 on the CPU."""
+        if self._fused is None:
+            norms = (self.input_layernorm.weight, self.hidden_norm.weight, self.post_attention_layernorm.weight)
+            linears = [linear_args(m) for m in (self.qkv, self.o_proj, self.mlp.gate_up, self.mlp.down)]
+            ok = all(n.dtype == torch.float32 and n.device.type == "cpu" for n in norms)
+            if ok and all(lin is not None for lin in linears):
+                qkv, o, gu, down = (lin for lin in linears if lin is not None)
+                self._fused = (*norms[:2], *qkv, *o, norms[2], *gu, *down)
+            else:
+                self._fused = False
+        return self._fused if isinstance(self._fused, tuple) else None
 
     def share_embedding(self, weight: Tensor) -> None:
         if weight.shape != (self.cfg.vocab_size, self.cfg.hidden_size):
@@ -80,6 +97,19 @@ class Eagle3Draft(nn.Module):
         batch: ForwardBatch,
     ) -> DraftOutput:
         """Inference over the paged KV: K/V go to the draft pool, `batch.attn` decides visibility."""
+        fast = fast_path(features, batch)
+        weights = self.fused_weights() if fast is not None else None
+        if fast is not None and weights is not None:  # the whole layer in one C++ call
+            seq = batch.attn.seqs[0]
+            mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
+            rope = torch.view_as_real(self.rotary.cis(positions))  # [T, D/2, 2] (cos, sin)
+            c = self.cfg
+            h = fast.eagle3_layer(
+                self.embed(input_ids).contiguous(), features.contiguous(), rope, *weights, c.rms_norm_eps,
+                c.num_heads, c.num_kv_heads, c.head_dim, batch.kv_k[0], batch.kv_v[0], batch.attn.out_slots,
+                seq.kv_slots, mask, self.scale,
+            )
+            return DraftOutput(self.norm(h), h)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # [T, H|Hkv, D] -> [T, H, D]
             return batch.backend.forward(q, k, v, batch.kv_k[0], batch.kv_v[0], batch.attn, self.scale, None)

@@ -165,7 +165,7 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
 
-def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+def linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(weight, scale) for the fused kernel: int8 packed + scale, or float32 + empty scale."""
     if isinstance(module, Linear):
         if module.bias is not None or module.weight.dtype != torch.float32:
@@ -184,14 +184,14 @@ def _fused_weights(layer: DecoderLayer) -> tuple[Tensor, ...] | None:
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
         return None
-    linears = [_linear_args(m) for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down)]
+    linears = [linear_args(m) for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down)]
     if any(lin is None for lin in linears):
         return None
     qkv, o, gu, down = (lin for lin in linears if lin is not None)
     return (norms[0], *qkv, *o, norms[1], *gu, *down)
 
 
-def _fast_path(x: Tensor, batch: ForwardBatch) -> Any:
+def fast_path(x: Tensor, batch: ForwardBatch) -> Any:
     """The CPU kernel module when this forward can run layers in one call each, else None:
     float32 on the CPU, no autograd, one request of <= 64 new tokens, the torch backend."""
     meta = batch.attn
@@ -229,7 +229,7 @@ class Llama4ForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         rope = self.rotary.cis(positions)  # [T, D/2] complex
         captured: dict[int, Tensor] = {}
-        fast = _fast_path(x, batch)
+        fast = fast_path(x, batch)
         if fast is not None:
             seq = batch.attn.seqs[0]
             rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)

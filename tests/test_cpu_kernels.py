@@ -134,14 +134,66 @@ def test_fused_decoder_layer_matches_the_module_path(tmp_path, monkeypatch, quan
         return [o["output_ids"] for o in outs], [v for v, _, _ in lp["meta_info"]["input_token_logprobs"][1:]], layers
 
     calls = []
-    real = llama4._fast_path
-    monkeypatch.setattr(llama4, "_fast_path", lambda x, b: calls.append(1) or real(x, b))
+    real = llama4.fast_path
+    monkeypatch.setattr(llama4, "fast_path", lambda x, b: calls.append(1) or real(x, b))
     fused_ids, fused_lp, layers = run()
     assert calls and all(layer.fused_weights() is not None for layer in layers)
-    monkeypatch.setattr(llama4, "_fast_path", lambda x, b: None)
+    monkeypatch.setattr(llama4, "fast_path", lambda x, b: None)
     ref_ids, ref_lp, _ = run()
     assert fused_ids == ref_ids
     assert max(abs(a - b) for a, b in zip(fused_lp, ref_lp)) < 1e-4
+
+
+@pytest.mark.parametrize("quantization", [None, "w8a16"])
+def test_fused_eagle3_layer_matches_the_module_path(monkeypatch, quantization) -> None:
+    """The draft head's one-call layer == its module path: a prefix extend (causal) and a tree
+    step (masked), K/V written to the pool at the same slots; hidden within 1e-4."""
+    import specdec.draft.eagle3 as eagle3
+    from specdec.draft.eagle3_config import Eagle3Config
+    from specdec.kernels.backend import AttentionMeta, ForwardBatch, SeqAttnMeta
+    from specdec.kernels.torch_backend import TorchAttentionBackend
+    from specdec.target.config import RopeConfig
+    from specdec.target.quant import quantize_model
+
+    cfg = Eagle3Config(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96,
+                       rms_norm_eps=1e-6, vocab_size=300, draft_vocab_size=100, target_hidden_size=64,
+                       rope=RopeConfig(theta=10000.0), tie_word_embeddings=False, aux_layer_ids=(0, 1, 1))
+    g = torch.Generator().manual_seed(7)
+    draft = eagle3.Eagle3Draft(cfg, own_embedding=True)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name != "d2t":
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "norm" in name else 0.3) + ("norm" in name))
+    quantize_model(draft, quantization)
+    backend = TorchAttentionBackend()
+
+    def run(fast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(eagle3, "fast_path", eagle3.fast_path if fast else (lambda x, b: None))
+        k_pool, v_pool = torch.zeros(64, 2, 16), torch.zeros(64, 2, 16)
+        gen = torch.Generator().manual_seed(3)
+        ids, feats = torch.randint(0, 300, (9,), generator=gen), torch.randn(9, 64, generator=gen)
+        slots = torch.arange(10, 19)
+        pos = torch.arange(6)  # extend 6 positions, causal
+        seq = SeqAttnMeta(0, 6, slots[:6], pos, pos, None)
+        batch = ForwardBatch(AttentionMeta(slots[:6], (seq,)), [k_pool], [v_pool], backend)
+        with torch.inference_mode():
+            first = draft(ids[:6], feats[:6], pos, batch).hidden
+            mask = torch.tensor([[1] * 6 + [1, 0, 0], [1] * 6 + [0, 1, 0], [1] * 6 + [1, 0, 1]], dtype=torch.bool)
+            qpos = torch.tensor([6, 6, 7])
+            seq = SeqAttnMeta(0, 3, slots, qpos, torch.arange(9), mask)
+            batch = ForwardBatch(AttentionMeta(slots[6:], (seq,)), [k_pool], [v_pool], backend)
+            out = draft(ids[6:], feats[6:], qpos, batch)
+        return first, out.logits_hidden, k_pool
+
+    ref = run(fast=False)
+    calls = []
+    real = eagle3.fast_path
+    monkeypatch.setattr(eagle3, "fast_path", lambda x, b: calls.append(1) or real(x, b))
+    assert draft.fused_weights() is not None
+    got = run(fast=True)
+    assert calls
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
 
 
 def test_complex_rope_equals_the_pairwise_reference() -> None:

@@ -21,3 +21,13 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
                          double scale);
+// the EAGLE3 draft layer: attention input [rms_norm(emb, in_norm) | rms_norm(feat, hidden_norm)],
+// residual feat; returns the pre-norm hidden [T, hidden]
+at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
+                        const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
+                        const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                        const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                        const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
+                        const at::Tensor& mask, double scale);

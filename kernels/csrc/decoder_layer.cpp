@@ -1,5 +1,6 @@
 // One dense Llama decoder layer in a single call, float32, for the CPU hot path (decode and
-// tree verification of one request). Python dispatches ~30 small torch ops per layer, which
+// tree verification of one request); `eagle3_layer` is the EAGLE3 draft head's layer (two
+// norms over [embedding | features], the features as residual) on the same body. Python dispatches ~30 small torch ops per layer, which
 // at batch 1 costs as much as the layer's arithmetic; here they are plain C++ calls.
 // Reference: the module path (target/llama4.py DecoderLayer.forward with the torch
 // backend), which the tests compare against.
@@ -43,16 +44,17 @@ void rope_inplace(float* x, int64_t T, int64_t heads, int64_t D, const float* ro
   }
 }
 
-}  // namespace
 
-at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
-                         const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
-                         const at::Tensor& o_s, const at::Tensor& post_norm, const at::Tensor& gu_w,
-                         const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s,
-                         double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
-                         double scale) {
+// attention + MLP of a Llama layer given the attention input already normed:
+//   h [T, Kin] (rms_norm(x) for a target layer; [norm(emb) | norm(features)] for EAGLE3),
+//   x [T, hidden] the residual stream; returns x + attn + mlp (pre-norm)
+at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor& rope, const at::Tensor& qkv_w,
+                      const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                      const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                      const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
+                      const at::Tensor& mask, double scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decoder_layer: x must be a contiguous float32 [T, hidden] tensor");
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.size(0) == x.size(0) &&
@@ -64,7 +66,6 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
   const int64_t q_size = H * D, kv_size = Hkv * D;
   const int64_t S = k_cache.size(0);
 
-  at::Tensor h = rms_norm(x, in_norm, eps);
   at::Tensor qkv = linear(h, qkv_w, qkv_s);  // [T, q + 2 kv]
   TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "decoder_layer: qkv width does not match heads");
   at::Tensor q = at::empty({T, H, D}, x.options());
@@ -99,4 +100,38 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
   for (int64_t t = 0; t < T; ++t) silu_mul(gp + t * 2 * I, gp + t * 2 * I + I, ap + t * I, I);
   out.add_(linear(act, down_w, down_s));
   return out;
+}
+
+}  // namespace
+
+at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
+                         const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
+                         const at::Tensor& o_s, const at::Tensor& post_norm, const at::Tensor& gu_w,
+                         const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s,
+                         double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                         double scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "decoder_layer: x must be a contiguous float32 [T, hidden] tensor");
+  return layer_body(rms_norm(x, in_norm, eps), x, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
+                    down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask,
+                    scale);
+}
+
+at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
+                        const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
+                        const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                        const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                        const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
+                        const at::Tensor& mask, double scale) {
+  TORCH_CHECK(emb.dim() == 2 && feat.dim() == 2 && emb.sizes() == feat.sizes() &&
+                  emb.scalar_type() == at::kFloat && feat.scalar_type() == at::kFloat &&
+                  emb.is_contiguous() && feat.is_contiguous(),
+              "eagle3_layer: emb and features must be contiguous float32 [T, hidden] tensors");
+  at::Tensor h = at::cat({rms_norm(emb, in_norm, eps), rms_norm(feat, hidden_norm, eps)}, 1);  // [T, 2 hidden]
+  return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
+                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask, scale);
 }
