@@ -7,6 +7,9 @@ minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with 
   quantised inside to int16 per block of 32 for integer dot products (`vpmaddwd`); int8
   weights in the kernel's layout (`pack_w8`), float32 [N] scales. Reference:
   `w8_linear_reference` (float64, on the logical weights and the same int16 activations).
+* `w4_linear(x, wq, ws, n, bias)`: weight-only int4 in llama.cpp's Q4_1 arrangement (groups of
+  32 along K, float16 scale and low per group), same int16 activations; weights in `pack_w4`'s
+  layout. Reference: `w4_linear_reference`.
 * `rms_norm(x, weight, eps)`: float32 RMSNorm in one call. Reference: `rms_norm_reference`.
 * `paged_attention(q, k_cache, v_cache, slots, mask, scale)`: a few float32 queries over keys
   gathered from the paged pool (decode and tree verification). Reference:
@@ -38,7 +41,8 @@ from torch import Tensor
 log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp")
+SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
+           CSRC / "decoder_layer.cpp")
 HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h")
 DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
 NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
@@ -62,8 +66,8 @@ def unsupported_reason() -> str | None:
         return f"{DISABLE_ENV} is set"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernel is x86-64 only (this is {platform.machine()})"
-    if not {"avx2", "fma"} <= cpu_flags():
-        return "this CPU lacks AVX2/FMA"
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return "this CPU lacks AVX2/FMA/F16C"
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler on PATH"
     if shutil.which("ninja") is None:
@@ -95,7 +99,7 @@ def extension() -> ModuleType | None:
             name="specdec_cpu_kernels",
             sources=[str(p) for p in SOURCES],
             # torch rebuilds when sources or flags change; the headers' hash is in the flags
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", f"-DSPECDEC_HEADERS={_headers_hash()}"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DSPECDEC_HEADERS={_headers_hash()}"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -137,6 +141,57 @@ def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -
         raise RuntimeError(f"the AVX2 int8 kernel is unavailable: {unsupported_reason()}")
     empty = x.new_empty(0)
     return kernel.w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
+
+
+def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes q [N, K] in 0..15 with w = scale * q + low per group of 32 along K (scale, low
+    [N, K/32]) -> the kernel's (wq uint8 [N8, K/2], ws float16 [N8/8, K/32, 2, 8]). Per tile
+    of 8 channels and 4 k: 16 bytes, low nibbles the (k, k+1) pair group of `pack_w8`'s
+    layout, high nibbles the (k+2, k+3) group."""
+    N, K = q.shape
+    if K % ACT_BLOCK:
+        raise ValueError(f"the int4 kernel needs K % 32 == 0, got K={K}")
+    n8 = -(-N // W8_TILE) * W8_TILE
+    pad = n8 - N
+    q8 = torch.cat([q.to(torch.uint8), q.new_zeros(pad, K, dtype=torch.uint8)]) if pad else q.to(torch.uint8)
+    pairs = q8.view(n8 // W8_TILE, W8_TILE, K // 2, 2).transpose(1, 2).reshape(n8 // W8_TILE, K // 4, 2, 16)
+    wq = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous().view(n8, K // 2)
+    sl = torch.stack([scale.float(), low.float()])  # [2, N, K/32]
+    if pad:
+        sl = torch.cat([sl, sl.new_zeros(2, pad, K // ACT_BLOCK)], dim=1)
+    ws = sl.view(2, n8 // W8_TILE, W8_TILE, K // ACT_BLOCK).permute(1, 3, 0, 2).to(torch.float16).contiguous()
+    return wq, ws
+
+
+def unpack_w4(wq: Tensor, ws: Tensor, n: int) -> Tensor:
+    """The float32 [n, K] weight the kernel multiplies by: scale * q + low (float16 scales)."""
+    n8, half_k = wq.shape
+    K = half_k * 2
+    lo, hi = wq & 0x0F, wq >> 4  # [n8, K/2] each
+    pairs = torch.stack([lo.view(n8 // W8_TILE, K // 4, 16), hi.view(n8 // W8_TILE, K // 4, 16)], dim=2)
+    q = pairs.reshape(n8 // W8_TILE, K // 2, W8_TILE, 2).transpose(1, 2).reshape(n8, K)[:n].float()
+    sl = ws.float().permute(2, 0, 3, 1).reshape(2, n8, K // ACT_BLOCK)[:, :n]  # [2, n, K/32]
+    return q * sl[0].repeat_interleave(ACT_BLOCK, 1) + sl[1].repeat_interleave(ACT_BLOCK, 1)
+
+
+def w4_linear(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
+    """x [M, K] float32, (wq, ws) from `pack_w4` -> [M, n] float32."""
+    kernel = extension()
+    if kernel is None:
+        raise RuntimeError(f"the AVX2 int4 kernel is unavailable: {unsupported_reason()}")
+    return kernel.w4_linear(x.contiguous(), wq, ws, n, x.new_empty(0) if bias is None else bias.float())
+
+
+def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
+    """The int4 kernel's product in float64: the kernel's int16 activations times `unpack_w4`'s
+    weight (+ bias), returned as float32."""
+    q, s = quantize_activations_reference(x)
+    M, K = x.shape
+    xd = (q.double().view(M, K // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, K)
+    out = xd @ unpack_w4(wq, ws, n).double().T
+    if bias is not None:
+        out = out + bias.double()
+    return out.float()
 
 
 def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:

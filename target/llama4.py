@@ -173,6 +173,8 @@ def linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
         return module.weight, torch.empty(0)
     qw = getattr(module, "qw", None)
     if qw is not None and getattr(module, "bias", None) is None and qw.kernel == "avx2":
+        if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.W8_TILE:
+            return None  # the fused layer reads N from the packed int4 rows: no padding allowed
         return qw.qweight, qw.scale
     return None
 

@@ -11,9 +11,11 @@ model dtype.
   quantises them to int16 per block of 32 for integer dot products (finer than bf16);
   elsewhere on the CPU PyTorch's `_weight_int8pack_mm` (bfloat16 activations); on other
   devices the weight is dequantised per call.
-* w4a16: int4, groups of 32 along K with a float scale and zero (asymmetric), through
-  PyTorch's `_weight_int4pack_mm_for_cpu` (bfloat16 activations); dequantised elsewhere.
-  A weight with K % 32 != 0 or N % 16 != 0 (PyTorch's int4 packing) is quantised to int8.
+* w4a16: int4, groups of 32 along K with a scale and a low value per group (asymmetric;
+  llama.cpp's Q4_1 arrangement). On AVX2 CPUs our kernel (kernels/csrc/w4_linear.cpp, float16
+  scales, the same int16 activations); elsewhere on the CPU PyTorch's
+  `_weight_int4pack_mm_for_cpu` (bfloat16 activations; a weight with K % 32 != 0 or
+  N % 16 != 0 is then quantised to int8); dequantised on other devices.
 
 Both are lossy; docs/PERFORMANCE.md records the logprob differences against the unquantised
 model. Speculative output stays exactly the quantised model's own greedy output.
@@ -62,8 +64,8 @@ def quantize_w4(weight: Tensor, group: int = W4_GROUP) -> tuple[Tensor, Tensor, 
 class QuantWeight(nn.Module):
     """One quantised [N, K] weight and how to multiply by it on this device."""
 
-    qweight: Tensor  # int8 [N, K] (packed for avx2) | int4-packed | uint8 codes
-    scale: Tensor
+    qweight: Tensor  # int8 [N8, K] (pack_w8) | uint8 [N8, K/2] (pack_w4) | int4pack | uint8 codes
+    scale: Tensor  # float32 [N] (w8a16) | float16 (pack_w4) | float32 [N, K/g] (dequant)
     scale_bf16: Tensor
     scales_zeros: Tensor  # [K/g, N, 2] bf16 (int4pack)
     zero: Tensor
@@ -74,18 +76,19 @@ class QuantWeight(nn.Module):
         if scheme not in QUANTIZATION_CHOICES:
             raise ValueError(f"unknown quantization {scheme!r}; choose one of {QUANTIZATION_CHOICES}")
         self.out_features, self.in_features = weight.shape
-        if scheme == "w4a16" and (self.in_features % W4_GROUP or self.out_features % 16):
+        cpu = weight.device.type == "cpu"
+        # our AVX2 kernels (int8 and int4) need K % 32 == 0; None when unavailable
+        self._avx2 = cpu_kernels.extension() if cpu and self.in_features % 32 == 0 else None
+        if scheme == "w4a16" and self._avx2 is None and (self.in_features % W4_GROUP or self.out_features % 16):
             scheme = "w8a16"  # PyTorch's int4 packing needs K % 32 == 0, N % 16 == 0: keep int8
         self.scheme = scheme
         self.kernel = "dequant"
-        cpu = weight.device.type == "cpu"
+        self._no_bias = torch.empty(0)
         if scheme == "w8a16":
             q, scale = quantize_w8(weight)
             self.register_buffer("scale", scale, persistent=False)
-            self._avx2 = cpu_kernels.extension() if cpu and self.in_features % 32 == 0 else None
             if self._avx2 is not None:
                 self.kernel = "avx2"
-                self._no_bias = torch.empty(0)
                 self.register_buffer("qweight", cpu_kernels.pack_w8(q), persistent=False)
             else:
                 if cpu:
@@ -94,7 +97,12 @@ class QuantWeight(nn.Module):
                 self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         else:
             q, scale, zero = quantize_w4(weight)
-            if cpu:
+            if self._avx2 is not None:  # w = scale * q + low, float16 scale and low (Q4_1's layout)
+                self.kernel = "avx2"
+                wq, ws = cpu_kernels.pack_w4(q, scale, zero - 8.0 * scale)
+                self.register_buffer("qweight", wq, persistent=False)
+                self.register_buffer("scale", ws, persistent=False)
+            elif cpu:
                 self.kernel = "int4pack"
                 packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
                 sz = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
@@ -110,6 +118,8 @@ class QuantWeight(nn.Module):
         if self.scheme == "w8a16":
             q = cpu_kernels.unpack_w8(self.qweight, self.out_features) if self.kernel == "avx2" else self.qweight
             return q.float() * self.scale[:, None]
+        if self.kernel == "avx2":
+            return cpu_kernels.unpack_w4(self.qweight, self.scale, self.out_features)
         if self.kernel == "int4pack":
             eye = torch.eye(self.in_features, dtype=torch.bfloat16)
             return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, W4_GROUP, self.scales_zeros).float().t()
@@ -117,14 +127,19 @@ class QuantWeight(nn.Module):
         q = self.qweight.float().view(N, K // W4_GROUP, W4_GROUP)
         return ((q - 8.0) * self.scale[..., None] + self.zero[..., None]).view(N, K)
 
+    def _avx2_linear(self, x: Tensor, bias: Tensor | None) -> Tensor:  # float32 [M, K] contiguous
+        b = self._no_bias if bias is None else bias.float()
+        if self.scheme == "w8a16":
+            return self._avx2.w8_linear(x, self.qweight, self.scale, b)
+        return self._avx2.w4_linear(x, self.qweight, self.scale, self.out_features, b)
+
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:  # [..., K] -> [..., N]
         if self.kernel == "avx2" and x.dtype == torch.float32 and x.dim() == 2:  # the hot path
-            return self._avx2.w8_linear(x.contiguous(), self.qweight, self.scale,
-                                        self._no_bias if bias is None else bias.float())
+            return self._avx2_linear(x.contiguous(), bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "avx2":
-            y = cpu_kernels.w8_linear(x2.float(), self.qweight, self.scale, bias)
+            y = self._avx2_linear(x2.float().contiguous(), bias)
             return y.to(x.dtype).view(*lead, self.out_features)
         if self.kernel == "int8pack":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.scale_bf16)

@@ -78,6 +78,41 @@ def test_w8_linear_rejects_bad_inputs() -> None:
         ck.w8_linear(torch.zeros(1, 32), w, torch.ones(9))  # 9 scales need 16 packed rows
 
 
+def _w4(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    scale, low = torch.rand(N, K // 32, generator=g) * 0.02, -torch.rand(N, K // 32, generator=g) * 0.15
+    wq, ws = ck.pack_w4(q, scale, low)
+    # the logical weight: scale * q + low with float16 scale and low
+    expect = q.float() * scale.half().float().repeat_interleave(32, 1) + low.half().float().repeat_interleave(32, 1)
+    assert torch.equal(ck.unpack_w4(wq, ws, N), expect)
+    return wq, ws
+
+
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 5, 8])
+@pytest.mark.parametrize(("N", "K"), [(8, 32), (13, 64), (960, 576), (576, 1536)])
+def test_w4_linear(M: int, N: int, K: int) -> None:
+    wq, ws = _w4(N, K, seed=N + K)
+    assert wq.shape == (-(-N // 8) * 8, K // 2)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    b = torch.randn(N)
+    _close(ck.w4_linear(x, wq, ws, N, b), ck.w4_linear_reference(x, wq, ws, N, b))
+
+
+def test_w4_linear_rows_do_not_depend_on_batch_and_bad_inputs_are_refused() -> None:
+    wq, ws = _w4(40, 96, seed=3)
+    x = torch.randn(7, 96)
+    full = ck.w4_linear(x, wq, ws, 40)
+    for m in range(7):
+        assert torch.equal(full[m : m + 1], ck.w4_linear(x[m : m + 1], wq, ws, 40))
+    with pytest.raises(RuntimeError, match="pack_w4"):
+        ck.w4_linear(torch.zeros(1, 64), wq, ws, 40)  # K does not match
+    with pytest.raises(RuntimeError, match="pack_w4"):
+        ck.w4_linear(x, wq, ws, 50)  # more channels than packed
+    with pytest.raises(ValueError, match="K % 32"):
+        ck.pack_w4(torch.zeros(8, 48, dtype=torch.long), torch.ones(8, 1), torch.zeros(8, 1))
+
+
 @pytest.mark.parametrize(("T", "H"), [(1, 576), (3, 576), (8, 32)])
 def test_rms_norm(T: int, H: int) -> None:
     x, w = torch.randn(T, H) * 3, torch.rand(H) + 0.5
@@ -113,7 +148,7 @@ def test_paged_attention_rejects_slots_outside_the_pool() -> None:
 
 
 # ---- the one-call decoder layer against the module path, through the engine ------------------
-@pytest.mark.parametrize("quantization", [None, "w8a16"])
+@pytest.mark.parametrize("quantization", [None, "w8a16", "w4a16"])
 def test_fused_decoder_layer_matches_the_module_path(tmp_path, monkeypatch, quantization) -> None:
     import specdec.target.llama4 as llama4
 
@@ -144,7 +179,7 @@ def test_fused_decoder_layer_matches_the_module_path(tmp_path, monkeypatch, quan
     assert max(abs(a - b) for a, b in zip(fused_lp, ref_lp)) < 1e-4
 
 
-@pytest.mark.parametrize("quantization", [None, "w8a16"])
+@pytest.mark.parametrize("quantization", [None, "w8a16", "w4a16"])
 def test_fused_eagle3_layer_matches_the_module_path(monkeypatch, quantization) -> None:
     """The draft head's one-call layer == its module path: a prefix extend (causal) and a tree
     step (masked), K/V written to the pool at the same slots; hidden within 1e-4."""

@@ -5,6 +5,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8_linear", &w8_linear, "weight-only int8 linear (AVX2/FMA, float32 activations)");
+  m.def("w4_linear", &w4_linear, "weight-only int4 linear, Q4_1-style groups of 32 (AVX2/F16C, float32 activations)");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim (float32)");
   m.def("paged_attention", &paged_attention,
         "attention of a few queries over keys gathered from a paged pool (float32)");

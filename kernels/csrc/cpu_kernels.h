@@ -3,8 +3,19 @@
 
 #include <ATen/ATen.h>
 
-// w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N, K] in pack_w8 layout
+// w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N8, K] in pack_w8 layout
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                     const at::Tensor& bias);
+
+// the activation side of the integer kernels: one row of K floats (K % 32 == 0) -> int16 codes
+// q = rint(x * 32767 / amax) with one scale s = amax / 32767 per block of 32 (and, when `sums`
+// is not null, the block's sum of codes)
+constexpr int64_t kActBlock = 32;
+void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums);
+
+// w4_linear.cpp: y = x w^T + bias with w[n, k] = scale[n, g] * q[n, k] + low[n, g] (g = k / 32,
+// q in 0..15); wq uint8 [N8, K/2] and ws float16 [N8/8, K/32, 2, 8] in pack_w4 layout
+at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t N,
                      const at::Tensor& bias);
 
 // cpu_ops.cpp

@@ -9,7 +9,8 @@
 //   x  += attention(q over kv_slots, mask) W_o^T
 //   x  += (silu(g) * u) W_down^T  with [g | u] = rms_norm(x) W_gu^T
 //
-// Each linear is either int8 (w int8 in pack_w8 layout + float scale) or float32 (scale empty).
+// Each linear is int8 (pack_w8 + float scale), int4 (pack_w4 + float16 scales) or float32
+// (scale empty).
 
 #include "cpu_kernels.h"
 #include "simd.h"
@@ -22,8 +23,11 @@
 
 namespace {
 
+// w: int8 (pack_w8, scale float32 [N]), uint8 (pack_w4, scale = its float16 scales, N = rows)
+// or float32 (scale empty)
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  if (scale.numel() > 0) return w8_linear(x, w, scale, at::Tensor(x.new_empty({0})));
+  if (w.scalar_type() == at::kByte) return w4_linear(x, w, scale, w.size(0), x.new_empty({0}));
+  if (scale.numel() > 0) return w8_linear(x, w, scale, x.new_empty({0}));
   return at::linear(x, w);
 }
 

@@ -35,30 +35,8 @@
 namespace {
 
 constexpr int64_t TILE = 8;   // output channels per tile
-constexpr int64_t BLOCK = 32;  // k per activation scale
+constexpr int64_t BLOCK = kActBlock;  // k per activation scale
 
-// Quantise one row of K floats to int16 with one scale per block of 32: q = rint(x * 32767 / amax).
-void quantise_row(const float* x, int64_t K, int16_t* q, float* s) {
-  for (int64_t b = 0; b < K; b += BLOCK) {
-    __m256 amax = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t k = b; k < b + BLOCK; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float mx = _mm_cvtss_f32(m4);
-    const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
-    s[b / BLOCK] = mx / 32767.0f;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int64_t k = b; k < b + BLOCK; k += 16) {
-      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
-      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
-      // packs works per 128-bit lane: fix the order with a cross-lane permute
-      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), p);
-    }
-  }
-}
 
 // MT rows of x against NT adjacent tiles: out[m][t*8 + j] = sum_b s[m][b] * (int sums of block b)
 template <int MT, int NT>
@@ -105,6 +83,34 @@ void rows_kernel(int64_t M, const int16_t* xq, const float* xs, int64_t K, const
 
 }  // namespace
 
+void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums) {
+  constexpr int64_t BLOCK = kActBlock;
+  for (int64_t b = 0; b < K; b += BLOCK) {
+    __m256 amax = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t k = b; k < b + BLOCK; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float mx = _mm_cvtss_f32(m4);
+    const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
+    s[b / BLOCK] = mx / 32767.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t k = b; k < b + BLOCK; k += 16) {
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
+      // packs works per 128-bit lane: fix the order with a cross-lane permute
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), p);
+    }
+    if (sums != nullptr) {
+      int32_t total = 0;
+      for (int64_t k = b; k < b + BLOCK; ++k) total += q[k];
+      sums[b / BLOCK] = total;
+    }
+  }
+}
+
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -131,7 +137,7 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / BLOCK));
-  for (int64_t m = 0; m < M; ++m) quantise_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * (K / BLOCK));
+  for (int64_t m = 0; m < M; ++m) quantise_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * (K / BLOCK), nullptr);
 
   const int64_t tiles = w.size(0) / TILE;
   const int64_t pairs = (tiles + 1) / 2;  // threads take pairs of tiles (two at a time for M = 1)
