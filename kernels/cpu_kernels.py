@@ -185,10 +185,7 @@ def w4_linear(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = N
 def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
     """The int4 kernel's product in float64: the kernel's int16 activations times `unpack_w4`'s
     weight (+ bias), returned as float32."""
-    q, s = quantize_activations_reference(x)
-    M, K = x.shape
-    xd = (q.double().view(M, K // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, K)
-    out = xd @ unpack_w4(wq, ws, n).double().T
+    out = _kernel_activations(x) @ unpack_w4(wq, ws, n).double().T
     if bias is not None:
         out = out + bias.double()
     return out.float()
@@ -205,14 +202,18 @@ def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     return q.view(M, K), (amax / 32767.0).view(M, K // ACT_BLOCK)
 
 
+def _kernel_activations(x: Tensor) -> Tensor:
+    """x [M, K] as the integer kernels see it (int16 codes times block scales), float64."""
+    q, s = quantize_activations_reference(x)
+    M, K = x.shape
+    return (q.double().view(M, K // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, K)
+
+
 def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """The kernel's product in float64, on the logical int8 weights w [N, K]: activations
     quantised as the kernel does (`quantize_activations_reference`), then
     sum_b s_b (q_b . w_b) * scale (+ bias), returned as float32."""
-    q, s = quantize_activations_reference(x)
-    M, K = x.shape
-    xd = (q.double().view(M, K // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, K)
-    out = xd @ (w.double() * scale.double()[:, None]).T
+    out = _kernel_activations(x) @ (w.double() * scale.double()[:, None]).T
     if bias is not None:
         out = out + bias.double()
     return out.float()

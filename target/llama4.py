@@ -218,6 +218,18 @@ class Llama4ForCausalLM(nn.Module):
             None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,))
         )
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
+        # every layer's fused-kernel weights, flat, when all layers have them (one C++ call for
+        # the whole stack); None: not yet decided, False: no. Reset by quantize_model.
+        self._fused: list[Tensor] | bool | None = None
+
+    def _stack_weights(self) -> list[Tensor] | None:
+        if self._fused is None:
+            per_layer = [layer.fused_weights() for layer in self.layers if isinstance(layer, DecoderLayer)]
+            attn = [layer.attn for layer in self.layers if isinstance(layer, DecoderLayer)]
+            same = len({(a.eps, a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in attn}) == 1
+            ok = same and len(per_layer) == len(self.layers) and all(w is not None for w in per_layer)
+            self._fused = [t for w in per_layer if w is not None for t in w] if ok else False
+        return self._fused if isinstance(self._fused, list) else None
 
     def forward(
         self,
@@ -236,6 +248,15 @@ class Llama4ForCausalLM(nn.Module):
             seq = batch.attn.seqs[0]
             rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)
             mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
+            stack = self._stack_weights()
+            if stack is not None:  # every layer in one call
+                a0: Attention = self.layers[0].attn  # type: ignore[assignment]
+                capture = list(batch.capture_layers)
+                out = fast.decoder_stack(
+                    x.contiguous(), rope_real, stack, batch.kv_k, batch.kv_v, a0.eps, a0.num_heads,
+                    a0.num_kv_heads, a0.head_dim, batch.attn.out_slots, seq.kv_slots, mask, a0.scale, capture,
+                )
+                return ModelOutput(self.norm(out[0]), list(out[1:]))
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if i in batch.capture_layers:

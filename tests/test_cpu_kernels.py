@@ -179,6 +179,43 @@ def test_fused_decoder_layer_matches_the_module_path(tmp_path, monkeypatch, quan
     assert max(abs(a - b) for a, b in zip(fused_lp, ref_lp)) < 1e-4
 
 
+def test_decoder_stack_returns_the_captured_layer_inputs(tmp_path, monkeypatch) -> None:
+    """One call for all layers (decoder_stack) == the module path, including the captured
+    inputs of layers 0, 1 and L (the final hidden) that EAGLE3 reads."""
+    import specdec.target.llama4 as llama4
+    from specdec.kernels.backend import AttentionMeta, ForwardBatch, SeqAttnMeta
+
+    from .tiny_models import make_checkpoint
+
+    target = make_checkpoint(tmp_path / "t", "llama", seed=3, hidden_size=64, intermediate_size=96,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with target.engine(quantization="w8a16") as engine:
+        model, pool, backend = engine.model, engine.kv_pool, engine.runner.backend
+        L = len(model.layers)
+        assert model._stack_weights() is not None
+        ids, pos = torch.randint(0, 100, (7,), generator=torch.Generator().manual_seed(0)), torch.arange(7)
+
+        def forward() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            slots = torch.arange(7)
+            seq = SeqAttnMeta(0, 7, slots, pos, pos, None)
+            batch = ForwardBatch(AttentionMeta(slots, (seq,)), pool.k, pool.v, backend, capture_layers=(0, 1, L))
+            with torch.inference_mode():
+                out = model(ids, pos, batch)
+            return out.hidden, out.aux_hidden
+
+        stack_calls = []
+        real = model._stack_weights
+        monkeypatch.setattr(model, "_stack_weights", lambda: stack_calls.append(1) or real())
+        got = forward()
+        assert stack_calls
+        monkeypatch.setattr(llama4, "fast_path", lambda x, b: None)
+        ref = forward()
+    assert len(got[1]) == 3
+    for a, b in zip([got[0], *got[1]], [ref[0], *ref[1]]):
+        assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+    assert torch.equal(got[1][0], model.embed_tokens(ids))  # layer 0's input is the embedding
+
+
 @pytest.mark.parametrize("quantization", [None, "w8a16", "w4a16"])
 def test_fused_eagle3_layer_matches_the_module_path(monkeypatch, quantization) -> None:
     """The draft head's one-call layer == its module path: a prefix extend (causal) and a tree

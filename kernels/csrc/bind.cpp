@@ -10,5 +10,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention,
         "attention of a few queries over keys gathered from a paged pool (float32)");
   m.def("decoder_layer", &decoder_layer, "one dense Llama decoder layer over the paged cache (float32)");
+  m.def("decoder_stack", &decoder_stack, "every layer of a dense Llama in one call (float32), with captures");
   m.def("eagle3_layer", &eagle3_layer, "the EAGLE3 draft head's decoder layer over the paged cache (float32)");
 }

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 // w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N8, K] in pack_w8 layout
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias);
@@ -42,3 +44,13 @@ at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at:
                         int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
                         const at::Tensor& mask, double scale);
+
+// all layers of a dense Llama (10 weights per layer as decoder_layer takes them, in order) in
+// one call; returns {final hidden, the input of layer i for each i in capture (i == L: the
+// final hidden)}
+std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rope, const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                                      double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                      const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                                      double scale, const std::vector<int64_t>& capture);
+

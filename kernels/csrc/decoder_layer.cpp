@@ -139,3 +139,27 @@ at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at:
   return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
                     num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask, scale);
 }
+
+std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rope, const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                                      double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                      const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                                      double scale, const std::vector<int64_t>& capture) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * L && static_cast<int64_t>(v_caches.size()) == L,
+              "decoder_stack: need 10 weights and one K and V cache per layer");
+  std::vector<at::Tensor> out(1 + capture.size());
+  at::Tensor h = x.contiguous();
+  for (int64_t i = 0; i < L; ++i) {
+    for (size_t c = 0; c < capture.size(); ++c)
+      if (capture[c] == i) out[1 + c] = h;
+    const at::Tensor* w = weights.data() + 10 * i;
+    h = decoder_layer(h, rope, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], eps, num_heads,
+                      num_kv_heads, head_dim, k_caches[i], v_caches[i], out_slots, kv_slots, mask, scale);
+  }
+  out[0] = h;
+  for (size_t c = 0; c < capture.size(); ++c)
+    if (capture[c] == L) out[1 + c] = h;
+  return out;
+}
+
