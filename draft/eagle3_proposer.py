@@ -112,9 +112,11 @@ class Eagle3Proposer(Proposer):
     # ---- propose: grow one tree per request ------------------------------------------------------
     def _target_probs(self, req: Req, draft_logits: Tensor) -> Tensor:
         """The request's processed distribution over *target* ids from draft logits [Vd]."""
-        full = torch.full((1, self.vocab_size), float("-inf"))
-        full[0, self.hot_ids] = draft_logits
-        return processed_probs(full, [req.params])[0]
+        # processing only the draft vocabulary gives the same distribution as processing the
+        # full vocabulary with -inf elsewhere (temperature, top-k/p, min-p keep zeros at zero)
+        full = torch.zeros(self.vocab_size)
+        full[self.hot_ids] = processed_probs(draft_logits[None], [req.params])[0]
+        return full
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from specdec.sampler import sample_one
 from specdec.tree import Candidate, DraftTree, static_rank_tree, tree_from_candidates
 
 
@@ -73,10 +74,15 @@ class SampledTreeBuilder:
         """q [vocab] fp32 (target ids): draw this node's children without replacement."""
         kids = self.kids[node]
         self.probs[node] = q
-        gumbel = -torch.log(-torch.log(torch.rand(q.shape, generator=self.generator).clamp_min(1e-20)))
-        keys = torch.log(q) + gumbel  # -inf outside q's support
-        order = torch.topk(keys, len(kids)).indices.tolist()
-        support = int((q > 0).sum())
+        support_ids = torch.nonzero(q > 0).squeeze(1)  # [S]: the draft vocabulary, at most
+        support = int(support_ids.shape[0])
+        if len(kids) == 1 and support:  # one child: a plain categorical draw (= Gumbel-max)
+            order = [sample_one(q, self.generator)]
+        else:  # Gumbel top-k over the support = sampling without replacement
+            qs = q[support_ids]
+            gumbel = -torch.log(-torch.log(torch.rand(qs.shape, generator=self.generator).clamp_min(1e-20)))
+            top = torch.topk(torch.log(qs) + gumbel, min(len(kids), support)).indices
+            order = support_ids[top].tolist()
         for rank, child in enumerate(kids):
             if rank < support:
                 self.tokens[child] = int(order[rank])

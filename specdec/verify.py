@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .sampler import sample_one
 from .tree import DraftTree, children
 
 
@@ -100,7 +101,7 @@ def verify_stochastic(
                     q = q / total_q
             p = p / p.sum()
         if chosen is None:
-            token = int(torch.multinomial(p, 1, generator=generator))
+            token = sample_one(p, generator)
             return VerifyResult(accepted, token)
         accepted.append(chosen)
         node = chosen

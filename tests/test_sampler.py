@@ -262,3 +262,23 @@ def test_sampled_frequencies_match_processed_distribution() -> None:
     # so 0.02 is a > 3x margin (and the generator is seeded, so the test is stable).
     assert tv < 0.02, f"total variation {tv:.4f} >= 0.02"
     assert freq[4] == 0 and freq[5] == 0, "tokens outside the nucleus were sampled"
+
+
+def test_sample_one_follows_the_weights_and_never_picks_a_zero() -> None:
+    from specdec.sampler import sample_one
+
+    weights = torch.zeros(1000)
+    weights[[3, 10, 500, 999]] = torch.tensor([2.0, 1.0, 0.5, 0.5])  # unnormalised, total 4
+    expected = {3: 0.5, 10: 0.25, 500: 0.125, 999: 0.125}
+    n = 20000
+    gen = make_generator(7)
+    counts: dict[int, int] = {}
+    for _ in range(n):
+        i = sample_one(weights, gen)
+        counts[i] = counts.get(i, 0) + 1
+    assert set(counts) <= set(expected), "a zero-weight index was drawn"
+    # E[TV] <= 0.5 * sum_i sqrt(p_i (1 - p_i) / n) ~= 0.0046 for n = 20000: 0.02 is a 4x margin
+    tv = 0.5 * sum(abs(counts.get(i, 0) / n - p) for i, p in expected.items())
+    assert tv < 0.02, f"total variation {tv:.4f}"
+    with pytest.raises(ValueError, match="positive"):
+        sample_one(torch.zeros(5), gen)
