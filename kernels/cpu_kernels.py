@@ -193,13 +193,15 @@ def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor 
 
 def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     """What the int8 kernel does to its input first: float32 [M, K] -> int16 codes [M, K] and
-    float32 scales [M, K/32], q = rint(x * (32767 / amax)), per block of 32 k (amax = 0 -> 0)."""
+    float32 scales [M, K/32], q = rint(x * (32767 / amax)), per block of 32 k (a block with
+    amax <= 1e-30 -> codes and scale 0)."""
     M, K = x.shape
     blocks = x.float().view(M, K // ACT_BLOCK, ACT_BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    live = amax > 1e-30  # tinier blocks count as zero (32767 / amax would overflow)
+    inv = torch.where(live, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv).clamp(-32768, 32767).to(torch.int16)
-    return q.view(M, K), (amax / 32767.0).view(M, K // ACT_BLOCK)
+    return q.view(M, K), torch.where(live, amax / 32767.0, torch.zeros_like(amax)).view(M, K // ACT_BLOCK)
 
 
 def _kernel_activations(x: Tensor) -> Tensor:

@@ -43,11 +43,12 @@ def test_w8_linear(M: int, N: int, K: int, bias: bool) -> None:
 
 
 def test_w8_linear_activation_rounding_is_small() -> None:
-    """int16 activations per block of 32 (one block all zero, one with a 1000x outlier) stay
-    within 1e-4 of the float product on the dequantised weight."""
+    """int16 activations per block of 32 (one block all zero, one of 1e-36, one with a 1000x
+    outlier) stay within 1e-4 of the float product on the dequantised weight."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 576, generator=g)
     x[:, 32:64] = 0.0
+    x[2, 64:96] = 1e-36  # a denormal-scale block: treated as zero, not overflowed
     x[1, 100] = 1000.0
     w = torch.randint(-127, 128, (64, 576), dtype=torch.int8, generator=g)
     scale = torch.rand(64, generator=g) * 0.01

@@ -93,8 +93,10 @@ void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float mx = _mm_cvtss_f32(m4);
-    const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
-    s[b / BLOCK] = mx / 32767.0f;
+    // blocks below 1e-30 (32767 / amax would overflow float for amax < ~1e-34) count as zero
+    const bool zero = !(mx > 1e-30f);
+    const float inv = zero ? 0.0f : 32767.0f / mx;
+    s[b / BLOCK] = zero ? 0.0f : mx / 32767.0f;
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int64_t k = b; k < b + BLOCK; k += 16) {
       const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
