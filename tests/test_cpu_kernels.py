@@ -120,12 +120,13 @@ def test_rms_norm(T: int, H: int) -> None:
     _close(kernels.rms_norm(x, w, 1e-5), ck.rms_norm_reference(x, w, 1e-5))
 
 
+@pytest.mark.parametrize("D", [64, 40, 12])  # grouped path (D % 8 == 0, a partial 32-chunk), generic path
 @pytest.mark.parametrize(("H", "Hkv"), [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize(("T", "L", "masked"), [(1, 1, False), (1, 40, False), (5, 5, False),
                                                   (8, 50, True), (32, 70, True)])
-def test_paged_attention(H: int, Hkv: int, T: int, L: int, masked: bool) -> None:
-    g = torch.Generator().manual_seed(T * 100 + L + H)
-    S, D = 128, 64
+def test_paged_attention(H: int, Hkv: int, T: int, L: int, masked: bool, D: int) -> None:
+    g = torch.Generator().manual_seed(T * 100 + L + H + D)
+    S = 128
     k_cache, v_cache = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
     q = torch.randn(T, H, D, generator=g)
     slots = torch.randperm(S, generator=g)[:L]
@@ -139,6 +140,23 @@ def test_paged_attention(H: int, Hkv: int, T: int, L: int, masked: bool) -> None
     _close(y, ck.paged_attention_reference(q, k_cache, v_cache, slots, mask, 0.125))
     if masked:
         assert torch.count_nonzero(y[T // 2]) == 0
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_paged_attention_rows_do_not_depend_on_the_others(D: int) -> None:
+    """Each query row (tree verification) equals the same query alone with its mask row
+    (decoding): rows share work items in the grouped kernel but not arithmetic."""
+    g = torch.Generator().manual_seed(D)
+    k_cache, v_cache = torch.randn(100, 3, D, generator=g), torch.randn(100, 3, D, generator=g)
+    q = torch.randn(7, 9, D, generator=g)
+    slots = torch.randperm(100, generator=g)[:60]
+    mask = torch.rand(7, 60, generator=g) < 0.7
+    mask[:, :50] = True
+    full = kernels.paged_attention(q, k_cache, v_cache, slots, mask, 0.125)
+    for t in range(7):
+        alone = kernels.paged_attention(q[t : t + 1].contiguous(), k_cache, v_cache, slots,
+                                        mask[t : t + 1].contiguous(), 0.125)
+        assert torch.equal(full[t : t + 1], alone)
 
 
 def test_paged_attention_rejects_slots_outside_the_pool() -> None:

@@ -46,6 +46,109 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+
+// dst[a][0 .. 8 NV) = inv[a] * sum_j p[a][j] v_j[0 .. 8 NV) for MQ queries, in key order,
+// skipping zero probabilities; v_j = vbase + slot_j * vstride
+template <int MQ, int NV>
+inline void value_pass(const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots, int64_t L,
+                       float* const* dst, const float* inv) {
+  __m256 acc[MQ][NV];
+  for (int a = 0; a < MQ; ++a)
+    for (int c = 0; c < NV; ++c) acc[a][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const float* vv = vbase + slots[j] * vstride;
+    for (int a = 0; a < MQ; ++a) {
+      const float pj = p[a][j];
+      if (pj == 0.0f) continue;  // invisible (or underflowed): adds nothing
+      const __m256 pv = _mm256_set1_ps(pj);
+      for (int c = 0; c < NV; ++c) acc[a][c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + 8 * c), acc[a][c]);
+    }
+  }
+  for (int a = 0; a < MQ; ++a) {
+    const __m256 vinv = _mm256_set1_ps(inv[a]);
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(dst[a] + 8 * c, _mm256_mul_ps(acc[a][c], vinv));
+  }
+}
+
+// Attention for D % 8 == 0, grouped: one work item per (kv head, block of up to 4 query rows);
+// every query head of the kv head's group and every row of the block share one pass over the
+// keys and (3 queries at a time) over the values, so K and V are read from cache once per
+// item instead of once per (row, head). Each query's sums are still taken in key order with
+// the same operations, so a row's result does not depend on which rows share its item.
+void grouped_attention(const float* qp, const float* kp, const float* vp, const int64_t* sp, const bool* mp,
+                       float* op, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t L, float sc) {
+  constexpr int64_t TB = 4;
+  const int64_t group = H / Hkv, tblocks = (T + TB - 1) / TB, items = Hkv * tblocks;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t grain = T * H * L * D < (1 << 16) ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    const int64_t ld = L + 8;
+    std::vector<float> scores(TB * group * ld);
+    std::vector<float> inv(TB * group);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t kvh = item % Hkv, t0 = (item / Hkv) * TB, t1 = std::min(T, t0 + TB);
+      const int64_t nq = (t1 - t0) * group;
+      auto qvec = [&](int64_t qi) { return qp + ((t0 + qi / group) * H + kvh * group + qi % group) * D; };
+      auto orow = [&](int64_t qi) { return op + ((t0 + qi / group) * H + kvh * group + qi % group) * D; };
+      // scores, 8 keys at a time, each key block read once for all nq queries
+      for (int64_t j = 0; j < L; j += 8) {
+        const float* keys[8];
+        for (int u = 0; u < 8; ++u) keys[u] = kp + (sp[std::min(j + u, L - 1)] * Hkv + kvh) * D;
+        for (int64_t qi = 0; qi < nq; ++qi)
+          _mm256_storeu_ps(scores.data() + qi * ld + j, _mm256_mul_ps(_mm256_set1_ps(sc), dot8(qvec(qi), keys, D)));
+      }
+      // visibility, softmax numerators (exact 0 when invisible), denominators in key order
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        float* row = scores.data() + qi * ld;
+        const int64_t t = t0 + qi / group;
+        const bool* m = mp != nullptr ? mp + t * L : nullptr;
+        const int64_t causal_end = L - T + t;
+        float mx = neg_inf;
+        for (int64_t j = 0; j < L; ++j) {
+          if (m != nullptr ? !m[j] : j > causal_end) row[j] = neg_inf;
+          mx = std::max(mx, row[j]);
+        }
+        if (mx == neg_inf) {  // nothing visible: zeros
+          std::fill(row, row + L, 0.0f);
+          inv[qi] = 0.0f;
+          continue;
+        }
+        const __m256 vmx = _mm256_set1_ps(mx);
+        for (int64_t j = 0; j < L; j += 8) _mm256_storeu_ps(row + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmx)));
+        float denom = 0.0f;
+        for (int64_t j = 0; j < L; ++j) denom += row[j];
+        inv[qi] = 1.0f / denom;
+      }
+      // values: 32 dims x 3 queries of accumulators in registers, one pass over V per chunk
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / 8));
+        for (int64_t q0 = 0; q0 < nq; q0 += 3) {
+          const int mq = static_cast<int>(std::min<int64_t>(3, nq - q0));
+          const float* prow[3] = {nullptr, nullptr, nullptr};
+          float* dst[3] = {nullptr, nullptr, nullptr};
+          float invs[3] = {0.0f, 0.0f, 0.0f};
+          for (int a = 0; a < mq; ++a) {
+            prow[a] = scores.data() + (q0 + a) * ld;
+            dst[a] = orow(q0 + a) + d0;
+            invs[a] = inv[q0 + a];
+          }
+          const float* vbase = vp + kvh * D + d0;
+          const int64_t vstride = Hkv * D;
+          switch (mq * 8 + nv) {
+#define SPECDEC_VALUE_PASS(MQ, NV) \
+  case MQ * 8 + NV: value_pass<MQ, NV>(prow, vbase, vstride, sp, L, dst, invs); break;
+            SPECDEC_VALUE_PASS(1, 1) SPECDEC_VALUE_PASS(1, 2) SPECDEC_VALUE_PASS(1, 3) SPECDEC_VALUE_PASS(1, 4)
+            SPECDEC_VALUE_PASS(2, 1) SPECDEC_VALUE_PASS(2, 2) SPECDEC_VALUE_PASS(2, 3) SPECDEC_VALUE_PASS(2, 4)
+            SPECDEC_VALUE_PASS(3, 1) SPECDEC_VALUE_PASS(3, 2) SPECDEC_VALUE_PASS(3, 3) SPECDEC_VALUE_PASS(3, 4)
+#undef SPECDEC_VALUE_PASS
+            default: break;
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // x [T, H] float32, weight [H] float32 -> x * rsqrt(mean(x^2) + eps) * weight
@@ -100,11 +203,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   float* op = out.data_ptr<float>();
   for (int64_t j = 0; j < L; ++j)
     TORCH_CHECK(sp[j] >= 0 && sp[j] < S, "paged_attention: slot ", sp[j], " outside the pool");
-  const int64_t group = H / Hkv;
   const float sc = static_cast<float>(scale);
-  // small problems (one decode token over a short prefix) are cheaper on one thread
-  const int64_t grain = T * H * L * D < (1 << 16) ? T * H : 1;
-
+  if (D % 8 == 0) {
+    grouped_attention(qp, kp, vp, sp, mp, op, T, H, Hkv, D, L, sc);
+    return out;
+  }
+  // any other head size: one (row, head) at a time, scalar dots
+  const int64_t group = H / Hkv;
+  const int64_t grain = T * H * L * D < (1 << 16) ? T * H : 1;  // tiny problems on one thread
   const float neg_inf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, T * H, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(L + 8);
@@ -113,55 +219,27 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
       const float* qv = qp + (t * H + h) * D;
       const bool* row = has_mask ? mp + t * L : nullptr;
       const int64_t causal_end = L - T + t;  // last visible index without a mask
-      auto visible = [&](int64_t j) { return has_mask ? row[j] : j <= causal_end; };
-      // scores (invisible keys: -inf), 8 keys at a time when D allows
-      int64_t j = 0;
-      if (D % 8 == 0) {
-        for (; j < L; j += 8) {
-          const float* keys[8];
-          for (int u = 0; u < 8; ++u) keys[u] = kp + (sp[std::min(j + u, L - 1)] * Hkv + kvh) * D;
-          _mm256_storeu_ps(scores.data() + j, _mm256_mul_ps(_mm256_set1_ps(sc), dot8(qv, keys, D)));
-        }
-      } else {
-        for (; j < L; ++j) scores[j] = sc * dot(qv, kp + (sp[j] * Hkv + kvh) * D, D);
-      }
       float mx = neg_inf;
-      for (j = 0; j < L; ++j) {
-        if (!visible(j)) scores[j] = neg_inf;
+      for (int64_t j = 0; j < L; ++j) {
+        const bool visible = has_mask ? row[j] : j <= causal_end;
+        scores[j] = visible ? sc * dot(qv, kp + (sp[j] * Hkv + kvh) * D, D) : neg_inf;
         mx = std::max(mx, scores[j]);
       }
       if (mx == neg_inf) continue;  // nothing visible: zeros
-      // probabilities (exp(-inf) = 0), then the weighted sum of values in key order
       const __m256 vmx = _mm256_set1_ps(mx);
-      for (j = 0; j < L; j += 8) _mm256_storeu_ps(scores.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), vmx)));
+      for (int64_t j = 0; j < L; j += 8)
+        _mm256_storeu_ps(scores.data() + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), vmx)));
       float denom = 0.0f;
-      for (j = 0; j < L; ++j) denom += scores[j];
+      for (int64_t j = 0; j < L; ++j) denom += scores[j];
       const float inv = 1.0f / denom;
       float* dst = op + (t * H + h) * D;
-      if (D % 8 == 0) {
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 accumulators of 8 floats in registers
-          const int64_t nv = std::min<int64_t>(8, (D - d0) / 8);
-          __m256 acc[8];
-          for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-          for (j = 0; j < L; ++j) {
-            const float p = scores[j];
-            if (p == 0.0f) continue;  // invisible (or underflowed): adds nothing
-            const __m256 vp8 = _mm256_set1_ps(p);
-            const float* vv = vp + (sp[j] * Hkv + kvh) * D + d0;
-            for (int c = 0; c < nv; ++c) acc[c] = _mm256_fmadd_ps(vp8, _mm256_loadu_ps(vv + 8 * c), acc[c]);
-          }
-          const __m256 vinv = _mm256_set1_ps(inv);
-          for (int c = 0; c < nv; ++c) _mm256_storeu_ps(dst + d0 + 8 * c, _mm256_mul_ps(acc[c], vinv));
-        }
-      } else {
-        for (j = 0; j < L; ++j) {
-          const float p = scores[j];
-          if (p == 0.0f) continue;
-          const float* vv = vp + (sp[j] * Hkv + kvh) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] += p * vv[d];
-        }
-        for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+      for (int64_t j = 0; j < L; ++j) {
+        const float p = scores[j];
+        if (p == 0.0f) continue;  // invisible (or underflowed): adds nothing
+        const float* vv = vp + (sp[j] * Hkv + kvh) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += p * vv[d];
       }
+      for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
     }
   });
   return out;
