@@ -6,7 +6,8 @@ best of those new candidates as the next frontier; finally the best `num_draft_t
 candidates by cumulative draft log-probability are kept (parents before children).
 
 `SampledTreeBuilder` is for sampling requests: children are *drawn without replacement*
-(Gumbel top-k) from the draft distribution q, and the tree shape is the fixed
+(Gumbel top-k over q's support; one child is a single inverse-CDF draw, the same
+distribution) from the draft distribution q, and the tree shape is the fixed
 `static_rank_tree`, so verification can use q losslessly (see `specdec.verify`).
 """
 
