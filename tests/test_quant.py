@@ -37,7 +37,8 @@ def test_w4_codes_are_within_half_a_step() -> None:
 
 
 PATHS = [  # scheme, in_features, expected kernel, relative tolerance against x @ deq.T
-    ("w8a16", 64, "avx2" if cpu_kernels.extension() else "int8pack", 1e-4),  # int16 activations
+    ("w8a16", 64, "avx2" if cpu_kernels.extension() else "int8pack",
+     1e-4 if cpu_kernels.extension() else 2e-2),  # int16 activations | bf16 activations
     ("w8a16", 48, "int8pack", 2e-2),  # K % 32 != 0: PyTorch's int8 kernel, bf16 activations
     ("w4a16", 64, "avx2" if cpu_kernels.extension() else "int4pack",
      1e-4 if cpu_kernels.extension() else 2e-2),
