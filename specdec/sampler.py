@@ -97,6 +97,11 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     logits = logits.float()  # [B, V]
     vocab_size = logits.shape[1]
     device = logits.device
+    first = params[0] if params else None
+    if first is not None and not first.is_greedy and not _truncates(first, vocab_size) and all(
+        p.temperature == first.temperature and not p.is_greedy and not _truncates(p, vocab_size) for p in params
+    ):  # one temperature, no truncation (e.g. a verified tree): the same softmax, no gathers
+        return torch.softmax(logits / torch.tensor(first.temperature, dtype=torch.float32), dim=-1)
     greedy = torch.tensor([p.is_greedy for p in params], dtype=torch.bool, device=device)  # [B]
     probs = torch.empty_like(logits)  # [B, V]
 

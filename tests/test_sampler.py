@@ -282,3 +282,13 @@ def test_sample_one_follows_the_weights_and_never_picks_a_zero() -> None:
     assert tv < 0.02, f"total variation {tv:.4f}"
     with pytest.raises(ValueError, match="positive"):
         sample_one(torch.zeros(5), gen)
+
+
+def test_uniform_temperature_batch_equals_the_general_path() -> None:
+    """The shortcut for a batch with one temperature and no truncation (a verified tree) gives
+    the general path's probabilities exactly."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3))
+    hot = SamplingParams(temperature=0.7)
+    fast = processed_probs(logits, [hot] * 4)
+    general = processed_probs(torch.cat([logits, logits[:1]]), [hot] * 4 + [SamplingParams(temperature=0.0)])
+    assert torch.equal(fast, general[:4])
