@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
 from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis
-from specdec.target.llama4 import fast_path, linear_args
+from specdec.target.llama4 import fast_path, fused_layer_weights
 
 from .eagle3_config import Eagle3Config
 
@@ -59,16 +59,12 @@ class Eagle3Draft(nn.Module):
 
     def fused_weights(self) -> tuple[Tensor, ...] | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` eagle3_layer), or None when the
-        layer's weights are not float32 / AVX2-int8 on the CPU."""
+        layer's weights are not float32 / AVX2-int8/int4 on the CPU."""
         if self._fused is None:
-            norms = (self.input_layernorm.weight, self.hidden_norm.weight, self.post_attention_layernorm.weight)
-            linears = [linear_args(m) for m in (self.qkv, self.o_proj, self.mlp.gate_up, self.mlp.down)]
-            ok = all(n.dtype == torch.float32 and n.device.type == "cpu" for n in norms)
-            if ok and all(lin is not None for lin in linears):
-                qkv, o, gu, down = (lin for lin in linears if lin is not None)
-                self._fused = (*norms[:2], *qkv, *o, norms[2], *gu, *down)
-            else:
-                self._fused = False
+            self._fused = fused_layer_weights(
+                (self.input_layernorm.weight, self.hidden_norm.weight), self.qkv, self.o_proj, self.mlp,
+                self.post_attention_layernorm.weight,
+            ) or False
         return self._fused if isinstance(self._fused, tuple) else None
 
     def share_embedding(self, weight: Tensor) -> None:

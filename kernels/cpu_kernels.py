@@ -43,7 +43,7 @@ log = logging.getLogger("specdec")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
            CSRC / "decoder_layer.cpp")
-HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h")
+HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h", CSRC / "tile_driver.h")
 DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
 NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
 
@@ -110,8 +110,8 @@ def extension() -> ModuleType | None:
     return module
 
 
-W8_TILE = 8  # output channels per tile of the int8 kernel's layout
-ACT_BLOCK = 32  # k per activation scale of the int8 kernel
+KERNEL_TILE = 8  # output channels per tile of the int8 and int4 kernels' layouts (tile_driver.h)
+ACT_BLOCK = 32  # k per activation scale of the integer kernels
 
 
 def pack_w8(w: Tensor) -> Tensor:
@@ -121,16 +121,16 @@ def pack_w8(w: Tensor) -> Tensor:
     N, K = w.shape
     if K % ACT_BLOCK:
         raise ValueError(f"the int8 kernel needs K % 32 == 0, got K={K}")
-    n8 = -(-N // W8_TILE) * W8_TILE
+    n8 = -(-N // KERNEL_TILE) * KERNEL_TILE
     padded = torch.cat([w, w.new_zeros(n8 - N, K)]) if n8 != N else w
-    tiles = padded.view(n8 // W8_TILE, W8_TILE, K // 2, 2).transpose(1, 2)  # [tiles, K/2, 8, 2]
+    tiles = padded.view(n8 // KERNEL_TILE, KERNEL_TILE, K // 2, 2).transpose(1, 2)  # [tiles, K/2, 8, 2]
     return tiles.contiguous().view(n8, K)
 
 
 def unpack_w8(packed: Tensor, n: int) -> Tensor:
     """Inverse of `pack_w8`: the first `n` logical rows, int8 [n, K]."""
     n8, K = packed.shape
-    tiles = packed.view(n8 // W8_TILE, K // 2, W8_TILE, 2).transpose(1, 2)  # [tiles, 8, K/2, 2]
+    tiles = packed.view(n8 // KERNEL_TILE, K // 2, KERNEL_TILE, 2).transpose(1, 2)  # [tiles, 8, K/2, 2]
     return tiles.contiguous().view(n8, K)[:n]
 
 
@@ -149,17 +149,14 @@ def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     of 8 channels and 4 k: 16 bytes, low nibbles the (k, k+1) pair group of `pack_w8`'s
     layout, high nibbles the (k+2, k+3) group."""
     N, K = q.shape
-    if K % ACT_BLOCK:
-        raise ValueError(f"the int4 kernel needs K % 32 == 0, got K={K}")
-    n8 = -(-N // W8_TILE) * W8_TILE
-    pad = n8 - N
-    q8 = torch.cat([q.to(torch.uint8), q.new_zeros(pad, K, dtype=torch.uint8)]) if pad else q.to(torch.uint8)
-    pairs = q8.view(n8 // W8_TILE, W8_TILE, K // 2, 2).transpose(1, 2).reshape(n8 // W8_TILE, K // 4, 2, 16)
-    wq = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).contiguous().view(n8, K // 2)
+    pairs = pack_w8(q.to(torch.int8)).view(torch.uint8)  # [N8, K], pack_w8 checks K % 32
+    n8 = pairs.shape[0]
+    groups = pairs.view(n8 // KERNEL_TILE, K // 4, 2, 16)  # per 4 k: the (k, k+1) and (k+2, k+3) groups
+    wq = (groups[:, :, 0] | (groups[:, :, 1] << 4)).contiguous().view(n8, K // 2)
     sl = torch.stack([scale.float(), low.float()])  # [2, N, K/32]
-    if pad:
-        sl = torch.cat([sl, sl.new_zeros(2, pad, K // ACT_BLOCK)], dim=1)
-    ws = sl.view(2, n8 // W8_TILE, W8_TILE, K // ACT_BLOCK).permute(1, 3, 0, 2).to(torch.float16).contiguous()
+    if n8 != N:
+        sl = torch.cat([sl, sl.new_zeros(2, n8 - N, K // ACT_BLOCK)], dim=1)
+    ws = sl.view(2, n8 // KERNEL_TILE, KERNEL_TILE, K // ACT_BLOCK).permute(1, 3, 0, 2).to(torch.float16).contiguous()
     return wq, ws
 
 
@@ -167,9 +164,9 @@ def unpack_w4(wq: Tensor, ws: Tensor, n: int) -> Tensor:
     """The float32 [n, K] weight the kernel multiplies by: scale * q + low (float16 scales)."""
     n8, half_k = wq.shape
     K = half_k * 2
-    lo, hi = wq & 0x0F, wq >> 4  # [n8, K/2] each
-    pairs = torch.stack([lo.view(n8 // W8_TILE, K // 4, 16), hi.view(n8 // W8_TILE, K // 4, 16)], dim=2)
-    q = pairs.reshape(n8 // W8_TILE, K // 2, W8_TILE, 2).transpose(1, 2).reshape(n8, K)[:n].float()
+    groups = torch.stack([(wq & 0x0F).view(n8 // KERNEL_TILE, K // 4, 16),
+                          (wq >> 4).view(n8 // KERNEL_TILE, K // 4, 16)], dim=2)  # [tiles, K/4, 2, 16]
+    q = unpack_w8(groups.reshape(n8, K).view(torch.int8), n).float()
     sl = ws.float().permute(2, 0, 3, 1).reshape(2, n8, K // ACT_BLOCK)[:, :n]  # [2, n, K/32]
     return q * sl[0].repeat_interleave(ACT_BLOCK, 1) + sl[1].repeat_interleave(ACT_BLOCK, 1)
 

@@ -165,7 +165,7 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
 
-def linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     """(weight, scale) for the fused kernel: int8 packed + scale, or float32 + empty scale."""
     if isinstance(module, Linear):
         if module.bias is not None or module.weight.dtype != torch.float32:
@@ -173,24 +173,34 @@ def linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
         return module.weight, torch.empty(0)
     qw = getattr(module, "qw", None)
     if qw is not None and getattr(module, "bias", None) is None and qw.kernel == "avx2":
-        if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.W8_TILE:
+        if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.KERNEL_TILE:
             return None  # the fused layer reads N from the packed int4 rows: no padding allowed
         return qw.qweight, qw.scale
     return None
+
+
+def fused_layer_weights(
+    in_norms: tuple[Tensor, ...], qkv: nn.Module, o_proj: nn.Module, mlp: GatedMLP, post_norm: Tensor
+) -> tuple[Tensor, ...] | None:
+    """The weights of a one-call CPU layer kernel in its argument order (input norm(s), QKV,
+    O, post-attention norm, gate-up, down; each linear as weight + scale), or None when a norm
+    is not float32 on the CPU or a linear has no fused form (`_linear_args`)."""
+    norms = (*in_norms, post_norm)
+    if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
+        return None
+    linears = [_linear_args(m) for m in (qkv, o_proj, mlp.gate_up, mlp.down)]
+    if any(lin is None for lin in linears):
+        return None
+    q, o, gu, down = (lin for lin in linears if lin is not None)
+    return (*in_norms, *q, *o, post_norm, *gu, *down)
 
 
 def _fused_weights(layer: DecoderLayer) -> tuple[Tensor, ...] | None:
     a, mlp = layer.attn, layer.feed_forward
     if not a.use_rope or a.qk_norm or a.chunk_size is not None or not isinstance(mlp, GatedMLP):
         return None
-    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-    if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
-        return None
-    linears = [linear_args(m) for m in (a.qkv, a.o_proj, mlp.gate_up, mlp.down)]
-    if any(lin is None for lin in linears):
-        return None
-    qkv, o, gu, down = (lin for lin in linears if lin is not None)
-    return (norms[0], *qkv, *o, norms[1], *gu, *down)
+    return fused_layer_weights((layer.input_layernorm.weight,), a.qkv, a.o_proj, mlp,
+                               layer.post_attention_layernorm.weight)
 
 
 def fast_path(x: Tensor, batch: ForwardBatch) -> Any:

@@ -116,8 +116,6 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
                          double scale) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "decoder_layer: x must be a contiguous float32 [T, hidden] tensor");
   return layer_body(rms_norm(x, in_norm, eps), x, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
                     down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask,
                     scale);

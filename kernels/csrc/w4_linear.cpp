@@ -17,9 +17,9 @@
 // Reference: `w4_linear_reference` in kernels/cpu_kernels.py.
 
 #include "cpu_kernels.h"
+#include "tile_driver.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,7 +28,7 @@
 
 namespace {
 
-constexpr int64_t TILE = 8;
+constexpr int64_t TILE = kTile;
 constexpr int64_t BLOCK = kActBlock;
 
 struct Rows {
@@ -132,23 +132,11 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor
     quantise_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * nb, xsum.data() + m * nb);
   const Rows rows{xq.data(), xs.data(), xsum.data()};
 
-  const int64_t tiles = n8 / TILE;
-  const int64_t pairs = (tiles + 1) / 2;
-  at::parallel_for(0, pairs, 4, [&](int64_t p0, int64_t p1) {
-    std::vector<float> buf(M * 2 * TILE);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t0 = 2 * p, nt = std::min<int64_t>(2, tiles - t0);
-      const uint8_t* wt = wp + t0 * TILE * K / 2;
-      const at::Half* st = sp + t0 * nb * 2 * TILE;
-      if (nt == 2) rows4<2>(M, rows, K, wt, st, buf.data(), 2 * TILE);
-      else rows4<1>(M, rows, K, wt, st, buf.data(), 2 * TILE);
-      const int64_t n0 = t0 * TILE, cols = std::min(nt * TILE, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        float* dst = yp + m * N + n0;
-        const float* src = buf.data() + m * 2 * TILE;
-        for (int64_t j = 0; j < cols; ++j) dst[j] = has_bias ? src[j] + bp[n0 + j] : src[j];
-      }
-    }
+  for_tile_pairs(M, N, n8 / TILE, nullptr, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
+    const uint8_t* wt = wp + t0 * TILE * K / 2;
+    const at::Half* st = sp + t0 * nb * 2 * TILE;
+    if (nt == 2) rows4<2>(M, rows, K, wt, st, buf, 2 * TILE);
+    else rows4<1>(M, rows, K, wt, st, buf, 2 * TILE);
   });
   return y;
 }

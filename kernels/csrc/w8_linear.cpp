@@ -22,19 +22,18 @@
 // Reference: `w8_linear_reference` in kernels/cpu_kernels.py.
 
 #include "cpu_kernels.h"
+#include "tile_driver.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-constexpr int64_t TILE = 8;   // output channels per tile
+constexpr int64_t TILE = kTile;  // output channels per tile
 constexpr int64_t BLOCK = kActBlock;  // k per activation scale
 
 
@@ -141,25 +140,10 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   std::vector<float> xs(M * (K / BLOCK));
   for (int64_t m = 0; m < M; ++m) quantise_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * (K / BLOCK), nullptr);
 
-  const int64_t tiles = w.size(0) / TILE;
-  const int64_t pairs = (tiles + 1) / 2;  // threads take pairs of tiles (two at a time for M = 1)
-  at::parallel_for(0, pairs, 4, [&](int64_t p0, int64_t p1) {
-    std::vector<float> buf(M * 2 * TILE);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t0 = 2 * p, nt = std::min<int64_t>(2, tiles - t0);
-      const int8_t* wt = wp + t0 * TILE * K;
-      if (nt == 2) rows_kernel<2>(M, xq.data(), xs.data(), K, wt, buf.data(), 2 * TILE);
-      else rows_kernel<1>(M, xq.data(), xs.data(), K, wt, buf.data(), 2 * TILE);
-      const int64_t n0 = t0 * TILE, cols = std::min(nt * TILE, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        float* dst = yp + m * N + n0;
-        const float* src = buf.data() + m * 2 * TILE;
-        for (int64_t j = 0; j < cols; ++j) {
-          const float v = src[j] * sp[n0 + j];
-          dst[j] = has_bias ? v + bp[n0 + j] : v;
-        }
-      }
-    }
+  for_tile_pairs(M, N, w.size(0) / TILE, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
+    const int8_t* wt = wp + t0 * TILE * K;
+    if (nt == 2) rows_kernel<2>(M, xq.data(), xs.data(), K, wt, buf, 2 * TILE);
+    else rows_kernel<1>(M, xq.data(), xs.data(), K, wt, buf, 2 * TILE);
   });
   return y;
 }
