@@ -163,6 +163,15 @@ def ttt_forward(
     start = max(0, min(T - 1, first - steps))
     attend = ChainAttention(B, T, start, draft.cfg.num_heads, draft.cfg.num_kv_heads, draft.scale)
     norm_count = int(_shift(scored, 1, False).sum())
+    # the target's distribution over the draft vocab, once per batch for every scored row j;
+    # step k reads rows p + 1 + k of it
+    sb, sj = scored.nonzero(as_tuple=True)
+    with torch.no_grad():
+        tp_all = torch.softmax(batch["hidden"][sb, sj] @ head_w.T, dim=-1)  # [S, Vd]
+        neg_entropy = (tp_all * torch.log(tp_all.clamp_min(1e-30))).sum(-1)  # [S]
+        t_top1 = tp_all.argmax(-1)  # [S]
+    row_of = torch.full((B, T), -1, dtype=torch.long, device=ids.device)  # [B, T] -> row of tp_all
+    row_of[sb, sj] = torch.arange(sb.numel(), device=ids.device)
     total = torch.zeros((), device=ids.device)
     losses: list[float] = []
     accs: list[float] = []
@@ -179,14 +188,13 @@ def ttt_forward(
             continue
         b, p = valid.nonzero(as_tuple=True)
         logits = draft.draft_logits(out.logits_hidden[b, p])  # [n, Vd]
-        with torch.no_grad():  # the target's distribution at row p + 1 + k, over the draft vocab
-            tp = torch.softmax(batch["hidden"][b, s + p + 1 + k] @ head_w.T, dim=-1)  # [n, Vd]
-        # forward KL(target || draft): cross-entropy minus the target's (constant) entropy
-        kl = (tp * (torch.log(tp.clamp_min(1e-30)) - torch.log_softmax(logits, dim=-1))).sum(-1)  # [n]
+        r = row_of[b, s + p + 1 + k]  # [n] the target's row p + 1 + k
+        # forward KL(target || draft) = sum tp log tp - sum tp log q
+        kl = neg_entropy[r] - (tp_all[r] * torch.log_softmax(logits, dim=-1)).sum(-1)  # [n]
         loss_k = kl.sum() / max(1, norm_count)
         total = total + (decay**k) * loss_k
         losses.append(float(kl.detach().mean()))
-        accs.append(float((logits.argmax(-1) == tp.argmax(-1)).float().mean()))
+        accs.append(float((logits.argmax(-1) == t_top1[r]).float().mean()))
     return total, losses, accs, norm_count
 
 

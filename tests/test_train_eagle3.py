@@ -15,7 +15,7 @@ from safetensors import safe_open
 from specdec.draft.loader import load_eagle3
 from specdec.draft.train_data import choose_draft_vocab, write_jsonl
 from specdec.draft.train_eagle3 import main
-from specdec.draft.ttt import ChainAttention, make_draft
+from specdec.draft.ttt import ChainAttention, make_draft, target_head_weight, ttt_forward
 from specdec.target.loader import load_model
 
 from .tiny_models import make_checkpoint, random_prompts
@@ -132,3 +132,52 @@ def test_make_draft_starts_at_the_targets_logit_lens(tmp_path: Path) -> None:
     # a tenth of the target rows of the draft vocabulary (see make_draft)
     assert torch.allclose(draft.lm_head.weight, 0.1 * target.lm_head.weight[hot])
     assert draft.cfg.capture_layers(4) == (2, 2, 1)
+
+
+def test_ttt_loss_matches_the_targets_distribution_row_by_row(tmp_path: Path) -> None:
+    """Per step k, the loss is the mean forward KL between softmax(target hidden row p + 1 + k
+    @ head rows) and the draft's logits at p, and the accuracy compares their argmaxes."""
+    ckpt = make_checkpoint(tmp_path / "t", "llama", num_hidden_layers=4)
+    target, _ = load_model(ckpt.path, "float32")
+    V, H = target.cfg.vocab_size, target.cfg.hidden_size
+    hot = torch.arange(0, V, 3)
+    draft = make_draft(target, hot, None, True, 0)
+    g = torch.Generator().manual_seed(1)
+    B, T, steps = 2, 12, 3
+    lengths = torch.tensor([12, 9])
+    batch = {
+        "input_ids": torch.randint(0, V, (B, T), generator=g), "lengths": lengths,
+        "loss_mask": torch.arange(T)[None, :].expand(B, T) >= torch.tensor([[3], [2]]),
+        "top1": hot[torch.randint(0, hot.numel(), (B, T), generator=g)],
+        "aux": torch.randn(B, T, 3 * H, generator=g), "hidden": torch.randn(B, T, H, generator=g),
+    }
+    batch["top1"][0, 7] = 1  # one target argmax outside the draft vocab: that row is not scored
+    head_w = target_head_weight(target, hot)
+    in_vocab = torch.zeros(V, dtype=torch.bool)
+    in_vocab[hot] = True
+    seen: list[torch.Tensor] = []
+    plain = draft.draft_logits
+
+    def record(h: torch.Tensor) -> torch.Tensor:
+        out = plain(h)
+        seen.append(out.detach())
+        return out
+
+    draft.draft_logits = record  # type: ignore[method-assign]
+    with torch.no_grad():
+        _, losses, accs, _ = ttt_forward(draft, batch, head_w, in_vocab, steps, 0.8)
+    pos = torch.arange(T)[None, :]
+    scored = torch.zeros(B, T, dtype=torch.bool)  # target row j scores token j + 1 of the response
+    scored[:, :-1] = batch["loss_mask"][:, 1:] & (pos[:, 1:] < lengths[:, None])
+    scored &= in_vocab[batch["top1"]]
+    first = int(scored.float().argmax(-1).min())
+    start = max(0, first - steps)
+    assert len(seen) == steps
+    for k in range(steps):
+        s = 0 if k == 0 else start
+        rows = [(b, p) for b in range(B) for p in range(T - s) if s + p + 1 + k < T and scored[b, s + p + 1 + k]]
+        tp = torch.stack([torch.softmax(batch["hidden"][b, s + p + 1 + k] @ head_w.T, -1) for b, p in rows])
+        logq = torch.log_softmax(seen[k], -1)
+        kl = (tp * (tp.log() - logq)).sum(-1)
+        assert losses[k] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-5)
+        assert accs[k] == pytest.approx(float((seen[k].argmax(-1) == tp.argmax(-1)).float().mean()))
