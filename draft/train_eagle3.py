@@ -88,14 +88,13 @@ class TrainArgs:
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # the shipped head: 832 self-distilled answers (~114k response tokens), TTT 5, 3 epochs.
-    # ~2.5 h on 2 idle CPU cores (responses ~1.5 h, features ~10 min, training ~20 min at
-    # ~1.3 s/step, eval ~15 min); the prompt file holds 1123 prompts, so a larger
-    # --max-prompts only needs more time
+    # the shipped head: all 1123 training prompts answered (~153k response tokens), TTT 5,
+    # 8 epochs. ~2 h on 2 idle CPU cores (responses ~30-40 min, features ~10 min, training
+    # ~62 min at ~1.5 s/step, eval ~5 min); every stage resumes from disk
     "smollm2": {
         "n_gsm8k": 900, "n_alpaca": 159, "n_self": 64, "heldout_gsm8k": 48, "heldout_alpaca": 16,
-        "max_prompts": 832, "max_new_tokens": 160, "sample_frac": 0.2, "draft_vocab_size": 8192,
-        "ttt_steps": 5, "epochs": 3.0, "lr": 2e-3, "warmup_steps": 10, "batch_tokens": 1024,
+        "max_new_tokens": 160, "sample_frac": 0.2, "draft_vocab_size": 8192,
+        "ttt_steps": 5, "epochs": 8.0, "lr": 2e-3, "warmup_steps": 10, "batch_tokens": 1024,
         "batch_seqs": 4, "save_every": 48, "log_every": 4,
     },
     # seconds: for tests and smoke runs
