@@ -1,12 +1,15 @@
 """specdec's CPU kernels (kernels/csrc/*.cpp), each beside its torch reference.
 
-One C++ extension, built on first use with torch's extension loader (gcc + ninja; about a
-minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with AVX2 + FMA:
+One C++ extension per CPU tier (kernels/cpu_isa.py: amx, avx512, avx2; `none` means no
+extension), built on first use with torch's extension loader (gcc + ninja; about a minute once
+per tier, then cached under ~/.cache/torch_extensions as `specdec_cpu_kernels_<tier>`, compiled
+with that tier's flags only, so a build is never loaded on a CPU that lacks its tier):
 
 * `w8_linear(x, w, scale, bias)`: weight-only int8 linear: float32 activations in and out,
   quantised inside to int16 per block of 32 for integer dot products (`vpmaddwd`); int8
-  weights in the kernel's layout (`pack_w8`), float32 [N] scales. Reference:
-  `w8_linear_reference` (float64, on the logical weights and the same int16 activations).
+  weights in the kernel's layout (`pack_w8`, any K: zero columns pad it to a multiple of 32),
+  float32 [N] scales. Reference: `w8_linear_reference` (float64, on the logical weights and the
+  same int16 activations).
 * `w4_linear(x, wq, ws, n, bias)`: weight-only int4 in llama.cpp's Q4_1 arrangement (groups of
   32 along K, float16 scale and low per group), same int16 activations; weights in `pack_w4`'s
   layout. Reference: `w4_linear_reference`.
@@ -18,9 +21,10 @@ minute once, then cached under ~/.cache/torch_extensions), for x86-64 CPUs with 
   store, attention, SiLU MLP, residuals) in one call. Reference: the module path
   (`DecoderLayer.forward`), compared in tests/test_cpu_kernels.py.
 
-`extension()` returns the compiled module, or None when this CPU or toolchain cannot build it
-(no AVX2/FMA, no compiler, SPECDEC_NO_CPU_KERNELS=1); callers then use PyTorch's ops (and
-PyTorch's own int8 kernel for w8a16). The reason is logged once.
+`active_isa()` is the tier in use (decided once per process: `SPECDEC_CPU_ISA` or the best the
+CPU allows); `extension()` returns its compiled module, or None for `none` (no AVX2, not x86, no
+compiler, SPECDEC_NO_CPU_KERNELS=1): callers then use PyTorch's ops, and quantised weights are
+dequantised per product. The reason is logged once.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -38,36 +41,22 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from . import cpu_isa
+from .cpu_isa import IsaUnavailable
+
 log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
+# every tier builds the same sources; the tier macro (cpu_isa.COMPILE_FLAGS) picks its kernels
 SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
            CSRC / "decoder_layer.cpp")
 HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h", CSRC / "tile_driver.h")
-DISABLE_ENV = "SPECDEC_NO_CPU_KERNELS"
+DISABLE_ENV = cpu_isa.DISABLE_ENV
 NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of this (Linux) machine; empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def unsupported_reason() -> str | None:
-    """Why the AVX2 kernel cannot be used here, or None when it can."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return f"{DISABLE_ENV} is set"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernel is x86-64 only (this is {platform.machine()})"
-    if not {"avx2", "fma", "f16c"} <= cpu_flags():
-        return "this CPU lacks AVX2/FMA/F16C"
+def toolchain_problem() -> str | None:
+    """Why no extension can be built here (no compiler, no ninja), or None."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler on PATH"
     if shutil.which("ninja") is None:
@@ -85,71 +74,130 @@ def _headers_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-@functools.cache
-def extension() -> ModuleType | None:
-    """Build (once per machine) and load the CPU kernel extension; None if unavailable."""
-    reason = unsupported_reason()
-    if reason is not None:
-        log.info("specdec's CPU kernels are off (PyTorch ops are used instead): %s", reason)
-        return None
+def build(isa: str) -> ModuleType:
+    """Build (or load the cached build of) one tier's extension; raises on a build error."""
+    if isa not in cpu_isa.COMPILE_FLAGS:
+        raise IsaUnavailable(f"there is no extension for tier {isa!r}")
     from torch.utils import cpp_extension
 
-    try:
-        module = cpp_extension.load(
-            name="specdec_cpu_kernels",
-            sources=[str(p) for p in SOURCES],
-            # torch rebuilds when sources or flags change; the headers' hash is in the flags
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DSPECDEC_HEADERS={_headers_hash()}"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # a broken toolchain must not stop the server
-        log.warning("could not build specdec's CPU kernels (%s); using PyTorch's ops",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
+    return cpp_extension.load(
+        name=f"specdec_cpu_kernels_{isa}",
+        sources=[str(p) for p in SOURCES],
+        # torch rebuilds when sources or flags change; the headers' hash is in the flags
+        extra_cflags=["-O3", *cpu_isa.COMPILE_FLAGS[isa], "-fopenmp", "-fvisibility=hidden",
+                      f"-DSPECDEC_HEADERS={_headers_hash()}"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+@functools.cache
+def _resolve() -> tuple[str, ModuleType | None, str | None]:
+    """(tier, its module or None, why a better tier was not used), decided once."""
+    requested = cpu_isa.requested_isa()  # raises on a bad SPECDEC_CPU_ISA
+    isa = cpu_isa.choose_isa(requested, cpu_isa.cpu_isas())  # raises on a tier the CPU lacks
+    if isa == "none":
+        why = "forced" if requested == "none" else "this CPU has no tier specdec has kernels for"
+        return "none", None, why
+    problem = toolchain_problem()
+    if problem is not None:
+        if requested is not None:
+            raise IsaUnavailable(f"{cpu_isa.ENV}={isa}: cannot build its kernels: {problem}")
+        return "none", None, problem
+    candidates = [isa] if requested is not None else [
+        i for i in cpu_isa.supported_isas() if i != "none" and cpu_isa.ISAS.index(i) >= cpu_isa.ISAS.index(isa)]
+    first_error: str | None = None
+    for candidate in candidates:
+        try:
+            return candidate, build(candidate), first_error
+        except Exception as exc:  # a broken toolchain must not stop the server
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if requested is not None:
+                raise IsaUnavailable(f"{cpu_isa.ENV}={candidate}: its kernels failed to build: {msg}") from exc
+            log.warning("could not build specdec's %s CPU kernels (%s)", candidate, msg)
+            first_error = first_error or f"the {candidate} build failed: {msg}"
+    return "none", None, first_error
+
+
+def active_isa() -> str:
+    """The CPU kernel tier this process runs: amx, avx512, avx2 or none."""
+    return _resolve()[0]
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The active tier's compiled kernels (built once per machine and tier); None for `none`."""
+    isa, module, why = _resolve()
+    if module is None:
+        log.info("specdec's CPU kernels are off (PyTorch ops are used instead): %s", why)
+    else:
+        log.info("specdec's CPU kernels: %s", isa)
     return module
+
+
+def unsupported_reason() -> str | None:
+    """Why no extension is in use, or None when one is."""
+    _, module, why = _resolve()
+    return None if module is not None else why
 
 
 KERNEL_TILE = 8  # output channels per tile of the int8 and int4 kernels' layouts (tile_driver.h)
 ACT_BLOCK = 32  # k per activation scale of the integer kernels
 
 
+def padded_k(k: int) -> int:
+    """K rounded up to a whole activation block: the packed weights' width (zero columns)."""
+    return -(-k // ACT_BLOCK) * ACT_BLOCK
+
+
+def _pad_k(t: Tensor) -> Tensor:  # [..., K] -> [..., padded_k(K)] with zero columns
+    k = t.shape[-1]
+    return t if k % ACT_BLOCK == 0 else torch.nn.functional.pad(t, (0, padded_k(k) - k))
+
+
 def pack_w8(w: Tensor) -> Tensor:
-    """int8 [N, K] (K % 32 == 0) -> the kernel's layout [N8, K] (N8 = N rounded up to 8, zero
-    rows appended): tiles of 8 output channels, each stored as [K/2, 8, 2] (a pair of k for
-    each channel), so one 16-byte load sign-extends to `vpmaddwd`'s eight int16 pairs."""
-    N, K = w.shape
-    if K % ACT_BLOCK:
-        raise ValueError(f"the int8 kernel needs K % 32 == 0, got K={K}")
+    """int8 [N, K] -> the kernel's layout [N8, Kp] (N8 = N rounded up to 8 with zero rows, Kp =
+    `padded_k(K)` with zero columns): tiles of 8 output channels, each stored as [Kp/2, 8, 2]
+    (a pair of k for each channel), so one 16-byte load sign-extends to `vpmaddwd`'s eight int16
+    pairs. The kernel takes x [M, K] with the unpadded K."""
+    N = w.shape[0]
+    w = _pad_k(w)
+    K = w.shape[1]
     n8 = -(-N // KERNEL_TILE) * KERNEL_TILE
     padded = torch.cat([w, w.new_zeros(n8 - N, K)]) if n8 != N else w
     tiles = padded.view(n8 // KERNEL_TILE, KERNEL_TILE, K // 2, 2).transpose(1, 2)  # [tiles, K/2, 8, 2]
     return tiles.contiguous().view(n8, K)
 
 
-def unpack_w8(packed: Tensor, n: int) -> Tensor:
-    """Inverse of `pack_w8`: the first `n` logical rows, int8 [n, K]."""
+def unpack_w8(packed: Tensor, n: int, k: int | None = None) -> Tensor:
+    """Inverse of `pack_w8`: the first `n` logical rows and `k` columns (default: all), int8."""
     n8, K = packed.shape
     tiles = packed.view(n8 // KERNEL_TILE, K // 2, KERNEL_TILE, 2).transpose(1, 2)  # [tiles, 8, K/2, 2]
-    return tiles.contiguous().view(n8, K)[:n]
+    return tiles.contiguous().view(n8, K)[:n, : K if k is None else k]
+
+
+def _kernels(what: str) -> ModuleType:
+    kernel = extension()
+    if kernel is None:
+        raise RuntimeError(f"the {what} kernel is unavailable: {unsupported_reason()}")
+    return kernel
 
 
 def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """x [M, K] float32, w int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
-    kernel = extension()
-    if kernel is None:
-        raise RuntimeError(f"the AVX2 int8 kernel is unavailable: {unsupported_reason()}")
     empty = x.new_empty(0)
-    return kernel.w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
+    return _kernels("int8").w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
 
 
 def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     """Codes q [N, K] in 0..15 with w = scale * q + low per group of 32 along K (scale, low
-    [N, K/32]) -> the kernel's (wq uint8 [N8, K/2], ws float16 [N8/8, K/32, 2, 8]). Per tile
-    of 8 channels and 4 k: 16 bytes, low nibbles the (k, k+1) pair group of `pack_w8`'s
-    layout, high nibbles the (k+2, k+3) group."""
+    [N, K/32], K % 32 == 0: pad the weight before quantising) -> the kernel's (wq uint8
+    [N8, K/2], ws float16 [N8/8, K/32, 2, 8]). Per tile of 8 channels and 4 k: 16 bytes, low
+    nibbles the (k, k+1) pair group of `pack_w8`'s layout, high nibbles the (k+2, k+3) group."""
     N, K = q.shape
-    pairs = pack_w8(q.to(torch.int8)).view(torch.uint8)  # [N8, K], pack_w8 checks K % 32
+    if K % ACT_BLOCK:
+        raise ValueError(f"int4 codes come in groups of 32 along K, got K={K} (pad the weight first)")
+    pairs = pack_w8(q.to(torch.int8)).view(torch.uint8)  # [N8, K]
     n8 = pairs.shape[0]
     groups = pairs.view(n8 // KERNEL_TILE, K // 4, 2, 16)  # per 4 k: the (k, k+1) and (k+2, k+3) groups
     wq = (groups[:, :, 0] | (groups[:, :, 1] << 4)).contiguous().view(n8, K // 2)
@@ -160,29 +208,27 @@ def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     return wq, ws
 
 
-def unpack_w4(wq: Tensor, ws: Tensor, n: int) -> Tensor:
-    """The float32 [n, K] weight the kernel multiplies by: scale * q + low (float16 scales)."""
+def unpack_w4(wq: Tensor, ws: Tensor, n: int, k: int | None = None) -> Tensor:
+    """The float32 [n, k] weight the kernel multiplies by: scale * q + low (float16 scales)."""
     n8, half_k = wq.shape
     K = half_k * 2
     groups = torch.stack([(wq & 0x0F).view(n8 // KERNEL_TILE, K // 4, 16),
                           (wq >> 4).view(n8 // KERNEL_TILE, K // 4, 16)], dim=2)  # [tiles, K/4, 2, 16]
     q = unpack_w8(groups.reshape(n8, K).view(torch.int8), n).float()
     sl = ws.float().permute(2, 0, 3, 1).reshape(2, n8, K // ACT_BLOCK)[:, :n]  # [2, n, K/32]
-    return q * sl[0].repeat_interleave(ACT_BLOCK, 1) + sl[1].repeat_interleave(ACT_BLOCK, 1)
+    w = q * sl[0].repeat_interleave(ACT_BLOCK, 1) + sl[1].repeat_interleave(ACT_BLOCK, 1)
+    return w[:, : K if k is None else k]
 
 
 def w4_linear(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] float32, (wq, ws) from `pack_w4` -> [M, n] float32."""
-    kernel = extension()
-    if kernel is None:
-        raise RuntimeError(f"the AVX2 int4 kernel is unavailable: {unsupported_reason()}")
-    return kernel.w4_linear(x.contiguous(), wq, ws, n, x.new_empty(0) if bias is None else bias.float())
+    """x [M, K] float32, (wq, ws) from `pack_w4` (K padded to Kp) -> [M, n] float32."""
+    return _kernels("int4").w4_linear(x.contiguous(), wq, ws, n, x.new_empty(0) if bias is None else bias.float())
 
 
 def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
     """The int4 kernel's product in float64: the kernel's int16 activations times `unpack_w4`'s
     weight (+ bias), returned as float32."""
-    out = _kernel_activations(x) @ unpack_w4(wq, ws, n).double().T
+    out = _kernel_activations(x) @ unpack_w4(wq, ws, n, x.shape[1]).double().T
     if bias is not None:
         out = out + bias.double()
     return out.float()
@@ -190,8 +236,9 @@ def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor 
 
 def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:
     """What the int8 kernel does to its input first: float32 [M, K] -> int16 codes [M, K] and
-    float32 scales [M, K/32], q = rint(x * (32767 / amax)), per block of 32 k (a block with
-    amax <= 1e-30 -> codes and scale 0)."""
+    float32 scales [M, Kp/32], q = rint(x * (32767 / amax)), per block of 32 k (a block with
+    amax <= 1e-30 -> codes and scale 0; K is padded with zeros to Kp = `padded_k(K)`)."""
+    x = _pad_k(x)
     M, K = x.shape
     blocks = x.float().view(M, K // ACT_BLOCK, ACT_BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True)
@@ -205,7 +252,8 @@ def _kernel_activations(x: Tensor) -> Tensor:
     """x [M, K] as the integer kernels see it (int16 codes times block scales), float64."""
     q, s = quantize_activations_reference(x)
     M, K = x.shape
-    return (q.double().view(M, K // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, K)
+    Kp = q.shape[1]
+    return (q.double().view(M, Kp // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, Kp)[:, :K]
 
 
 def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -117,7 +117,8 @@ def create_app(state: ServerState) -> FastAPI:
             "spec_accept_rate": snap["spec_accept_rate"],
             "last_gen_throughput": state.loop.last_gen_throughput,
         }
-        return {**state.server_args, "version": _version(), "internal_states": [internal],
+        return {**state.server_args, "version": _version(), "cpu_kernel_isa": state.engine.cpu_isa,
+                "internal_states": [internal],
                 "avg_spec_accept_length": snap["avg_spec_accept_length"], "metrics": snap}
 
     async def model_info(request: Request) -> Any:

@@ -27,7 +27,7 @@ from specdec.draft.eagle3_proposer import Eagle3Proposer
 from specdec.draft.loader import load_eagle3
 from specdec.draft.ngram import NgramProposer
 from specdec.draft.proposer import Proposer
-from specdec.kernels import AttentionBackend, get_attention_backend
+from specdec.kernels import AttentionBackend, cpu_kernels, get_attention_backend
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.config import ModelConfig
 from specdec.target.embedded import resolve_model_path
@@ -70,6 +70,9 @@ class Engine:
         if self.config.random_seed is not None:
             torch.manual_seed(self.config.random_seed)
         self.model_path = resolve_model_path(self.config.model_path)
+        # the CPU kernel tier, decided (and its extension built) once per process; a forced
+        # SPECDEC_CPU_ISA this CPU lacks fails here with IsaUnavailable (a ValueError)
+        self.cpu_isa = cpu_kernels.active_isa()
         t0 = time.perf_counter()
         self.device = resolve_device(self.config.device)
         self.model, self.model_config = load_model(self.model_path, self.config.dtype)

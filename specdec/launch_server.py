@@ -54,7 +54,8 @@ def serve(args: argparse.Namespace) -> int:
     spec = engine.spec_config
     print(f"[specdec] serving {name!r} on http://{args.host}:{args.port} "
           f"(speculative: {spec.algorithm if spec else 'off'}"
-          + (f", steps {spec.num_steps} topk {spec.topk} draft tokens {spec.num_draft_tokens})" if spec else ")"),
+          + (f", steps {spec.num_steps} topk {spec.topk} draft tokens {spec.num_draft_tokens}" if spec else "")
+          + f"; CPU kernels: {engine.cpu_isa})",
           file=sys.stderr, flush=True)
     try:
         uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)

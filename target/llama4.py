@@ -153,7 +153,7 @@ class DecoderLayer(nn.Module):
 
     def fused_weights(self) -> tuple[Tensor, ...] | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` decoder_layer), or None when this
-        layer is not a plain dense Llama layer with float32 or AVX2-int8 weights."""
+        layer is not a plain dense Llama layer with float32 or kernel-packed quantised weights."""
         if self._fused is None:
             self._fused = _fused_weights(self) or False
         return self._fused if isinstance(self._fused, tuple) else None
@@ -166,13 +166,13 @@ class DecoderLayer(nn.Module):
 
 
 def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """(weight, scale) for the fused kernel: int8 packed + scale, or float32 + empty scale."""
+    """(weight, scale) for the fused kernel: packed int8/int4 + scale, or float32 + empty scale."""
     if isinstance(module, Linear):
         if module.bias is not None or module.weight.dtype != torch.float32:
             return None
         return module.weight, torch.empty(0)
     qw = getattr(module, "qw", None)
-    if qw is not None and getattr(module, "bias", None) is None and qw.kernel == "avx2":
+    if qw is not None and getattr(module, "bias", None) is None and qw.packed:
         if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.KERNEL_TILE:
             return None  # the fused layer reads N from the packed int4 rows: no padding allowed
         return qw.qweight, qw.scale

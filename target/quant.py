@@ -6,16 +6,17 @@ for tied embeddings an int8 copy of the embedding serves as lm_head) and every r
 is replaced by its quantised form; activations, norms, attention and the KV cache keep the
 model dtype.
 
-* w8a16: int8, one symmetric scale per output channel (scale = max|w_row| / 127). On x86
-  CPUs with AVX2 our kernel (kernels/csrc/w8_linear.cpp) takes float32 activations and
-  quantises them to int16 per block of 32 for integer dot products (finer than bf16);
-  elsewhere on the CPU PyTorch's `_weight_int8pack_mm` (bfloat16 activations); on other
-  devices the weight is dequantised per call.
+* w8a16: int8, one symmetric scale per output channel (scale = max|w_row| / 127).
 * w4a16: int4, groups of 32 along K with a scale and a low value per group (asymmetric;
-  llama.cpp's Q4_1 arrangement). On AVX2 CPUs our kernel (kernels/csrc/w4_linear.cpp, float16
-  scales, the same int16 activations); elsewhere on the CPU PyTorch's
-  `_weight_int4pack_mm_for_cpu` (bfloat16 activations; a weight with K % 32 != 0 or
-  N % 16 != 0 is then quantised to int8); dequantised on other devices.
+  llama.cpp's Q4_1 arrangement).
+
+On the CPU both run on specdec's kernels for the active tier (kernels/cpu_isa.py), which take
+float32 activations, quantise them to int16 per block of 32 for integer dot products (finer
+than bf16) and handle any K (the packed weight is padded with zero columns). Without a kernel
+tier (`SPECDEC_CPU_ISA=none`, a CPU without AVX2, another device) the weight stays quantised in
+memory and is dequantised for each product: always correct, never faster. PyTorch's private
+`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are not used: the first crashes on
+AVX-512 CPUs for K % 32 != 0.
 
 Both are lossy; docs/PERFORMANCE.md records the logprob differences against the unquantised
 model. Speculative output stays exactly the quantised model's own greedy output.
@@ -62,96 +63,75 @@ def quantize_w4(weight: Tensor, group: int = W4_GROUP) -> tuple[Tensor, Tensor, 
 
 
 class QuantWeight(nn.Module):
-    """One quantised [N, K] weight and how to multiply by it on this device."""
+    """One quantised [N, K] weight and how to multiply by it on this device.
 
-    qweight: Tensor  # int8 [N8, K] (pack_w8) | uint8 [N8, K/2] (pack_w4) | int4pack | uint8 codes
-    scale: Tensor  # float32 [N] (w8a16) | float16 (pack_w4) | float32 [N, K/g] (dequant)
-    scale_bf16: Tensor
-    scales_zeros: Tensor  # [K/g, N, 2] bf16 (int4pack)
+    `kernel` is the CPU kernel tier whose packed layout `qweight` holds (`cpu_kernels.active_isa()`,
+    e.g. "avx2"), or "dequant" (codes as quantised, dequantised per product)."""
+
+    qweight: Tensor  # int8 [N8, Kp] (pack_w8) | uint8 [N8, Kp/2] (pack_w4) | int8 / uint8 codes [N, K(p)]
+    scale: Tensor  # float32 [N] (w8a16) | float16 (pack_w4) | float32 [N, Kp/g] (dequant w4)
     zero: Tensor
-    _avx2: Any
+    _ext: Any
 
     def __init__(self, weight: Tensor, scheme: str) -> None:
         super().__init__()
         if scheme not in QUANTIZATION_CHOICES:
             raise ValueError(f"unknown quantization {scheme!r}; choose one of {QUANTIZATION_CHOICES}")
         self.out_features, self.in_features = weight.shape
-        cpu = weight.device.type == "cpu"
-        # our AVX2 kernels (int8 and int4) need K % 32 == 0; None when unavailable
-        self._avx2 = cpu_kernels.extension() if cpu and self.in_features % 32 == 0 else None
-        if scheme == "w4a16" and self._avx2 is None and (self.in_features % W4_GROUP or self.out_features % 16):
-            scheme = "w8a16"  # PyTorch's int4 packing needs K % 32 == 0, N % 16 == 0: keep int8
         self.scheme = scheme
-        self.kernel = "dequant"
+        self._ext = cpu_kernels.extension() if weight.device.type == "cpu" else None
+        self.kernel = cpu_kernels.active_isa() if self._ext is not None else "dequant"
         self._no_bias = torch.empty(0)
+        # zero columns up to a whole group: no effect on the product, any K works
+        padded = F.pad(weight, (0, cpu_kernels.padded_k(self.in_features) - self.in_features))
         if scheme == "w8a16":
-            q, scale = quantize_w8(weight)
+            q, scale = quantize_w8(padded)
             self.register_buffer("scale", scale, persistent=False)
-            if self._avx2 is not None:
-                self.kernel = "avx2"
-                self.register_buffer("qweight", cpu_kernels.pack_w8(q), persistent=False)
-            else:
-                if cpu:
-                    self.kernel = "int8pack"
-                self.register_buffer("qweight", q, persistent=False)
-                self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
+            packed = cpu_kernels.pack_w8(q) if self._ext is not None else q
+            self.register_buffer("qweight", packed, persistent=False)
+            return
+        q, scale, zero = quantize_w4(padded)
+        if self._ext is not None:  # w = scale * q + low, float16 scale and low (Q4_1's layout)
+            wq, ws = cpu_kernels.pack_w4(q, scale, zero - 8.0 * scale)
+            self.register_buffer("qweight", wq, persistent=False)
+            self.register_buffer("scale", ws, persistent=False)
         else:
-            q, scale, zero = quantize_w4(weight)
-            if self._avx2 is not None:  # w = scale * q + low, float16 scale and low (Q4_1's layout)
-                self.kernel = "avx2"
-                wq, ws = cpu_kernels.pack_w4(q, scale, zero - 8.0 * scale)
-                self.register_buffer("qweight", wq, persistent=False)
-                self.register_buffer("scale", ws, persistent=False)
-            elif cpu:
-                self.kernel = "int4pack"
-                packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-                sz = torch.stack((scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
-                self.register_buffer("qweight", packed, persistent=False)
-                self.register_buffer("scales_zeros", sz, persistent=False)  # [K/g, N, 2]
-            else:
-                self.register_buffer("qweight", q.to(torch.uint8), persistent=False)
-                self.register_buffer("scale", scale, persistent=False)
-                self.register_buffer("zero", zero, persistent=False)
+            self.register_buffer("qweight", q.to(torch.uint8), persistent=False)
+            self.register_buffer("scale", scale, persistent=False)
+            self.register_buffer("zero", zero, persistent=False)
+
+    @property
+    def packed(self) -> bool:
+        """True when `qweight` is in a CPU kernel's layout (the fused layers can take it)."""
+        return self._ext is not None
 
     def dequantized(self) -> Tensor:
         """The float32 [N, K] weight this module multiplies by (for references and tests)."""
-        if self.scheme == "w8a16":
-            q = cpu_kernels.unpack_w8(self.qweight, self.out_features) if self.kernel == "avx2" else self.qweight
-            return q.float() * self.scale[:, None]
-        if self.kernel == "avx2":
-            return cpu_kernels.unpack_w4(self.qweight, self.scale, self.out_features)
-        if self.kernel == "int4pack":
-            eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-            return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, W4_GROUP, self.scales_zeros).float().t()
         N, K = self.out_features, self.in_features
-        q = self.qweight.float().view(N, K // W4_GROUP, W4_GROUP)
-        return ((q - 8.0) * self.scale[..., None] + self.zero[..., None]).view(N, K)
+        if self.scheme == "w8a16":
+            q = cpu_kernels.unpack_w8(self.qweight, N, K) if self.packed else self.qweight[:, :K]
+            return q.float() * self.scale[:, None]
+        if self.packed:
+            return cpu_kernels.unpack_w4(self.qweight, self.scale, N, K)
+        Kp = self.qweight.shape[1]
+        q = self.qweight.float().view(N, Kp // W4_GROUP, W4_GROUP)
+        return ((q - 8.0) * self.scale[..., None] + self.zero[..., None]).view(N, Kp)[:, :K]
 
-    def _avx2_linear(self, x: Tensor, bias: Tensor | None) -> Tensor:  # float32 [M, K] contiguous
+    def _kernel_linear(self, x: Tensor, bias: Tensor | None) -> Tensor:  # float32 [M, K] contiguous
         b = self._no_bias if bias is None else bias.float()
         if self.scheme == "w8a16":
-            return self._avx2.w8_linear(x, self.qweight, self.scale, b)
-        return self._avx2.w4_linear(x, self.qweight, self.scale, self.out_features, b)
+            return self._ext.w8_linear(x, self.qweight, self.scale, b)
+        return self._ext.w4_linear(x, self.qweight, self.scale, self.out_features, b)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:  # [..., K] -> [..., N]
-        if self.kernel == "avx2" and x.dtype == torch.float32 and x.dim() == 2:  # the hot path
-            return self._avx2_linear(x.contiguous(), bias)
+        if self.packed and x.dtype == torch.float32 and x.dim() == 2:  # the hot path
+            return self._kernel_linear(x.contiguous(), bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "avx2":
-            y = self._avx2_linear(x2.float().contiguous(), bias)
+        if self.packed:
+            y = self._kernel_linear(x2.float().contiguous(), bias)
             return y.to(x.dtype).view(*lead, self.out_features)
-        if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.scale_bf16)
-        elif self.kernel == "int4pack":
-            y = torch._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self.qweight, W4_GROUP, self.scales_zeros
-            )
-        else:
-            y = F.linear(x2, self.dequantized().to(x.dtype))
-        y = y.to(x.dtype)
-        if bias is not None:
-            y = y + bias.to(x.dtype)
+        y = F.linear(x2, self.dequantized().to(x.dtype), None if bias is None else bias.to(x.dtype))
         return y.view(*lead, self.out_features)
 
 

@@ -5,7 +5,8 @@
 
 #include <vector>
 
-// w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N8, K] in pack_w8 layout
+// w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N8, Kp] in pack_w8 layout
+// (Kp = K rounded up to a multiple of 32, zero columns)
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias);
 
@@ -14,9 +15,13 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 // is not null, the block's sum of codes)
 constexpr int64_t kActBlock = 32;
 void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums);
+inline int64_t padded_k(int64_t K) { return (K + kActBlock - 1) / kActBlock * kActBlock; }
+// M rows of x [M, K] -> q [M, Kp], s [M, Kp/32] (and sums when not null), the tail of a row
+// with K % 32 != 0 quantised as if padded with zeros
+void quantise_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int32_t* sums);
 
 // w4_linear.cpp: y = x w^T + bias with w[n, k] = scale[n, g] * q[n, k] + low[n, g] (g = k / 32,
-// q in 0..15); wq uint8 [N8, K/2] and ws float16 [N8/8, K/32, 2, 8] in pack_w4 layout
+// q in 0..15); wq uint8 [N8, Kp/2] and ws float16 [N8/8, Kp/32, 2, 8] in pack_w4 layout
 at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t N,
                      const at::Tensor& bias);
 

@@ -3,8 +3,8 @@
 //   y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n]),  w[n, k] = scale[n, g] * q[n, k] + low[n, g]
 //   (g = k / 32, q in 0..15: llama.cpp's Q4_1 arrangement, 4 bits + two float16 per 32 weights)
 //
-//   x  [M, K] float32, contiguous, K % 32 == 0
-//   wq [N8, K/2] uint8, ws [N8/8, K/32, 2, 8] float16 (scale, low) in pack_w4's layout
+//   x  [M, K] float32, contiguous (K is padded with zeros to Kp, a multiple of 32)
+//   wq [N8, Kp/2] uint8, ws [N8/8, Kp/32, 2, 8] float16 (scale, low) in pack_w4's layout
 //
 // As in w8_linear.cpp, each row of x is quantised to int16 per block of 32 k (scale sx_g, sum of
 // codes S_g), so per block and channel
@@ -104,8 +104,7 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor
                      const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "w4_linear: x must be a contiguous float32 [M, K] tensor");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % BLOCK == 0, "w4_linear: K must be a multiple of 32, got ", K);
+  const int64_t M = x.size(0), K = padded_k(x.size(1));
   const int64_t n8 = (N + TILE - 1) / TILE * TILE;
   TORCH_CHECK(wq.scalar_type() == at::kByte && wq.is_contiguous() && wq.dim() == 2 && wq.size(0) == n8 &&
                   wq.size(1) == K / 2,
@@ -128,8 +127,7 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * nb);
   std::vector<int32_t> xsum(M * nb);
-  for (int64_t m = 0; m < M; ++m)
-    quantise_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * nb, xsum.data() + m * nb);
+  quantise_rows(xp, M, x.size(1), xq.data(), xs.data(), xsum.data());
   const Rows rows{xq.data(), xs.data(), xsum.data()};
 
   for_tile_pairs(M, N, n8 / TILE, nullptr, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {

@@ -3,7 +3,8 @@
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]  (+ bias[n])
 //
 //   x     [M, K] float32, contiguous (M is small: 1 for decode, up to ~64 for verification)
-//   w     [N8, K] int8 in pack_w8's layout (N8 = N rounded up to 8; per-channel symmetric)
+//   w     [N8, Kp] int8 in pack_w8's layout (N8 = N rounded up to 8, Kp = K rounded up to 32,
+//         zero padding; per-channel symmetric)
 //   scale [N]    float32
 //   bias  [N]    float32 or an empty tensor
 //
@@ -112,15 +113,27 @@ void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums
   }
 }
 
+void quantise_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int32_t* sums) {
+  const int64_t Kp = padded_k(K), nb = Kp / kActBlock;
+  std::vector<float> tail(K == Kp ? 0 : Kp, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    if (K != Kp) {  // the last block's missing k count as zeros
+      std::copy(row, row + K, tail.begin());
+      row = tail.data();
+    }
+    quantise_row(row, Kp, q + m * Kp, s + m * nb, sums == nullptr ? nullptr : sums + m * nb);
+  }
+}
+
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "w8_linear: x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "w8_linear: w must be a contiguous int8 [N8, K] tensor in pack_w8 layout");
-  const int64_t M = x.size(0), K = x.size(1), N = scale.numel();
-  TORCH_CHECK(w.size(1) == K, "w8_linear: x has K=", K, " but w has K=", w.size(1));
-  TORCH_CHECK(K % BLOCK == 0, "w8_linear: K must be a multiple of 32, got ", K);
+              "w8_linear: w must be a contiguous int8 [N8, Kp] tensor in pack_w8 layout");
+  const int64_t M = x.size(0), K = padded_k(x.size(1)), N = scale.numel();
+  TORCH_CHECK(w.size(1) == K, "w8_linear: x has K=", x.size(1), " (", K, " packed) but w has K=", w.size(1));
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
               "w8_linear: scale must be a contiguous float32 [N] tensor");
   TORCH_CHECK(w.size(0) == (N + TILE - 1) / TILE * TILE,
@@ -138,7 +151,7 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / BLOCK));
-  for (int64_t m = 0; m < M; ++m) quantise_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * (K / BLOCK), nullptr);
+  quantise_rows(xp, M, x.size(1), xq.data(), xs.data(), nullptr);
 
   for_tile_pairs(M, N, w.size(0) / TILE, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
     const int8_t* wt = wp + t0 * TILE * K;
