@@ -51,7 +51,7 @@ from specdec.bench.bench_serving import (
     server_accept_stats,
 )
 
-DATASETS = ("gsm8k", "alpaca", "custom")
+DATASETS = ("chat", "gsm8k", "alpaca", "custom")
 ALGORITHMS = ("EAGLE3", "EAGLE", "NGRAM")
 
 
@@ -508,8 +508,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m specdec.bench.accept_analysis",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default="gsm8k",
-                   help="gsm8k / alpaca from ../shared/data, or custom: a jsonl of held-out chat prompts")
+    p.add_argument("--dataset", choices=DATASETS, default="chat",
+                   help="chat (held-out chat prompts of every category), gsm8k (test split), alpaca: shipped "
+                   "in specdec.bench.data; custom: a jsonl of prompts (--dataset-path)")
     p.add_argument("--dataset-path", default=None, help="Overrides the dataset's default file")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -15,7 +15,8 @@ Backends: `specdec` / `sglang` stream SGLang's native `/generate`; `openai` and 
 
 Datasets: `random` (random token ids of `--random-input-len` / `--random-output-len`, both
 drawn from [len * ratio, len] with `--random-range-ratio`), `sharegpt` (a ShareGPT json or
-jsonl file), `gsm8k` (questions of `../shared/data/gsm8k_test.jsonl`), `custom` (a jsonl of
+jsonl file), `gsm8k` (GSM8K's test questions), `alpaca` (the Alpaca seed tasks), `chat` (held-out
+chat prompts of every category; these three ship in specdec.bench.data), `custom` (a jsonl of
 chat prompts: `messages` / `conversations`, or `prompt` / `text` / `question` /
 `instruction`). Output lengths come from the reference reply unless `--sharegpt-output-len`
 fixes them; the server is asked to ignore EOS (`--disable-ignore-eos` turns that off).
@@ -52,10 +53,10 @@ import numpy as np
 
 BACKENDS = ("specdec", "sglang", "vllm", "openai", "openai-chat")
 NATIVE_BACKENDS = ("specdec", "sglang")
-DATASETS = ("random", "sharegpt", "gsm8k", "custom")
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-DEFAULT_DATA = {"gsm8k": SHARED_DATA / "gsm8k_test.jsonl", "alpaca": SHARED_DATA / "alpaca_seed_tasks.jsonl"}
+DATASETS = ("random", "sharegpt", "gsm8k", "alpaca", "chat", "custom")
+BENCH_DATA = Path(__file__).resolve().parent / "data"  # shipped in the package (bench/data/README.md)
+DEFAULT_DATA = {"gsm8k": BENCH_DATA / "gsm8k_test.jsonl", "alpaca": BENCH_DATA / "alpaca_seed_tasks.jsonl",
+                "chat": BENCH_DATA / "chat_heldout.jsonl"}
 
 Messages = list[dict[str, str]]
 
@@ -709,7 +710,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset-name", choices=DATASETS, default="random")
     p.add_argument("--dataset-path", default=None,
                    help="ShareGPT json/jsonl, chat-prompt jsonl (custom) or gsm8k jsonl "
-                   "(default for gsm8k: ../shared/data/gsm8k_test.jsonl)")
+                   "(default for gsm8k, alpaca and chat: the files shipped in specdec.bench.data)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument("--random-output-len", type=int, default=1024,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from specdec.bench.bench_serving import SHARED_DATA
+from specdec.bench.bench_serving import BENCH_DATA
 
 STOP = ["Question:", "\n\n\n"]
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -124,8 +124,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-questions", type=int, default=200)
     p.add_argument("--num-shots", type=int, default=5, help="Solved examples from the training split")
     p.add_argument("--parallel", type=int, default=8, help="Requests in flight")
-    p.add_argument("--data-path", default=str(SHARED_DATA / "gsm8k_test.jsonl"))
-    p.add_argument("--train-path", default=str(SHARED_DATA / "gsm8k_train.jsonl"), help="Source of the shots")
+    p.add_argument("--data-path", default=str(BENCH_DATA / "gsm8k_test.jsonl"),
+                   help="Test questions (default: GSM8K's test split, shipped in specdec.bench.data)")
+    p.add_argument("--train-path", default=str(BENCH_DATA / "gsm8k_shots.jsonl"),
+                   help="Source of the shots, taken in order (default: the first 16 training questions)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--backend", choices=("specdec", "sglang", "openai"), default="specdec",

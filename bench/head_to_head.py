@@ -7,12 +7,16 @@
       ships), when `llama_cpp` is importable (pip install llama-cpp-python); otherwise the
       table says it was skipped and why.
 
-Every contestant answers every prompt (chat template applied, greedy, stops at EOS or
-`--max-new-tokens`); contestants alternate within each repeat so machine noise hits all of
-them; tok/s = generated tokens / wall seconds, summed over prompts, median over repeats.
+Every contestant runs in its own process (bench/contestants.py: a crash, such as llama.cpp's
+AMX path on some Xeons, is reported with its signal and the rest of the table is printed) and
+answers every prompt (chat template applied, greedy, stops at EOS or `--max-new-tokens`);
+contestants alternate within each repeat so machine noise hits all of them; tok/s = generated
+tokens / wall seconds (timed inside the contestant), summed over prompts, median over repeats.
 Speculative outputs are checked token for token against (b) (same dtype and quantisation).
+The default prompts are the held-out chat prompts of every category shipped in
+specdec.bench.data (chat_heldout.jsonl, categories in turn).
 
-    python -m specdec.bench.head_to_head --num-prompts 4 --max-new-tokens 128 \\
+    python -m specdec.bench.head_to_head --num-prompts 8 --max-new-tokens 128 \\
         --quantization w8a16 --trees 5,4,8 3,1,4 --json results.json
 """
 
@@ -23,15 +27,16 @@ import importlib.util
 import json
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-Answer = Callable[[list[int]], tuple[list[int], float]]  # prompt ids -> (new ids, accept length)
+from .bench_serving import DEFAULT_DATA
+from .contestants import Answer, Contestant, ContestantFailed, serve_answers
+
 HF_BF16 = "hf-bf16"
 
 
@@ -42,10 +47,12 @@ class Result:
     seconds: list[float] = field(default_factory=list)
     accept: list[float] = field(default_factory=list)
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
+    failure: str | None = None  # why the contestant's process stopped (its signal), if it did
 
     @property
     def tok_s(self) -> float:
-        return statistics.median(t / s for t, s in zip(self.tokens, self.seconds))
+        done = [t / s for t, s in zip(self.tokens, self.seconds) if s > 0]
+        return statistics.median(done) if done and self.failure is None else float("nan")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,9 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     head = shipped_head_for_embedded()
     p = argparse.ArgumentParser(prog="python -m specdec.bench.head_to_head", description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=Path, default=None if head is None else head / "heldout_prompts.jsonl",
-                   help="jsonl with a 'prompt' field per line (default: the shipped head's held-out prompts)")
-    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--prompts", type=Path, default=DEFAULT_DATA["chat"],
+                   help="jsonl with a 'prompt' field per line (default: held-out chat prompts of every category)")
+    p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -67,6 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the bundled one)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--contestant", default=None, help=argparse.SUPPRESS)  # internal: run one contestant
     return p.parse_args(argv)
 
 
@@ -125,18 +133,64 @@ def llama_cpp(gguf: Path, eos: Sequence[int], max_new: int, threads: int) -> Ans
     return answer
 
 
+def make_answer(spec: dict[str, Any]) -> Answer:
+    """Build one contestant inside its own process from its JSON spec."""
+    torch.set_num_threads(int(spec["threads"]))
+    kind, max_new = spec["kind"], int(spec["max_new_tokens"])
+    if kind == "hf":
+        return hf_bf16(Path(spec["model_dir"]), spec["eos"], spec["pad"], max_new)
+    if kind == "ours":
+        return ours(spec["dtype"], spec["quantization"], max_new, **spec["spec"])
+    if kind == "llama.cpp":
+        return llama_cpp(Path(spec["gguf"]), spec["eos"], max_new, int(spec["threads"]))
+    raise ValueError(f"unknown contestant kind {kind!r}")
+
+
+def run(contestants: dict[str, Contestant], prompts: list[list[int]], repeats: int) -> dict[str, Result]:
+    """Alternate the contestants over the prompts, `repeats` times (after one warm-up prompt each);
+    a contestant whose process dies keeps its failure and drops out."""
+    results = {name: Result(name) for name in contestants}
+
+    def ask(name: str, ids: list[int]) -> Any:
+        result = results[name]
+        if result.failure is not None:
+            return None
+        try:
+            return contestants[name].ask(ids)
+        except ContestantFailed as e:
+            result.failure = str(e)
+            print(f"[head_to_head] {name}: {e}", file=sys.stderr, flush=True)
+            return None
+
+    for name in contestants:  # warm-up
+        ask(name, prompts[0])
+    for rep in range(repeats):
+        for r in results.values():
+            r.tokens.append(0)
+            r.seconds.append(0.0)
+        for ids in prompts:
+            for name in contestants:
+                reply = ask(name, ids)
+                if reply is None:
+                    continue
+                results[name].seconds[-1] += reply.seconds
+                results[name].tokens[-1] += len(reply.new)
+                results[name].accept.append(reply.accept)
+                if rep == 0:
+                    results[name].outputs.append(reply.new)
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.contestant is not None:
+        return serve_answers(lambda: make_answer(json.loads(args.contestant)))
     from transformers import AutoTokenizer
 
     from specdec.target.embedded import embedded_gguf_path, ensure_embedded_model
 
     model_dir = ensure_embedded_model()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if args.prompts is None:
-        print("error: no prompt file (pass --prompts)", file=sys.stderr)
-        return 2
     prompts = load_prompts(args.prompts, args.num_prompts, tok)
     gen_cfg = json.loads((model_dir / "generation_config.json").read_text()) \
         if (model_dir / "generation_config.json").exists() else {}
@@ -145,39 +199,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     quant = None if args.quantization in ("none", "") else args.quantization
     label = f"specdec {args.dtype}{'' if quant is None else ' ' + quant}"
 
-    contestants: dict[str, Answer] = {}
+    common = {"threads": args.threads, "max_new_tokens": args.max_new_tokens}
+    specs: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     if not args.skip_hf:
-        contestants[HF_BF16] = hf_bf16(model_dir, eos, tok.pad_token_id, args.max_new_tokens)
-    contestants[label] = ours(args.dtype, quant, args.max_new_tokens)
+        specs[HF_BF16] = {**common, "kind": "hf", "model_dir": str(model_dir), "eos": eos, "pad": tok.pad_token_id}
+    ours_spec = {**common, "kind": "ours", "dtype": args.dtype, "quantization": quant}
+    specs[label] = {**ours_spec, "spec": {}}
     for tree in args.trees:
         steps, topk, ndt = (int(v) for v in tree.split(","))
-        contestants[f"{label} + EAGLE3 ({steps},{topk},{ndt})"] = ours(
-            args.dtype, quant, args.max_new_tokens, speculative_algorithm="EAGLE3",
-            speculative_draft_model_path=args.draft_model_path, speculative_num_steps=steps,
-            speculative_eagle_topk=topk, speculative_num_draft_tokens=ndt)
+        specs[f"{label} + EAGLE3 ({steps},{topk},{ndt})"] = {**ours_spec, "spec": {
+            "speculative_algorithm": "EAGLE3", "speculative_draft_model_path": args.draft_model_path,
+            "speculative_num_steps": steps, "speculative_eagle_topk": topk, "speculative_num_draft_tokens": ndt}}
     gguf = args.gguf or embedded_gguf_path()
     if importlib.util.find_spec("llama_cpp") is None:
         notes.append("llama.cpp: skipped, llama-cpp-python is not installed (pip install llama-cpp-python)")
     else:
-        contestants[f"llama.cpp ({gguf.name})"] = llama_cpp(gguf, eos, args.max_new_tokens, args.threads)
+        specs[f"llama.cpp ({gguf.name})"] = {**common, "kind": "llama.cpp", "gguf": str(gguf), "eos": eos}
 
-    results = {name: Result(name) for name in contestants}
-    for answer in contestants.values():  # warm-up
-        answer(prompts[0])
-    for rep in range(args.repeats):
-        for r in results.values():
-            r.tokens.append(0)
-            r.seconds.append(0.0)
-        for ids in prompts:
-            for name, answer in contestants.items():
-                t0 = time.perf_counter()
-                new, accept = answer(ids)
-                results[name].seconds[-1] += time.perf_counter() - t0
-                results[name].tokens[-1] += len(new)
-                results[name].accept.append(accept)
-                if rep == 0:
-                    results[name].outputs.append(new)
+    contestants: dict[str, Contestant] = {}
+    failed_to_start: dict[str, str] = {}
+    for name, spec in specs.items():
+        print(f"[head_to_head] starting {name} ...", file=sys.stderr, flush=True)
+        argv_c = [sys.executable, "-m", "specdec.bench.head_to_head", "--contestant", json.dumps(spec)]
+        try:
+            contestants[name] = Contestant(name, argv_c)
+        except ContestantFailed as e:
+            failed_to_start[name] = str(e)
+            print(f"[head_to_head] {name}: {e}", file=sys.stderr, flush=True)
+    try:
+        results = run(contestants, prompts, args.repeats) if contestants else {}
+    finally:
+        for c in contestants.values():
+            c.close()
+    for name, why in failed_to_start.items():
+        results[name] = Result(name, failure=why)
+    results = {name: results[name] for name in specs}  # table order
 
     base = results.get(HF_BF16)
     plain = results[label]
@@ -185,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.threads} threads, median of {args.repeats} repeats")
     print(f"{'contestant':<48} {'tokens':>7} {'tok/s':>7} {'vs HF bf16':>10} {'vs plain':>9} {'accept':>7}  lossless")
     for r in results.values():
+        if r.failure is not None:
+            print(f"{r.name:<48} failed: {r.failure}")
+            continue
         lossless = ""
         if r.name.startswith(label + " +"):
             lossless = "yes" if r.outputs == plain.outputs else "NO"
@@ -200,11 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": [{**asdict(r), "tok_s": r.tok_s} for r in results.values()],
             "notes": notes,
         }, indent=1) + "\n")
-    bad = [r.name for r in results.values() if r.name.startswith(label + " +") and r.outputs != plain.outputs]
+    ours_failed = [r.name for r in results.values() if r.name.startswith(label) and r.failure is not None]
+    bad = [r.name for r in results.values()
+           if r.name.startswith(label + " +") and r.failure is None and r.outputs != plain.outputs]
     if bad:
         print(f"error: speculative output differs from plain decoding: {bad}", file=sys.stderr)
-        return 1
-    return 0
+    if ours_failed:
+        print(f"error: specdec contestants failed: {ours_failed}", file=sys.stderr)
+    return 1 if bad or ours_failed else 0
 
 
 if __name__ == "__main__":

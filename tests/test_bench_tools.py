@@ -245,3 +245,54 @@ def test_sweep_validates_like_sglang() -> None:
     assert accept_analysis.validate_config("EAGLE3", accept_analysis.parse_config("3,1,5")) is not None
     with pytest.raises(Exception, match="steps,topk,draft_tokens"):
         accept_analysis.parse_config("5,4")
+
+
+# ---- the data a user's command reads by default ships in the package -----------------------------
+def test_default_data_ships_in_the_package() -> None:
+    from specdec.draft.data_split import is_heldout
+
+    package = Path(bench_serving.__file__).resolve().parent
+    defaults = [*bench_serving.DEFAULT_DATA.values(),
+                Path(few_shot_gsm8k.parse_args([]).data_path), Path(few_shot_gsm8k.parse_args([]).train_path)]
+    for path in defaults:
+        assert path.is_relative_to(package / "data") and path.exists(), path
+        assert "shared" not in path.parts, path
+    assert accept_analysis.parse_args([]).dataset == "chat"
+    rows = [json.loads(line) for line in bench_serving.DEFAULT_DATA["chat"].read_text().splitlines()]
+    assert len({r["category"] for r in rows[:9]}) == 9  # the first prompts cover every category
+    assert all(is_heldout(r["prompt"]) for r in rows)  # never training data
+    assert len(bench_serving.load_chat_samples(bench_serving.DEFAULT_DATA["chat"])) == len(rows)
+
+
+# ---- head_to_head's contestants, each in its own process -----------------------------------------
+_ECHO = ("from specdec.bench.contestants import serve_answers; import sys; "
+         "sys.exit(serve_answers(lambda: (lambda ids: (ids[:2], 1.5))))")
+_CRASH_ON_SECOND = ("from specdec.bench.contestants import serve_answers; import os, signal, sys\n"
+                    "calls = []\n"
+                    "def answer(ids):\n"
+                    "    calls.append(1)\n"
+                    "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGSEGV)\n"
+                    "    return ids[:1], 1.0\n"
+                    "sys.exit(serve_answers(lambda: answer))")
+_FAIL_TO_LOAD = ("from specdec.bench.contestants import serve_answers; import sys\n"
+                 "def make(): raise OSError('no such model')\n"
+                 "sys.exit(serve_answers(make))")
+
+
+def test_a_crashing_contestant_is_reported_and_the_others_finish() -> None:
+    from specdec.bench.contestants import Contestant, ContestantFailed
+    from specdec.bench.head_to_head import run
+
+    contestants = {"echo": Contestant("echo", [sys.executable, "-c", _ECHO]),
+                   "crash": Contestant("crash", [sys.executable, "-c", _CRASH_ON_SECOND])}
+    try:
+        results = run(contestants, [[1, 2, 3], [4, 5, 6]], repeats=2)
+    finally:
+        for c in contestants.values():
+            c.close()
+    assert results["echo"].failure is None and results["echo"].tokens == [4, 4]
+    assert results["echo"].outputs == [[1, 2], [4, 5]] and results["echo"].accept == [1.5] * 4  # the warm-up is not recorded
+    assert results["crash"].failure is not None and results["crash"].failure.startswith("killed by SIGSEGV")
+    assert math.isnan(results["crash"].tok_s)
+    with pytest.raises(ContestantFailed, match="OSError: no such model"):
+        Contestant("broken", [sys.executable, "-c", _FAIL_TO_LOAD])
