@@ -35,16 +35,17 @@ _AVX512 = _AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
 _AMX = _AVX512 | {"amx_tile", "amx_int8"}
 REQUIRED_FLAGS: dict[str, frozenset[str]] = {"amx": _AMX, "avx512": _AVX512, "avx2": _AVX2,
                                              "none": frozenset()}
-# gcc/clang flags of each tier's build (the tier macro selects its kernels in kernels/csrc)
+# gcc/clang flags of each tier's build (SPECDEC_ISA_<TIER> names the tier, SPECDEC_AVX512 says
+# 512-bit vectors are there: kernels/csrc pick their code paths by these macros)
 COMPILE_FLAGS: dict[str, tuple[str, ...]] = {
     "avx2": ("-mavx2", "-mfma", "-mf16c", "-DSPECDEC_ISA_AVX2"),
     "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-               "-mavx512vnni", "-DSPECDEC_ISA_AVX512"),
+               "-mavx512vnni", "-DSPECDEC_ISA_AVX512", "-DSPECDEC_AVX512"),
     "amx": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-            "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-DSPECDEC_ISA_AMX"),
+            "-mavx512vnni", "-mamx-tile", "-mamx-int8", "-DSPECDEC_ISA_AMX", "-DSPECDEC_AVX512"),
 }
 # tiers whose kernels exist (a tier is offered only once its kernels are written and tested)
-IMPLEMENTED = ("avx2", "none")
+IMPLEMENTED = ("amx", "avx512", "avx2", "none")
 
 
 class IsaUnavailable(ValueError):

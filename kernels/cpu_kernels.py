@@ -47,9 +47,12 @@ from .cpu_isa import IsaUnavailable
 log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
-# every tier builds the same sources; the tier macro (cpu_isa.COMPILE_FLAGS) picks its kernels
-SOURCES = (CSRC / "bind.cpp", CSRC / "w8_linear.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
+_COMMON = (CSRC / "bind.cpp", CSRC / "quantise.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
            CSRC / "decoder_layer.cpp")
+# each tier's build: the common sources and its int8 kernel (the amx build's macro adds AMX tiles)
+SOURCES = {"avx2": (*_COMMON, CSRC / "w8_linear.cpp"),
+           "avx512": (*_COMMON, CSRC / "w8_linear_avx512.cpp"),
+           "amx": (*_COMMON, CSRC / "w8_linear_avx512.cpp")}
 HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h", CSRC / "tile_driver.h")
 DISABLE_ENV = cpu_isa.DISABLE_ENV
 NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
@@ -82,7 +85,7 @@ def build(isa: str) -> ModuleType:
 
     return cpp_extension.load(
         name=f"specdec_cpu_kernels_{isa}",
-        sources=[str(p) for p in SOURCES],
+        sources=[str(p) for p in SOURCES[isa]],
         # torch rebuilds when sources or flags change; the headers' hash is in the flags
         extra_cflags=["-O3", *cpu_isa.COMPILE_FLAGS[isa], "-fopenmp", "-fvisibility=hidden",
                       f"-DSPECDEC_HEADERS={_headers_hash()}"],
@@ -141,39 +144,67 @@ def unsupported_reason() -> str | None:
     return None if module is not None else why
 
 
-KERNEL_TILE = 8  # output channels per tile of the int8 and int4 kernels' layouts (tile_driver.h)
-ACT_BLOCK = 32  # k per activation scale of the integer kernels
+K_ALIGN = 64  # packed weights are zero-padded along K to a multiple of this (csrc/cpu_kernels.h)
+W4_GROUP = 32  # k per scale of the int4 weights, and per activation scale of the int4 kernel
+# output channels per tile of each tier's int8 layout; the int4 layout has tiles of 8 everywhere
+W8_TILE = {"avx2": 8, "avx512": 16, "amx": 16}
+W4_TILE = 8
 
 
 def padded_k(k: int) -> int:
-    """K rounded up to a whole activation block: the packed weights' width (zero columns)."""
-    return -(-k // ACT_BLOCK) * ACT_BLOCK
+    """K rounded up to a multiple of 64: the packed weights' width (zero columns)."""
+    return -(-k // K_ALIGN) * K_ALIGN
+
+
+def act_block(kp: int) -> int:
+    """k per activation scale of the int8 kernel for packed width `kp`: the largest of 256, 192,
+    128, 64 that divides it (csrc/cpu_kernels.h: act_block)."""
+    return next(b for b in (256, 192, 128, K_ALIGN) if kp % b == 0)
 
 
 def _pad_k(t: Tensor) -> Tensor:  # [..., K] -> [..., padded_k(K)] with zero columns
     k = t.shape[-1]
-    return t if k % ACT_BLOCK == 0 else torch.nn.functional.pad(t, (0, padded_k(k) - k))
+    return t if k % K_ALIGN == 0 else torch.nn.functional.pad(t, (0, padded_k(k) - k))
 
 
-def pack_w8(w: Tensor) -> Tensor:
-    """int8 [N, K] -> the kernel's layout [N8, Kp] (N8 = N rounded up to 8 with zero rows, Kp =
-    `padded_k(K)` with zero columns): tiles of 8 output channels, each stored as [Kp/2, 8, 2]
-    (a pair of k for each channel), so one 16-byte load sign-extends to `vpmaddwd`'s eight int16
-    pairs. The kernel takes x [M, K] with the unpadded K."""
-    N = w.shape[0]
-    w = _pad_k(w)
-    K = w.shape[1]
-    n8 = -(-N // KERNEL_TILE) * KERNEL_TILE
-    padded = torch.cat([w, w.new_zeros(n8 - N, K)]) if n8 != N else w
-    tiles = padded.view(n8 // KERNEL_TILE, KERNEL_TILE, K // 2, 2).transpose(1, 2)  # [tiles, K/2, 8, 2]
-    return tiles.contiguous().view(n8, K)
+def _pad_n(w: Tensor, tile: int) -> Tensor:  # [N, K] -> [N rounded up to `tile`, K] with zero rows
+    n = w.shape[0]
+    nt = -(-n // tile) * tile
+    return torch.cat([w, w.new_zeros(nt - n, w.shape[1])]) if nt != n else w
 
 
-def unpack_w8(packed: Tensor, n: int, k: int | None = None) -> Tensor:
+def w8_tile(isa: str | None = None) -> int:
+    """Output channels per tile of the int8 layout of `isa` (default: the active tier)."""
+    isa = active_isa() if isa is None else isa
+    if isa not in W8_TILE:
+        raise ValueError(f"tier {isa!r} has no packed int8 layout")
+    return W8_TILE[isa]
+
+
+def pack_w8(w: Tensor, isa: str | None = None) -> Tensor:
+    """int8 [N, K] -> the layout of tier `isa`'s int8 kernel (default: the active tier), [Nt, Kp]:
+    N rounded up to the tier's tile of channels with zero rows, Kp = `padded_k(K)` with zero
+    columns. The kernel takes x [M, K] with the unpadded K.
+
+    * avx2: tiles of 8 channels, each [Kp/2, 8, 2] (a pair of k for each channel): one 16-byte
+      load sign-extends to `vpmaddwd`'s eight int16 pairs.
+    * avx512, amx: tiles of 16 channels, each [Kp/4, 16, 4] (4 consecutive k of each channel):
+      64 bytes are one `vpdpbusd` operand, 16 of them (64 k) one AMX int8 B tile."""
+    tile = w8_tile(isa)
+    w = _pad_n(_pad_k(w), tile)
+    n, K = w.shape
+    group = 2 if tile == 8 else 4  # k per channel in one run
+    tiles = w.view(n // tile, tile, K // group, group).transpose(1, 2)  # [tiles, K/group, tile, group]
+    return tiles.contiguous().view(n, K)
+
+
+def unpack_w8(packed: Tensor, n: int, k: int | None = None, isa: str | None = None) -> Tensor:
     """Inverse of `pack_w8`: the first `n` logical rows and `k` columns (default: all), int8."""
-    n8, K = packed.shape
-    tiles = packed.view(n8 // KERNEL_TILE, K // 2, KERNEL_TILE, 2).transpose(1, 2)  # [tiles, 8, K/2, 2]
-    return tiles.contiguous().view(n8, K)[:n, : K if k is None else k]
+    tile = w8_tile(isa)
+    nt, K = packed.shape
+    group = 2 if tile == 8 else 4
+    tiles = packed.view(nt // tile, K // group, tile, group).transpose(1, 2)  # [tiles, tile, K/group, group]
+    return tiles.contiguous().view(nt, K)[:n, : K if k is None else k]
 
 
 def _kernels(what: str) -> ModuleType:
@@ -195,16 +226,16 @@ def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     [N8, K/2], ws float16 [N8/8, K/32, 2, 8]). Per tile of 8 channels and 4 k: 16 bytes, low
     nibbles the (k, k+1) pair group of `pack_w8`'s layout, high nibbles the (k+2, k+3) group."""
     N, K = q.shape
-    if K % ACT_BLOCK:
-        raise ValueError(f"int4 codes come in groups of 32 along K, got K={K} (pad the weight first)")
-    pairs = pack_w8(q.to(torch.int8)).view(torch.uint8)  # [N8, K]
+    if K % K_ALIGN:
+        raise ValueError(f"int4 codes must be {K_ALIGN}-aligned along K, got K={K} (pad the weight first)")
+    pairs = pack_w8(q.to(torch.int8), "avx2").view(torch.uint8)  # [N8, K]
     n8 = pairs.shape[0]
-    groups = pairs.view(n8 // KERNEL_TILE, K // 4, 2, 16)  # per 4 k: the (k, k+1) and (k+2, k+3) groups
+    groups = pairs.view(n8 // W4_TILE, K // 4, 2, 16)  # per 4 k: the (k, k+1) and (k+2, k+3) groups
     wq = (groups[:, :, 0] | (groups[:, :, 1] << 4)).contiguous().view(n8, K // 2)
     sl = torch.stack([scale.float(), low.float()])  # [2, N, K/32]
     if n8 != N:
-        sl = torch.cat([sl, sl.new_zeros(2, n8 - N, K // ACT_BLOCK)], dim=1)
-    ws = sl.view(2, n8 // KERNEL_TILE, KERNEL_TILE, K // ACT_BLOCK).permute(1, 3, 0, 2).to(torch.float16).contiguous()
+        sl = torch.cat([sl, sl.new_zeros(2, n8 - N, K // W4_GROUP)], dim=1)
+    ws = sl.view(2, n8 // W4_TILE, W4_TILE, K // W4_GROUP).permute(1, 3, 0, 2).to(torch.float16).contiguous()
     return wq, ws
 
 
@@ -212,11 +243,11 @@ def unpack_w4(wq: Tensor, ws: Tensor, n: int, k: int | None = None) -> Tensor:
     """The float32 [n, k] weight the kernel multiplies by: scale * q + low (float16 scales)."""
     n8, half_k = wq.shape
     K = half_k * 2
-    groups = torch.stack([(wq & 0x0F).view(n8 // KERNEL_TILE, K // 4, 16),
-                          (wq >> 4).view(n8 // KERNEL_TILE, K // 4, 16)], dim=2)  # [tiles, K/4, 2, 16]
-    q = unpack_w8(groups.reshape(n8, K).view(torch.int8), n).float()
-    sl = ws.float().permute(2, 0, 3, 1).reshape(2, n8, K // ACT_BLOCK)[:, :n]  # [2, n, K/32]
-    w = q * sl[0].repeat_interleave(ACT_BLOCK, 1) + sl[1].repeat_interleave(ACT_BLOCK, 1)
+    groups = torch.stack([(wq & 0x0F).view(n8 // W4_TILE, K // 4, 16),
+                          (wq >> 4).view(n8 // W4_TILE, K // 4, 16)], dim=2)  # [tiles, K/4, 2, 16]
+    q = unpack_w8(groups.reshape(n8, K).view(torch.int8), n, isa="avx2").float()
+    sl = ws.float().permute(2, 0, 3, 1).reshape(2, n8, K // W4_GROUP)[:, :n]  # [2, n, K/32]
+    w = q * sl[0].repeat_interleave(W4_GROUP, 1) + sl[1].repeat_interleave(W4_GROUP, 1)
     return w[:, : K if k is None else k]
 
 
@@ -228,32 +259,35 @@ def w4_linear(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = N
 def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor | None = None) -> Tensor:
     """The int4 kernel's product in float64: the kernel's int16 activations times `unpack_w4`'s
     weight (+ bias), returned as float32."""
-    out = _kernel_activations(x) @ unpack_w4(wq, ws, n, x.shape[1]).double().T
+    out = _kernel_activations(x, W4_GROUP) @ unpack_w4(wq, ws, n, x.shape[1]).double().T
     if bias is not None:
         out = out + bias.double()
     return out.float()
 
 
-def quantize_activations_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    """What the int8 kernel does to its input first: float32 [M, K] -> int16 codes [M, K] and
-    float32 scales [M, Kp/32], q = rint(x * (32767 / amax)), per block of 32 k (a block with
-    amax <= 1e-30 -> codes and scale 0; K is padded with zeros to Kp = `padded_k(K)`)."""
+def quantize_activations_reference(x: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:
+    """What the integer kernels do to their input first: float32 [M, K] -> int16 codes [M, Kp]
+    and float32 scales [M, Kp/block], q = rint(x * (32767 / amax)) per block of k (default: the
+    int8 kernel's `act_block(Kp)`; a block with amax <= 1e-30 -> codes and scale 0), K padded
+    with zeros to Kp = `padded_k(K)`."""
     x = _pad_k(x)
     M, K = x.shape
-    blocks = x.float().view(M, K // ACT_BLOCK, ACT_BLOCK)
+    block = act_block(K) if block is None else block
+    blocks = x.float().view(M, K // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
     live = amax > 1e-30  # tinier blocks count as zero (32767 / amax would overflow)
     inv = torch.where(live, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv).clamp(-32768, 32767).to(torch.int16)
-    return q.view(M, K), torch.where(live, amax / 32767.0, torch.zeros_like(amax)).view(M, K // ACT_BLOCK)
+    return q.view(M, K), torch.where(live, amax / 32767.0, torch.zeros_like(amax)).view(M, K // block)
 
 
-def _kernel_activations(x: Tensor) -> Tensor:
+def _kernel_activations(x: Tensor, block: int | None = None) -> Tensor:
     """x [M, K] as the integer kernels see it (int16 codes times block scales), float64."""
-    q, s = quantize_activations_reference(x)
+    q, s = quantize_activations_reference(x, block)
     M, K = x.shape
     Kp = q.shape[1]
-    return (q.double().view(M, Kp // ACT_BLOCK, ACT_BLOCK) * s.double()[..., None]).view(M, Kp)[:, :K]
+    nb = s.shape[1]
+    return (q.double().view(M, nb, Kp // nb) * s.double()[..., None]).view(M, Kp)[:, :K]
 
 
 def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:

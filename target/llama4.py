@@ -173,7 +173,7 @@ def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
         return module.weight, torch.empty(0)
     qw = getattr(module, "qw", None)
     if qw is not None and getattr(module, "bias", None) is None and qw.packed:
-        if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.KERNEL_TILE:
+        if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.W4_TILE:
             return None  # the fused layer reads N from the packed int4 rows: no padding allowed
         return qw.qweight, qw.scale
     return None

@@ -134,3 +134,21 @@ def test_a_forced_tier_this_machine_cannot_run_stops_the_cli_with_one_line() -> 
     proc = _run([sys.executable, "-m", "specdec.launch_server", "--port", "30999"], "sse9", timeout=120)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2 and len(errors) == 1 and "SPECDEC_CPU_ISA" in errors[0], proc.stderr
+
+
+def test_every_tier_computes_the_same_int8_product_bitwise() -> None:
+    """The int8 kernels of all tiers (and the AMX and VNNI paths of the amx tier, M >= 4 and < 4)
+    compute exact int32 block sums and the same float steps: equal results, bit for bit."""
+    tiers = [isa for isa in cpu_isa.supported_isas() if isa in cpu_kernels.W8_TILE]
+    if len(tiers) < 2:
+        pytest.skip(f"this machine runs only {tiers}")
+    modules = {isa: cpu_kernels.build(isa) for isa in tiers}
+    g = torch.Generator().manual_seed(0)
+    for N, K in [(960, 576), (576, 1536), (33, 100), (7, 40)]:
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        scale, bias = torch.rand(N, generator=g) * 0.01, torch.randn(N, generator=g)
+        for M in (1, 3, 4, 16, 17, 40):
+            x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 4
+            ys = {isa: m.w8_linear(x, cpu_kernels.pack_w8(w, isa), scale, bias) for isa, m in modules.items()}
+            first = ys[tiers[0]]
+            assert all(torch.equal(first, y) for y in ys.values()), (N, K, M)

@@ -3,7 +3,22 @@
 
 #include "cpu_kernels.h"
 
+#if defined(SPECDEC_ISA_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Linux hands out AMX tile data per process on request; the first tile instruction without it
+// is SIGILL. Asked at import, so the module never loads where it would crash.
+static bool request_amx_permission() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#if defined(SPECDEC_ISA_AMX)
+  if (!request_amx_permission()) throw pybind11::import_error("specdec amx kernels: Linux refused AMX tile data");
+#endif
   m.def("w8_linear", &w8_linear, "weight-only int8 linear (AVX2/FMA, float32 activations)");
   m.def("w4_linear", &w4_linear, "weight-only int4 linear, Q4_1-style groups of 32 (AVX2/F16C, float32 activations)");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim (float32)");

@@ -5,20 +5,30 @@
 
 #include <vector>
 
-// w8_linear.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N8, Kp] in pack_w8 layout
-// (Kp = K rounded up to a multiple of 32, zero columns)
+// The integer linear kernels take x float32 [M, K]; their packed weights are Kp = padded_k(K)
+// wide (zero columns up to a multiple of 64). Activations are quantised to int16 per block of k:
+// w8 blocks of act_block(Kp) (the largest of 256, 192, 128, 64 dividing Kp: int32 block sums of
+// int16 x int8 products cannot overflow, and fewer blocks mean fewer int -> float steps), w4
+// blocks of 32 (its weight groups).
+constexpr int64_t kAlign = 64;
+constexpr int64_t kW4Group = 32;
+inline int64_t padded_k(int64_t K) { return (K + kAlign - 1) / kAlign * kAlign; }
+inline int64_t act_block(int64_t Kp) {
+  for (int64_t b : {256, 192, 128}) if (Kp % b == 0) return b;
+  return kAlign;
+}
+
+// quantise.cpp: one row of K floats (K % block == 0, block % 16 == 0) -> int16 codes
+// q = rint(x * 32767 / amax) with one scale s = amax / 32767 per block (and, when `sums` is not
+// null, the block's sum of codes); quantise_rows does M rows of x [M, K] into q [M, Kp],
+// s [M, Kp / block], the tail of a row with K < Kp quantised as if padded with zeros
+void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums);
+void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums);
+
+// w8_linear*.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N_t, Kp] in the tier's
+// pack_w8 layout (N_t = N rounded up to the tier's tile of channels)
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias);
-
-// the activation side of the integer kernels: one row of K floats (K % 32 == 0) -> int16 codes
-// q = rint(x * 32767 / amax) with one scale s = amax / 32767 per block of 32 (and, when `sums`
-// is not null, the block's sum of codes)
-constexpr int64_t kActBlock = 32;
-void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums);
-inline int64_t padded_k(int64_t K) { return (K + kActBlock - 1) / kActBlock * kActBlock; }
-// M rows of x [M, K] -> q [M, Kp], s [M, Kp/32] (and sums when not null), the tail of a row
-// with K % 32 != 0 quantised as if padded with zeros
-void quantise_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int32_t* sums);
 
 // w4_linear.cpp: y = x w^T + bias with w[n, k] = scale[n, g] * q[n, k] + low[n, g] (g = k / 32,
 // q in 0..15); wq uint8 [N8, Kp/2] and ws float16 [N8/8, Kp/32, 2, 8] in pack_w4 layout

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -46,6 +47,57 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+#if defined(SPECDEC_AVX512)
+// 512-bit scores: q_a . k_i for MQ queries and 8 keys at once (D % 16 == 0), the keys loaded once
+// for all MQ queries; per query one accumulator per key over D in chunks of 16, then a fixed
+// reduction tree (fold 512 -> 256, then dot8's), so a score never depends on the other queries
+// or keys it is computed with.
+template <int MQ>
+inline void dot8x(const float* const* q, const float* const* k, int64_t D, __m256* out) {
+  __m512 a[MQ][8];
+  for (int m = 0; m < MQ; ++m)
+    for (int i = 0; i < 8; ++i) a[m][i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    __m512 qc[MQ];
+    for (int m = 0; m < MQ; ++m) qc[m] = _mm512_loadu_ps(q[m] + c);
+    for (int i = 0; i < 8; ++i) {
+      const __m512 kc = _mm512_loadu_ps(k[i] + c);
+      for (int m = 0; m < MQ; ++m) a[m][i] = _mm512_fmadd_ps(qc[m], kc, a[m][i]);
+    }
+  }
+  for (int m = 0; m < MQ; ++m) {
+    __m256 b[8];
+    for (int i = 0; i < 8; ++i)
+      b[i] = _mm256_add_ps(_mm512_castps512_ps256(a[m][i]), _mm512_extractf32x8_ps(a[m][i], 1));
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(b[4], b[5]), _mm256_hadd_ps(b[6], b[7]));
+    out[m] = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  }
+}
+
+// dst[a][0 .. 16 NV) = inv[a] * sum_j p[a][j] v_j[0 .. 16 NV) for MQ queries, in key order,
+// skipping zero probabilities; v_j = vbase + slot_j * vstride
+template <int MQ, int NV>
+inline void value_pass16(const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots,
+                         int64_t L, float* const* dst, const float* inv) {
+  __m512 acc[MQ][NV];
+  for (int a = 0; a < MQ; ++a)
+    for (int c = 0; c < NV; ++c) acc[a][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const float* vv = vbase + slots[j] * vstride;
+    for (int a = 0; a < MQ; ++a) {
+      const float pj = p[a][j];
+      if (pj == 0.0f) continue;  // invisible (or underflowed): adds nothing
+      const __m512 pv = _mm512_set1_ps(pj);
+      for (int c = 0; c < NV; ++c) acc[a][c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vv + 16 * c), acc[a][c]);
+    }
+  }
+  for (int a = 0; a < MQ; ++a) {
+    const __m512 vinv = _mm512_set1_ps(inv[a]);
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst[a] + 16 * c, _mm512_mul_ps(acc[a][c], vinv));
+  }
+}
+#endif
 
 // dst[a][0 .. 8 NV) = inv[a] * sum_j p[a][j] v_j[0 .. 8 NV) for MQ queries, in key order,
 // skipping zero probabilities; v_j = vbase + slot_j * vstride
@@ -94,31 +146,103 @@ void grouped_attention(const float* qp, const float* kp, const float* vp, const 
       for (int64_t j = 0; j < L; j += 8) {
         const float* keys[8];
         for (int u = 0; u < 8; ++u) keys[u] = kp + (sp[std::min(j + u, L - 1)] * Hkv + kvh) * D;
+#if defined(SPECDEC_AVX512)
+        if (D % 16 == 0) {
+          for (int64_t q0 = 0; q0 < nq; q0 += 3) {
+            const int mq = static_cast<int>(std::min<int64_t>(3, nq - q0));
+            const float* qs[3] = {qvec(q0), qvec(std::min(q0 + 1, nq - 1)), qvec(std::min(q0 + 2, nq - 1))};
+            __m256 dots[3];
+            if (mq == 3) dot8x<3>(qs, keys, D, dots);
+            else if (mq == 2) dot8x<2>(qs, keys, D, dots);
+            else dot8x<1>(qs, keys, D, dots);
+            for (int a = 0; a < mq; ++a)
+              _mm256_storeu_ps(scores.data() + (q0 + a) * ld + j, _mm256_mul_ps(_mm256_set1_ps(sc), dots[a]));
+          }
+          continue;
+        }
+#endif
         for (int64_t qi = 0; qi < nq; ++qi)
           _mm256_storeu_ps(scores.data() + qi * ld + j, _mm256_mul_ps(_mm256_set1_ps(sc), dot8(qvec(qi), keys, D)));
       }
-      // visibility, softmax numerators (exact 0 when invisible), denominators in key order
+      // visibility, softmax numerators (exact 0 when invisible) and denominators, 8 keys per
+      // step with a fixed reduction tree (a row's sums never depend on the other rows); the
+      // scores row is padded to a multiple of 8 with invisible entries
+      const int64_t L8 = (L + 7) / 8 * 8;
+      const __m256 vneg = _mm256_set1_ps(neg_inf);
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
       for (int64_t qi = 0; qi < nq; ++qi) {
         float* row = scores.data() + qi * ld;
         const int64_t t = t0 + qi / group;
         const bool* m = mp != nullptr ? mp + t * L : nullptr;
-        const int64_t causal_end = L - T + t;
-        float mx = neg_inf;
-        for (int64_t j = 0; j < L; ++j) {
-          if (m != nullptr ? !m[j] : j > causal_end) row[j] = neg_inf;
-          mx = std::max(mx, row[j]);
+        const int64_t last = std::min(L - 1, m != nullptr ? L - 1 : L - T + t);  // last index that may be visible
+        __m256 vmx = vneg;
+        for (int64_t j = 0; j < L8; j += 8) {
+          const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j)), lane);
+          __m256i vis = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last + 1)), idx);
+          if (m != nullptr) {
+            int64_t bits = 0;
+            if (j + 8 <= L) std::memcpy(&bits, m + j, 8);
+            else std::memcpy(&bits, m + j, static_cast<size_t>(L - j));
+            const __m256i mb = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bits));
+            vis = _mm256_and_si256(vis, _mm256_cmpgt_epi32(mb, _mm256_setzero_si256()));
+          }
+          const __m256 v = _mm256_blendv_ps(vneg, _mm256_loadu_ps(row + j), _mm256_castsi256_ps(vis));
+          _mm256_storeu_ps(row + j, v);
+          vmx = _mm256_max_ps(vmx, v);
         }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmx), _mm256_extractf128_ps(vmx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
         if (mx == neg_inf) {  // nothing visible: zeros
-          std::fill(row, row + L, 0.0f);
+          std::fill(row, row + L8, 0.0f);
           inv[qi] = 0.0f;
           continue;
         }
-        const __m256 vmx = _mm256_set1_ps(mx);
-        for (int64_t j = 0; j < L; j += 8) _mm256_storeu_ps(row + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmx)));
-        float denom = 0.0f;
-        for (int64_t j = 0; j < L; ++j) denom += row[j];
-        inv[qi] = 1.0f / denom;
+        const __m256 vmxb = _mm256_set1_ps(mx);
+        __m256 vsum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < L8; j += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmxb));
+          _mm256_storeu_ps(row + j, e);
+          vsum = _mm256_add_ps(vsum, e);
+        }
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        inv[qi] = 1.0f / _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
       }
+#if defined(SPECDEC_AVX512)
+      // values: 64 dims x 6 queries of accumulators in registers, one pass over V per chunk
+      if (D % 16 == 0) {
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+          const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / 16));
+          for (int64_t q0 = 0; q0 < nq; q0 += 6) {
+            const int mq = static_cast<int>(std::min<int64_t>(6, nq - q0));
+            const float* prow[6] = {};
+            float* dst[6] = {};
+            float invs[6] = {};
+            for (int a = 0; a < mq; ++a) {
+              prow[a] = scores.data() + (q0 + a) * ld;
+              dst[a] = orow(q0 + a) + d0;
+              invs[a] = inv[q0 + a];
+            }
+            const float* vbase = vp + kvh * D + d0;
+            const int64_t vstride = Hkv * D;
+            switch (mq * 8 + nv) {
+#define SPECDEC_VALUE_PASS16(MQ, NV) \
+  case MQ * 8 + NV: value_pass16<MQ, NV>(prow, vbase, vstride, sp, L, dst, invs); break;
+              SPECDEC_VALUE_PASS16(1, 1) SPECDEC_VALUE_PASS16(1, 2) SPECDEC_VALUE_PASS16(1, 3) SPECDEC_VALUE_PASS16(1, 4)
+              SPECDEC_VALUE_PASS16(2, 1) SPECDEC_VALUE_PASS16(2, 2) SPECDEC_VALUE_PASS16(2, 3) SPECDEC_VALUE_PASS16(2, 4)
+              SPECDEC_VALUE_PASS16(3, 1) SPECDEC_VALUE_PASS16(3, 2) SPECDEC_VALUE_PASS16(3, 3) SPECDEC_VALUE_PASS16(3, 4)
+              SPECDEC_VALUE_PASS16(4, 1) SPECDEC_VALUE_PASS16(4, 2) SPECDEC_VALUE_PASS16(4, 3) SPECDEC_VALUE_PASS16(4, 4)
+              SPECDEC_VALUE_PASS16(5, 1) SPECDEC_VALUE_PASS16(5, 2) SPECDEC_VALUE_PASS16(5, 3) SPECDEC_VALUE_PASS16(5, 4)
+              SPECDEC_VALUE_PASS16(6, 1) SPECDEC_VALUE_PASS16(6, 2) SPECDEC_VALUE_PASS16(6, 3) SPECDEC_VALUE_PASS16(6, 4)
+#undef SPECDEC_VALUE_PASS16
+              default: break;
+            }
+          }
+        }
+        continue;
+      }
+#endif
       // values: 32 dims x 3 queries of accumulators in registers, one pass over V per chunk
       for (int64_t d0 = 0; d0 < D; d0 += 32) {
         const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / 8));
@@ -164,11 +288,24 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   float* op = out.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     const float* row = xp + t * H;
-    double ss = 0.0;
-    for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(row[i]) * row[i];
+    // sum of squares in double: four lanes per register, then the lanes and the tail in order
+    __m256d acc = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 4 <= H; i += 4) {
+      const __m256d v = _mm256_cvtps_pd(_mm_loadu_ps(row + i));
+      acc = _mm256_fmadd_pd(v, v, acc);
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, acc);
+    double ss = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    for (; i < H; ++i) ss += static_cast<double>(row[i]) * row[i];
     const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + static_cast<float>(eps));
     float* dst = op + t * H;
-    for (int64_t i = 0; i < H; ++i) dst[i] = (row[i] * inv) * wp[i];
+    const __m256 vinv = _mm256_set1_ps(inv);
+    i = 0;
+    for (; i + 8 <= H; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + i), vinv), _mm256_loadu_ps(wp + i)));
+    for (; i < H; ++i) dst[i] = (row[i] * inv) * wp[i];
   }
   return out;
 }

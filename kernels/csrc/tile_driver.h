@@ -1,6 +1,6 @@
 // The output side shared by the integer linear kernels (w8_linear.cpp, w4_linear.cpp):
-// threads take pairs of 8-channel tiles, `compute(t0, nt, buf)` writes the M x (8 nt) block
-// of tiles t0 .. t0 + nt - 1 into buf (row stride 16), and the block lands in y [M, N] times
+// threads take pairs of TILE-channel tiles, `compute(t0, nt, buf)` writes the M x (TILE nt) block
+// of tiles t0 .. t0 + nt - 1 into buf (row stride 2 TILE), and the block lands in y [M, N] times
 // the per-channel scale (if any) plus the bias (if any). Header-only.
 #pragma once
 
@@ -10,9 +10,7 @@
 #include <cstdint>
 #include <vector>
 
-constexpr int64_t kTile = 8;  // output channels per tile of the integer kernels' layouts
-
-template <class Compute>
+template <int64_t kTile, class Compute>
 void for_tile_pairs(int64_t M, int64_t N, int64_t tiles, const float* scale, const float* bias, float* y,
                     Compute compute) {
   const int64_t pairs = (tiles + 1) / 2;  // two tiles at a time (M = 1 streams both together)

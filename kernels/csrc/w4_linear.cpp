@@ -1,4 +1,4 @@
-// Weight-only int4 linear for small row counts on x86 CPUs with AVX2 + F16C.
+// Weight-only int4 linear for small row counts on x86 CPUs with AVX2 + F16C (every tier).
 //
 //   y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n]),  w[n, k] = scale[n, g] * q[n, k] + low[n, g]
 //   (g = k / 32, q in 0..15: llama.cpp's Q4_1 arrangement, 4 bits + two float16 per 32 weights)
@@ -28,8 +28,8 @@
 
 namespace {
 
-constexpr int64_t TILE = kTile;
-constexpr int64_t BLOCK = kActBlock;
+constexpr int64_t TILE = 8;  // output channels per tile (every tier)
+constexpr int64_t BLOCK = kW4Group;  // k per activation scale: the weight groups
 
 struct Rows {
   const int16_t* q;   // [M, K]
@@ -127,10 +127,10 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * nb);
   std::vector<int32_t> xsum(M * nb);
-  quantise_rows(xp, M, x.size(1), xq.data(), xs.data(), xsum.data());
+  quantise_rows(xp, M, x.size(1), BLOCK, xq.data(), xs.data(), xsum.data());
   const Rows rows{xq.data(), xs.data(), xsum.data()};
 
-  for_tile_pairs(M, N, n8 / TILE, nullptr, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
+  for_tile_pairs<TILE>(M, N, n8 / TILE, nullptr, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
     const uint8_t* wt = wp + t0 * TILE * K / 2;
     const at::Half* st = sp + t0 * nb * 2 * TILE;
     if (nt == 2) rows4<2>(M, rows, K, wt, st, buf, 2 * TILE);

@@ -1,4 +1,5 @@
-// Weight-only int8 linear for small row counts on x86 CPUs with AVX2.
+// Weight-only int8 linear for small row counts: the AVX2 tier (the avx512 and amx tiers build
+// w8_linear_avx512.cpp instead, with the same arithmetic and so the same results).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]  (+ bias[n])
 //
@@ -9,7 +10,7 @@
 //   bias  [N]    float32 or an empty tensor
 //
 // Integer dot products: each row of x is quantised on the fly to int16 with one float scale
-// per block of 32 k (relative error <= 2^-16 of the block's largest |x|, far finer than the
+// per block of act_block(Kp) k (relative error <= 2^-16 of the block's largest |x|, far finer than the
 // bf16 activations of the usual w8a16 kernels), and `vpmaddwd` multiplies int16 activation
 // pairs with sign-extended int8 weight pairs into int32: 16 multiply-adds per instruction and
 // no int -> float conversion of the weights. Each block's int32 sums are scaled into float32
@@ -34,13 +35,13 @@
 
 namespace {
 
-constexpr int64_t TILE = kTile;  // output channels per tile
-constexpr int64_t BLOCK = kActBlock;  // k per activation scale
+constexpr int64_t TILE = 8;  // output channels per tile
 
 
 // MT rows of x against NT adjacent tiles: out[m][t*8 + j] = sum_b s[m][b] * (int sums of block b)
 template <int MT, int NT>
-inline void tile_kernel(const int16_t* xq, const float* xs, int64_t K, const int8_t* w, float* out, int64_t ldo) {
+inline void tile_kernel(const int16_t* xq, const float* xs, int64_t K, int64_t BLOCK, const int8_t* w, float* out,
+                        int64_t ldo) {
   __m256 facc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int t = 0; t < NT; ++t) facc[m][t] = _mm256_setzero_ps();
@@ -72,59 +73,16 @@ inline void tile_kernel(const int16_t* xq, const float* xs, int64_t K, const int
 
 // all M rows against NT adjacent tiles (weights stay in L1), in groups of up to 3 rows
 template <int NT>
-void rows_kernel(int64_t M, const int16_t* xq, const float* xs, int64_t K, const int8_t* w, float* buf,
-                 int64_t ldo) {
+void rows_kernel(int64_t M, const int16_t* xq, const float* xs, int64_t K, int64_t block, const int8_t* w,
+                 float* buf, int64_t ldo) {
   int64_t m = 0;
-  const int64_t nb = K / BLOCK;
-  for (; m + 3 <= M; m += 3) tile_kernel<3, NT>(xq + m * K, xs + m * nb, K, w, buf + m * ldo, ldo);
-  if (M - m == 2) tile_kernel<2, NT>(xq + m * K, xs + m * nb, K, w, buf + m * ldo, ldo);
-  if (M - m == 1) tile_kernel<1, NT>(xq + m * K, xs + m * nb, K, w, buf + m * ldo, ldo);
+  const int64_t nb = K / block;
+  for (; m + 3 <= M; m += 3) tile_kernel<3, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo);
+  if (M - m == 2) tile_kernel<2, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo);
+  if (M - m == 1) tile_kernel<1, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo);
 }
 
 }  // namespace
-
-void quantise_row(const float* x, int64_t K, int16_t* q, float* s, int32_t* sums) {
-  constexpr int64_t BLOCK = kActBlock;
-  for (int64_t b = 0; b < K; b += BLOCK) {
-    __m256 amax = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int64_t k = b; k < b + BLOCK; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float mx = _mm_cvtss_f32(m4);
-    // blocks below 1e-30 (32767 / amax would overflow float for amax < ~1e-34) count as zero
-    const bool zero = !(mx > 1e-30f);
-    const float inv = zero ? 0.0f : 32767.0f / mx;
-    s[b / BLOCK] = zero ? 0.0f : mx / 32767.0f;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    for (int64_t k = b; k < b + BLOCK; k += 16) {
-      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
-      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
-      // packs works per 128-bit lane: fix the order with a cross-lane permute
-      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), p);
-    }
-    if (sums != nullptr) {
-      int32_t total = 0;
-      for (int64_t k = b; k < b + BLOCK; ++k) total += q[k];
-      sums[b / BLOCK] = total;
-    }
-  }
-}
-
-void quantise_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int32_t* sums) {
-  const int64_t Kp = padded_k(K), nb = Kp / kActBlock;
-  std::vector<float> tail(K == Kp ? 0 : Kp, 0.0f);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* row = x + m * K;
-    if (K != Kp) {  // the last block's missing k count as zeros
-      std::copy(row, row + K, tail.begin());
-      row = tail.data();
-    }
-    quantise_row(row, Kp, q + m * Kp, s + m * nb, sums == nullptr ? nullptr : sums + m * nb);
-  }
-}
 
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias) {
@@ -149,14 +107,15 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
 
+  const int64_t block = act_block(K);
   std::vector<int16_t> xq(M * K);
-  std::vector<float> xs(M * (K / BLOCK));
-  quantise_rows(xp, M, x.size(1), xq.data(), xs.data(), nullptr);
+  std::vector<float> xs(M * (K / block));
+  quantise_rows(xp, M, x.size(1), block, xq.data(), xs.data(), nullptr);
 
-  for_tile_pairs(M, N, w.size(0) / TILE, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
+  for_tile_pairs<TILE>(M, N, w.size(0) / TILE, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
     const int8_t* wt = wp + t0 * TILE * K;
-    if (nt == 2) rows_kernel<2>(M, xq.data(), xs.data(), K, wt, buf, 2 * TILE);
-    else rows_kernel<1>(M, xq.data(), xs.data(), K, wt, buf, 2 * TILE);
+    if (nt == 2) rows_kernel<2>(M, xq.data(), xs.data(), K, block, wt, buf, 2 * TILE);
+    else rows_kernel<1>(M, xq.data(), xs.data(), K, block, wt, buf, 2 * TILE);
   });
   return y;
 }

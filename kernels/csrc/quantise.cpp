@@ -1,0 +1,52 @@
+// The activation side of the integer linear kernels (every tier): rows of float32 x quantised
+// to int16 codes with one float scale per block of k. Reference: quantize_activations_reference
+// in kernels/cpu_kernels.py.
+
+#include "cpu_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums) {
+  for (int64_t b = 0; b < K; b += block) {
+    __m256 amax = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t k = b; k < b + block; k += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float mx = _mm_cvtss_f32(m4);
+    // blocks below 1e-30 (32767 / amax would overflow float for amax < ~1e-34) count as zero
+    const bool zero = !(mx > 1e-30f);
+    const float inv = zero ? 0.0f : 32767.0f / mx;
+    s[b / block] = zero ? 0.0f : mx / 32767.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t k = b; k < b + block; k += 16) {
+      const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
+      // packs works per 128-bit lane: fix the order with a cross-lane permute
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), p);
+    }
+    if (sums != nullptr) {
+      int32_t total = 0;
+      for (int64_t k = b; k < b + block; ++k) total += q[k];
+      sums[b / block] = total;
+    }
+  }
+}
+
+void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums) {
+  const int64_t Kp = padded_k(K), nb = Kp / block;
+  std::vector<float> tail(K == Kp ? 0 : Kp, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    if (K != Kp) {  // the missing k of the last block count as zeros
+      std::copy(row, row + K, tail.begin());
+      row = tail.data();
+    }
+    quantise_row(row, Kp, block, q + m * Kp, s + m * nb, sums == nullptr ? nullptr : sums + m * nb);
+  }
+}

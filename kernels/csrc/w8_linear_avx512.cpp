@@ -1,0 +1,234 @@
+// Weight-only int8 linear for the avx512 and amx tiers (the avx2 tier builds w8_linear.cpp).
+//
+//   y[m, n] = scale[n] * sum_b s[m, b] * (sum_{k in block b} q[m, k] * w[n, k])  (+ bias[n])
+//
+//   x     [M, K] float32, contiguous; quantised here to int16 codes q per block of act_block(Kp)
+//   w     [N16, Kp] int8 in this tier's pack_w8 layout: tiles of 16 output channels, each tile
+//         [Kp/4, 16, 4] (for every 4 k, 64 bytes: 4 consecutive k of channel 0, of channel 1,
+//         ...), which is exactly an AMX int8 B tile and one `vpdpbusd` operand
+//   scale [N] float32, bias [N] float32 or empty
+//
+// The int32 sum of each block is exact, whichever instructions compute it, and it is scaled
+// into float32 accumulators in block order with the same float operations as the AVX2 tier:
+// a row's result is bitwise the same for any M, on either path below and on every tier.
+//
+// The int16 codes are split into bytes, q = 256 hi + lo (hi = q >> 8 in -128..127, lo = q & 255),
+// because the int8 dot products multiply bytes:
+//   * VNNI (`vpdpbusd`, unsigned x signed bytes, 4 products per int32 lane), used for few rows:
+//     sum (hi + 128) w - 128 sum w  and  sum lo w, with sum w from the same instruction on ones;
+//   * AMX (amx tier, M >= kAmxMinRows = 3): TDPBSSD (hi, signed) and TDPBUSD (lo, unsigned) into two
+//     int32 accumulator tiles per 16 rows and 16 channels, 64 k per instruction.
+// Reference: `w8_linear_reference` in kernels/cpu_kernels.py (the tier's `act_block`).
+
+#include "cpu_kernels.h"
+#include "tile_driver.h"
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 16;  // output channels per tile
+constexpr int64_t kAmxMinRows = 3;  // fewer rows: VNNI is faster (measured on a 2-core Xeon)
+
+struct Codes {
+  const uint8_t* hi;  // [M, Kp] (q >> 8) + 128 (VNNI) or q >> 8 as int8 (AMX), see split_codes
+  const uint8_t* hs;  // [M, Kp] q >> 8 as int8
+  const uint8_t* lo;  // [M, Kp] q & 255
+  const float* s;     // [M, Kp / block]
+};
+
+// hi (+128 for VNNI's unsigned operand), hi (signed), lo bytes of int16 codes, 32 at a time
+void split_codes(const int16_t* q, int64_t n, uint8_t* hi_u, uint8_t* hi_s, uint8_t* lo) {
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i v = _mm512_loadu_si512(q + i);
+    const __m256i h = _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_s + i), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_u + i), _mm256_xor_si256(h, bias));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm512_cvtepi16_epi8(v));
+  }
+  for (; i < n; ++i) {
+    const int h = q[i] >> 8;
+    hi_s[i] = static_cast<uint8_t>(h);
+    hi_u[i] = static_cast<uint8_t>(h + 128);
+    lo[i] = static_cast<uint8_t>(q[i] & 0xFF);
+  }
+}
+
+inline __m512i bcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// MT rows x NT adjacent tiles with VNNI: out[m][t*16 + j] = sum_b s[m][b] * (block b's int32 sum)
+template <int MT, int NT>
+inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w, float* out, int64_t ldo) {
+  const int64_t nb = K / block;
+  const int64_t tile_bytes = TILE * K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 facc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int t = 0; t < NT; ++t) facc[m][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i ahi[MT][NT], alo[MT][NT], wsum[NT];
+    for (int t = 0; t < NT; ++t) wsum[t] = _mm512_setzero_si512();
+    for (int m = 0; m < MT; ++m)
+      for (int t = 0; t < NT; ++t) ahi[m][t] = alo[m][t] = _mm512_setzero_si512();
+    for (int64_t k = b * block; k < (b + 1) * block; k += 4) {
+      __m512i wv[NT];
+      for (int t = 0; t < NT; ++t) {
+        wv[t] = _mm512_loadu_si512(w + t * tile_bytes + k * TILE);
+        wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv[t]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512i h = bcast4(x.hi + m * K + k), l = bcast4(x.lo + m * K + k);
+        for (int t = 0; t < NT; ++t) {
+          ahi[m][t] = _mm512_dpbusd_epi32(ahi[m][t], h, wv[t]);
+          alo[m][t] = _mm512_dpbusd_epi32(alo[m][t], l, wv[t]);
+        }
+      }
+    }
+    for (int t = 0; t < NT; ++t) wsum[t] = _mm512_slli_epi32(wsum[t], 7);  // 128 sum w
+    for (int m = 0; m < MT; ++m) {
+      const __m512 s = _mm512_set1_ps(x.s[m * nb + b]);
+      for (int t = 0; t < NT; ++t) {
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_sub_epi32(ahi[m][t], wsum[t]), 8), alo[m][t]);
+        facc[m][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, facc[m][t]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + m * ldo + t * TILE, facc[m][t]);
+}
+
+template <int NT>
+void vnni_rows(int64_t M, const Codes& x, int64_t K, int64_t block, const int8_t* w, float* buf, int64_t ldo) {
+  const int64_t nb = K / block;
+  auto at = [&](int64_t m) { return Codes{x.hi + m * K, x.hs + m * K, x.lo + m * K, x.s + m * nb}; };
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) vnni_tile<3, NT>(at(m), K, block, w, buf + m * ldo, ldo);
+  if (M - m == 2) vnni_tile<2, NT>(at(m), K, block, w, buf + m * ldo, ldo);
+  if (M - m == 1) vnni_tile<1, NT>(at(m), K, block, w, buf + m * ldo, ldo);
+}
+
+#if defined(SPECDEC_ISA_AMX)
+// Tile registers: 0 A hi, 1 A lo (rows x 64 bytes of codes); 2, 3 B (16 x 64 bytes: 64 k of one
+// 16-channel tile); 4/5 C hi/lo of B 2, 6/7 C hi/lo of B 3 (rows x 16 int32).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles(int rows) {
+  TileConfig cfg;
+  for (int t : {0, 1}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
+  for (int t : {2, 3}) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  for (int t : {4, 5, 6, 7}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
+  _tile_loadconfig(&cfg);
+}
+
+// rows m0 .. m0 + rows - 1 (rows <= 16) x NT (1 or 2) tiles; tiles configured for `rows`
+template <int NT>
+void amx_rows(int rows, const Codes& x, int64_t K, int64_t block, const int8_t* w, float* out, int64_t ldo) {
+  const int64_t nb = K / block;
+  const int64_t tile_bytes = TILE * K;
+  alignas(64) int32_t chi[2][16 * TILE], clo[2][16 * TILE];
+  alignas(64) float facc[16][2 * TILE] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    _tile_zero(4);
+    _tile_zero(5);
+    if (NT == 2) {
+      _tile_zero(6);
+      _tile_zero(7);
+    }
+    for (int64_t k = b * block; k < (b + 1) * block; k += 64) {
+      _tile_loadd(0, x.hs + k, K);
+      _tile_loadd(1, x.lo + k, K);
+      _tile_loadd(2, w + k * TILE, 64);
+      _tile_dpbssd(4, 0, 2);
+      _tile_dpbusd(5, 1, 2);
+      if (NT == 2) {
+        _tile_loadd(3, w + tile_bytes + k * TILE, 64);
+        _tile_dpbssd(6, 0, 3);
+        _tile_dpbusd(7, 1, 3);
+      }
+    }
+    _tile_stored(4, chi[0], TILE * 4);
+    _tile_stored(5, clo[0], TILE * 4);
+    if (NT == 2) {
+      _tile_stored(6, chi[1], TILE * 4);
+      _tile_stored(7, clo[1], TILE * 4);
+    }
+    for (int m = 0; m < rows; ++m) {
+      const __m512 s = _mm512_set1_ps(x.s[m * nb + b]);
+      for (int t = 0; t < NT; ++t) {
+        const __m512i hi = _mm512_load_si512(chi[t] + m * TILE), lo = _mm512_load_si512(clo[t] + m * TILE);
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+        float* acc = facc[m] + t * TILE;
+        _mm512_store_ps(acc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, _mm512_load_ps(acc)));
+      }
+    }
+  }
+  for (int m = 0; m < rows; ++m) std::memcpy(out + m * ldo, facc[m], sizeof(float) * NT * TILE);
+}
+#endif
+
+}  // namespace
+
+at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                     const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "w8_linear: x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "w8_linear: w must be a contiguous int8 [N16, Kp] tensor in pack_w8 layout");
+  const int64_t M = x.size(0), K = padded_k(x.size(1)), N = scale.numel();
+  TORCH_CHECK(w.size(1) == K, "w8_linear: x has K=", x.size(1), " (", K, " packed) but w has K=", w.size(1));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "w8_linear: scale must be a contiguous float32 [N] tensor");
+  TORCH_CHECK(w.size(0) == (N + TILE - 1) / TILE * TILE,
+              "w8_linear: w has ", w.size(0), " rows; N=", N, " scales need ", (N + TILE - 1) / TILE * TILE);
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
+              "w8_linear: bias must be float32 [N] or empty");
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int8_t* wp = w.data_ptr<int8_t>();
+
+  const int64_t block = act_block(K), nb = K / block;
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * nb);
+  quantise_rows(x.data_ptr<float>(), M, x.size(1), block, xq.data(), xs.data(), nullptr);
+  std::vector<uint8_t> hi_u(M * K), hi_s(M * K), lo(M * K);
+  split_codes(xq.data(), M * K, hi_u.data(), hi_s.data(), lo.data());
+  const Codes codes{hi_u.data(), hi_s.data(), lo.data(), xs.data()};
+
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  for_tile_pairs<TILE>(M, N, w.size(0) / TILE, scale.data_ptr<float>(), bp, y.data_ptr<float>(),
+                       [&](int64_t t0, int64_t nt, float* buf) {
+    const int8_t* wt = wp + t0 * TILE * K;
+#if defined(SPECDEC_ISA_AMX)
+    if (M >= kAmxMinRows) {
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+        configure_tiles(rows);
+        const Codes at{nullptr, codes.hs + m0 * K, codes.lo + m0 * K, codes.s + m0 * nb};
+        if (nt == 2) amx_rows<2>(rows, at, K, block, wt, buf + m0 * 2 * TILE, 2 * TILE);
+        else amx_rows<1>(rows, at, K, block, wt, buf + m0 * 2 * TILE, 2 * TILE);
+      }
+      _tile_release();
+      return;
+    }
+#endif
+    if (nt == 2) vnni_rows<2>(M, codes, K, block, wt, buf, 2 * TILE);
+    else vnni_rows<1>(M, codes, K, block, wt, buf, 2 * TILE);
+  });
+  return y;
+}
