@@ -118,6 +118,7 @@ def create_app(state: ServerState) -> FastAPI:
             "last_gen_throughput": state.loop.last_gen_throughput,
         }
         return {**state.server_args, "version": _version(), "cpu_kernel_isa": state.engine.cpu_isa,
+                "engine_thread": state.loop.thread_name,
                 "internal_states": [internal],
                 "avg_spec_accept_length": snap["avg_spec_accept_length"], "metrics": snap}
 

@@ -1,9 +1,16 @@
-"""The engine's scheduler loop in its own thread, fed from an asyncio server.
+"""The engine's scheduler loop, fed from an asyncio server running in another thread.
 
 The HTTP event loop never runs model code: it `submit`s validated requests and awaits
-`Update`s on an asyncio queue; the loop thread admits and aborts requests between steps
+`Update`s on an asyncio queue; the engine loop admits and aborts requests between steps
 (continuous batching) and publishes what each step produced. A step that raises fails the
 requests in flight with an abort reason; the loop (and the server) keep running.
+
+`run()` runs the loop in the calling thread, and the server calls it from the process's main
+thread: GNU OpenMP (PyTorch's and our kernels' thread pool) counts the main thread as one of
+its threads for good, so a parallel region started from any other thread finds more OpenMP
+threads than CPUs on a small machine and its workers stop spinning between regions (each
+region then pays a futex wake-up: 3-4x the time of a one-row int8 linear on 2 cores).
+`start()` runs it in a thread instead (tests, embedding), at that cost.
 """
 
 from __future__ import annotations
@@ -48,14 +55,23 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="specdec-engine", daemon=True)
         self.last_gen_throughput = 0.0
+        self.thread_name: str | None = None  # the thread running the loop (MainThread when served)
 
     def start(self) -> None:
+        """Run the loop in a thread of its own (see the module docstring for the cost)."""
         self._thread.start()
 
+    def run(self) -> None:
+        """Run the loop in the calling thread (the main thread, for speed) until `stop()`."""
+        self._run()
+
     def stop(self) -> None:
+        """Ask the loop to return after the current step (safe from any thread or a signal
+        handler); joins the loop's thread if `start()` made one."""
         self._stop.set()
         self._inbox.put(("wake", None))
-        self._thread.join(timeout=10)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
     # ---- called from the event loop -----------------------------------------------------------
     def submit(self, req: Req) -> asyncio.Queue[Update]:
@@ -87,6 +103,7 @@ class EngineLoop:
                 return
 
     def _run(self) -> None:
+        self.thread_name = threading.current_thread().name
         scheduler = self.engine.scheduler
         while not self._stop.is_set():
             self._drain(block=not scheduler.has_work())
@@ -108,6 +125,12 @@ class EngineLoop:
             dt = time.perf_counter() - t0
             if produced and dt > 0:
                 self.last_gen_throughput = produced / dt
+        # stopped: what is still queued or running is answered (aborted), its KV freed
+        self._drain(block=False)
+        for req in list(scheduler.waiting) + list(scheduler.running):
+            aborted = scheduler.abort(req.rid, "server shutting down")
+            if aborted is not None:
+                self._publish(aborted)
 
     def _publish(self, req: Req) -> int:
         sub = self._subs.get(req.rid)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from .cli_args import add_engine_args, engine_kwargs, resolve_speculative_defaults
 
@@ -50,18 +52,42 @@ def serve(args: argparse.Namespace) -> int:
     loop = EngineLoop(engine)
     state = ServerState(engine, loop, template, name, args.api_key, args.max_request_bytes,
                         server_args={k: _plain(v) for k, v in vars(args).items() if k != "func"})
-    loop.start()
     spec = engine.spec_config
     print(f"[specdec] serving {name!r} on http://{args.host}:{args.port} "
           f"(speculative: {spec.algorithm if spec else 'off'}"
           + (f", steps {spec.num_steps} topk {spec.topk} draft tokens {spec.num_draft_tokens}" if spec else "")
           + f"; CPU kernels: {engine.cpu_isa})",
           file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
-    finally:
+    # HTTP in a thread, the engine loop on the main thread (engine_loop.py says why): signals
+    # reach the main thread, which stops both
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port,
+                                           log_level=args.log_level))
+    http = threading.Thread(target=server.run, name="specdec-http", daemon=True)
+
+    def shut_down(signum: int, frame: object) -> None:
+        print(f"[specdec] {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
+        server.should_exit = True
         loop.stop()
+
+    previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http.start()
+    watcher = threading.Thread(target=_stop_when_done, args=(http, loop), name="specdec-http-watch", daemon=True)
+    watcher.start()
+    try:
+        loop.run()
+    finally:
+        server.should_exit = True
+        engine.shutdown()
+        http.join(timeout=10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _stop_when_done(http: threading.Thread, loop: object) -> None:
+    """The HTTP thread ended (it could not bind its port, or shut down): stop the engine loop."""
+    http.join()
+    loop.stop()  # type: ignore[attr-defined]
 
 
 def _plain(v: object) -> object:

@@ -225,3 +225,47 @@ def test_api_key_is_enforced(server: str) -> None:
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_engine_loop_runs_on_the_main_thread(server: str) -> None:
+    """OpenMP throttles parallel regions started off the main thread (engine_loop.py): the
+    server runs its engine loop on the main thread and HTTP in another."""
+    from specdec.kernels import cpu_kernels
+
+    info = httpx.get(f"{server}/get_server_info", headers=_headers()).json()
+    assert info["engine_thread"] == "MainThread"
+    assert info["cpu_kernel_isa"] == cpu_kernels.active_isa()
+
+
+def test_sigterm_stops_a_busy_server_and_answers_its_requests() -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
+           "--speculative-algorithm", "NONE", "--max-total-tokens", "4096", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000,
+                "stream": True, "ignore_eos": True}
+        finish = None
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+            for i, line in enumerate(r.iter_lines()):
+                if i == 5:
+                    proc.send_signal(signal.SIGTERM)
+                    t0 = time.monotonic()
+                if '"finish_reason":"abort"' in line.replace(" ", ""):
+                    finish = "abort"
+        proc.wait(timeout=15)
+        assert time.monotonic() - t0 < 15
+        assert proc.returncode == 0 and finish == "abort"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
