@@ -25,6 +25,7 @@ from specdec.request import Req
 from specdec.sampler import processed_probs
 from specdec.spec_config import SpecConfig
 from specdec.tree import DraftTree, static_rank_tree
+from specdec.tree_shape import TreeShape
 
 from .eagle3 import Eagle3Draft
 from .proposer import Proposer
@@ -119,30 +120,32 @@ class Eagle3Proposer(Proposer):
         return full
 
     @torch.inference_mode()
-    def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:
-        spec = self.spec
+    def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:
         builders: list[GreedyTreeBuilder | SampledTreeBuilder] = []
         # per request: node id -> (hidden of its forward, scratch index, ancestor scratch list)
         hidden: list[dict[int, Tensor]] = []
         scratch: list[dict[int, tuple[int, list[int]]]] = []
         frontier: list[list[int]] = []
-        for req in reqs:
+        for req, shape in zip(reqs, shapes, strict=True):
+            assert shape.speculates and shape.fits(self.spec.envelope), shape
             state: _RootState = req.spec_state
             root = req.all_ids[-1]
             if req.params.is_greedy:
-                gb = GreedyTreeBuilder(root, spec.topk, spec.num_draft_tokens - 1)
+                gb = GreedyTreeBuilder(root, shape.topk, shape.num_draft_tokens - 1)
                 first = gb.add_children(-1, torch.log_softmax(state.logits, -1), self.hot_ids)
                 builders.append(gb)
                 frontier.append(first)
             else:
-                sb = SampledTreeBuilder(root, spec.num_steps, spec.topk, spec.num_draft_tokens - 1,
+                sb = SampledTreeBuilder(root, shape.num_steps, shape.topk, shape.num_draft_tokens - 1,
                                         self.vocab_size, req.generator)
                 sb.add_children(0, self._target_probs(req, state.logits))
                 builders.append(sb)
                 frontier.append(sb.expandable(1))
             hidden.append({-1 if req.params.is_greedy else 0: state.hidden})  # the root's key
             scratch.append({})
-        for _step in range(2, spec.num_steps + 1):
+        for _step in range(2, max(s.num_steps for s in shapes) + 1):
+            # a request drafts nodes of depth _step only while its shape is that deep
+            frontier = [f if _step <= shape.num_steps else [] for f, shape in zip(frontier, shapes, strict=True)]
             jobs = self._jobs(reqs, builders, frontier, hidden, scratch)
             if not jobs:
                 break

@@ -16,6 +16,7 @@ from torch import Tensor
 from specdec.request import Req
 from specdec.spec_config import SpecConfig
 from specdec.tree import DraftTree
+from specdec.tree_shape import TreeShape
 
 from .proposer import Proposer
 
@@ -58,15 +59,14 @@ class NgramProposer(Proposer):
 
     def __init__(self, spec: SpecConfig) -> None:
         self.spec = spec
-        self.max_depth = spec.num_draft_tokens - 1 if spec.topk == 1 else spec.num_steps
 
     def extend(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
         """Nothing to compute: the context itself is the model."""
 
-    def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:
+    def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:
         s = self.spec
         return [
-            ngram_tree(r.all_ids, s.num_draft_tokens - 1, self.max_depth, s.topk,
-                       s.ngram_min_match, s.ngram_max_match)
-            for r in reqs
+            ngram_tree(r.all_ids, sh.num_draft_tokens - 1, sh.num_draft_tokens - 1 if sh.topk == 1 else sh.num_steps,
+                       sh.topk, s.ngram_min_match, s.ngram_max_match)
+            for r, sh in zip(reqs, shapes, strict=True)
         ]

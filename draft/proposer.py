@@ -6,7 +6,9 @@ Life of a request under speculation, with `c` = tokens whose target K/V are cach
 2. `extend(reqs, starts, features)` tells the proposer about them: draft position p pairs
    the target feature at p with token p + 1 (so the rows for positions [start, start + m)
    pair with `all_ids[start + 1 : start + 1 + m]`);
-3. `propose(reqs)` returns one `DraftTree` per request, rooted at the last token.
+3. `propose(reqs, shapes)` returns one `DraftTree` per request, rooted at the last token, no
+   larger than that request's `TreeShape` (adaptive speculation picks it per step; requests
+   whose step does not speculate are not passed).
 
 A proposer may use pool slots of positions [c, c + temp_slots) of the request's page table
 as scratch space while drafting (the scheduler reserves them).
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from specdec.request import Req
 from specdec.tree import DraftTree
+from specdec.tree_shape import TreeShape
 
 
 class Proposer(ABC):
@@ -33,5 +36,5 @@ class Proposer(ABC):
         """Consume target features [m_i, 3H] for draft positions [starts[i], starts[i] + m_i)."""
 
     @abstractmethod
-    def propose(self, reqs: Sequence[Req]) -> list[DraftTree]:
-        """One tree per request, node 0 = the request's last token."""
+    def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:
+        """One tree per request within its shape, node 0 = the request's last token."""

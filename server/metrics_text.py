@@ -33,4 +33,10 @@ def prometheus_text(m: EngineMetrics, gen_throughput: float) -> str:
     lines += [f"# HELP {name} Verify steps whose accepted path reached this depth", f"# TYPE {name} counter"]
     for depth, count in enumerate(m.spec_accepted_at_depth, start=1):
         lines.append(f'{name}{{depth="{depth}"}} {count}')
+    # specdec's own (no SGLang counterpart): the tree shapes adaptive speculation chose
+    name = "specdec:spec_tree_shape_steps_total"
+    lines += [f"# HELP {name} Decode steps of one request per tree shape (steps,topk,draft tokens; none = plain)",
+              f"# TYPE {name} counter"]
+    for label, count in sorted(snap["spec_tree_shapes"].items()):  # type: ignore[attr-defined]
+        lines.append(f'{name}{{shape="{label}"}} {count}')
     return "\n".join(lines) + "\n"

@@ -68,6 +68,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="Lossy: accept a draft token whose target probability reaches this (1 = off).")
     s.add_argument("--speculative-accept-threshold-acc", type=float, default=1.0,
                    help="Lossy: divide the acceptance ratio's threshold by this (1 = lossless).")
+    s.add_argument("--speculative-adaptive", default="auto", choices=["auto", "on", "off"],
+                   help="Adaptive trees (EAGLE3/EAGLE): each step picks per request the tree shape, no "
+                   "speculation included, that maximises expected tokens/s from this machine's measured "
+                   "step costs and the request's acceptance so far. auto: on unless a tree flag is given "
+                   "(then the tree is fixed); with on, the tree flags bound the shapes (default envelope "
+                   "6,4,16); off: always the configured tree.")
     s.add_argument("--speculative-token-map", default=None,
                    help="Accepted for SGLang compatibility; EAGLE3 heads carry their own d2t map.")
 
@@ -93,7 +99,9 @@ def resolve_speculative_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
             kwargs["speculative_algorithm"] = "EAGLE3"
             kwargs["speculative_draft_model_path"] = str(head)
             tree = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens")
-            if all(kwargs.get(k) is None for k in tree):  # like SGLang's per-model auto choice
+            # no tree flags: adaptive trees, or, with adaptive off, the fixed tree measured
+            # fastest (like SGLang's per-model auto choice)
+            if all(kwargs.get(k) is None for k in tree) and kwargs.get("speculative_adaptive") == "off":
                 kwargs.update(zip(tree, EMBEDDED_TREE, strict=True))
     elif algo in ("EAGLE3", "EAGLE") and kwargs.get("speculative_draft_model_path") is None \
             and kwargs.get("model_path") is None:

@@ -30,7 +30,7 @@ from specdec.draft.proposer import Proposer
 from specdec.kernels import AttentionBackend, cpu_kernels, get_attention_backend
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.config import ModelConfig
-from specdec.target.embedded import resolve_model_path
+from specdec.target.embedded import default_cache_dir, resolve_model_path
 from specdec.target.loader import load_model
 from specdec.target.quant import quantize_model
 
@@ -114,6 +114,13 @@ class Engine:
         self._ids = itertools.count()
         log.info("KV cache: %d tokens in pages of %d; context length %d",
                  self.max_total_tokens, page_size, self.context_length)
+        if self.spec is not None and self.spec.spec.adaptive:
+            from .step_costs import load_or_measure
+            from .tree_chooser import OnlineCosts
+
+            env = self.spec.spec.envelope
+            self.spec.costs = OnlineCosts(load_or_measure(self, env.num_draft_tokens, default_cache_dir()))
+            log.info("adaptive speculation: %d tree shapes within (%s)", len(self.spec.shapes), env.label)
 
     # ---- set-up helpers -------------------------------------------------------------------------
     def _load_draft(self) -> Eagle3Draft | None:

@@ -45,6 +45,7 @@ class EngineConfig:
     speculative_accept_threshold_single: float = 1.0
     speculative_accept_threshold_acc: float = 1.0
     speculative_token_map: str | None = None
+    speculative_adaptive: str = "auto"  # auto | on | off (see specdec.spec_config)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -86,6 +87,7 @@ class EngineConfig:
             self.speculative_accept_threshold_single,
             self.speculative_accept_threshold_acc,
             self.speculative_token_map,
+            self.speculative_adaptive,
         )
 
     @classmethod

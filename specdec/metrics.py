@@ -26,6 +26,8 @@ class EngineMetrics:
     spec_proposed_drafts: int = 0
     # accepted_at_depth[d] = verify steps whose accepted path reached depth d + 1
     spec_accepted_at_depth: list[int] = field(default_factory=list)
+    # decode steps per tree shape label ("5,4,8", ..., "none" = plain) a request took
+    spec_tree_shapes: dict[str, int] = field(default_factory=dict)
     num_running: int = 0
     num_waiting: int = 0
     kv_used_tokens: int = 0
@@ -42,6 +44,10 @@ class EngineMetrics:
                 self.spec_accepted_at_depth.append(0)
             for d in range(accepted):
                 self.spec_accepted_at_depth[d] += 1
+
+    def record_shape(self, label: str) -> None:
+        with self._lock:
+            self.spec_tree_shapes[label] = self.spec_tree_shapes.get(label, 0) + 1
 
     @property
     def accept_length(self) -> float:
@@ -63,6 +69,7 @@ class EngineMetrics:
                 "avg_spec_accept_length": self.accept_length,
                 "spec_accept_rate": self.accept_rate,
                 "spec_accepted_at_depth": list(self.spec_accepted_at_depth),
+                "spec_tree_shapes": dict(self.spec_tree_shapes),
                 "num_running_reqs": self.num_running,
                 "num_queue_reqs": self.num_waiting,
                 "kv_used_tokens": self.kv_used_tokens,

@@ -82,7 +82,10 @@ class ModelRunner:
         self, reqs: Sequence[Req], trees: Sequence[DraftTree], capture_layers: tuple[int, ...] = ()
     ) -> ExtendOutput:
         """One forward over every tree's nodes: node i of a request with c cached tokens sits
-        at position c + depth(i), in slot c + i, and sees the prefix plus its ancestors."""
+        at position c + depth(i), in slot c + i, and sees the prefix plus its ancestors.
+        Root-only trees everywhere (no request speculates) are a plain decode step: `extend`."""
+        if all(t.size == 1 for t in trees):
+            return self.extend(reqs, [list(t.tokens) for t in trees], capture_layers)
         seqs: list[SeqAttnMeta] = []
         out_slots: list[Tensor] = []
         positions: list[Tensor] = []

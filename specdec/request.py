@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from .accept_stats import AcceptStats
 from .page_allocator import PageTable
 from .sampling_params import SamplingParams
 from .tree import DraftTree
+from .tree_shape import TreeShape
 
 # (logprob, token_id, text); logprob is None for the first prompt position.
 LogprobEntry = tuple[float | None, int, str | None]
@@ -55,6 +57,13 @@ class Req:
     spec_num_correct_drafts: int = 0  # accepted draft tokens
     spec_num_proposed_drafts: int = 0  # sum over verify steps of the tree's depth
     spec_emitted_tokens: int = 0  # tokens emitted by verify steps (accepted + 1 each)
+    # adaptive speculation: the shape of draft_tree, steps per shape label, acceptance so far,
+    # and target features (start position, [m, 3H]) the draft has not consumed yet (steps
+    # without speculation skip the draft; it catches up when the request speculates again)
+    spec_shape: TreeShape | None = None
+    spec_shape_counts: dict[str, int] = field(default_factory=dict)
+    accept_stats: AcceptStats | None = None
+    draft_pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __post_init__(self) -> None:
@@ -105,7 +114,7 @@ class Req:
         self._slot_cache = self._slot_cache[:length]
         self.num_cached = min(self.num_cached, length)
 
-    def spec_meta(self) -> dict[str, float | int]:
+    def spec_meta(self) -> dict[str, Any]:
         """SGLang's per-request speculative figures (accept length = emitted / verify steps)."""
         ct = self.spec_verify_ct
         return {
@@ -118,11 +127,14 @@ class Req:
             ),
             "spec_num_correct_drafts": self.spec_num_correct_drafts,
             "spec_num_proposed_drafts": self.spec_num_proposed_drafts,
+            "spec_tree_shapes": dict(self.spec_shape_counts),  # steps per shape ("none": plain)
         }
 
     def release_kv(self) -> None:
         self.draft_tree = None
         self.spec_state = None
+        self.spec_shape = None
+        self.draft_pending.clear()
         self.page_table.release()
         self._slot_cache = self._slot_cache[:0]
         self.num_cached = 0

@@ -179,7 +179,8 @@ class Scheduler:
                 self.spec.features(out, torch.arange(out.q_starts[i], out.q_starts[i] + out.q_lens[i]))
                 for i in live
             ]
-            self.spec.draft([batch[i] for i in live], [starts[i] for i in live], feats)
+            self.spec.draft([batch[i] for i in live], [starts[i] for i in live], feats,
+                            batch_size=len(self.running) + len(live))
             for i in live:
                 batch[i].truncate_kv(batch[i].num_cached)
         return batch

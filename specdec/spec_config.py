@@ -5,6 +5,12 @@ into `topk` children; the best `num_draft_tokens - 1` nodes (by cumulative draft
 probability) form the tree verified with the root. `topk = 1` is a chain, so it requires
 `num_draft_tokens = num_steps + 1`. Unset values default to SGLang's choice for Llama
 (steps 5, topk 4, draft tokens 8).
+
+Adaptive speculation (`adaptive`, EAGLE3/EAGLE; `--speculative-adaptive`): the tree settings
+are an envelope, and each step picks, per request, the shape inside it (no speculation
+included) that maximises predicted tokens per second (specdec/tree_chooser.py). `auto` turns it
+on when no tree flag is given, with envelope `ADAPTIVE_ENVELOPE`; explicit tree flags fix the
+tree unless `on` is asked for, and then they bound it.
 """
 
 from __future__ import annotations
@@ -12,10 +18,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from .tree_shape import TreeShape
+
 ALGORITHMS = ("EAGLE3", "EAGLE", "NGRAM")
 DEFAULT_NUM_STEPS = 5
 DEFAULT_TOPK = 4
 DEFAULT_NUM_DRAFT_TOKENS = 8
+ADAPTIVE_CHOICES = ("auto", "on", "off")
+ADAPTIVE_ENVELOPE = (6, 4, 16)  # (steps, topk, draft tokens) adaptive speculation chooses within
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +40,7 @@ class SpecConfig:
     # NGRAM only: context n-gram lengths tried, longest first
     ngram_min_match: int = 1
     ngram_max_match: int = 6
+    adaptive: bool = False  # choose each step's shape inside (num_steps, topk, num_draft_tokens)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -59,6 +70,13 @@ class SpecConfig:
                 raise ValueError(f"speculative_{name} must be in (0, 1]; got {value}")
         if not 1 <= self.ngram_min_match <= self.ngram_max_match:
             raise ValueError("need 1 <= ngram_min_match <= ngram_max_match")
+        if self.adaptive and self.algorithm == "NGRAM":
+            raise ValueError("adaptive speculation needs a draft model (EAGLE3/EAGLE), not NGRAM")
+
+    @property
+    def envelope(self) -> TreeShape:
+        """The configured tree: the one every step uses, or the largest an adaptive step may."""
+        return TreeShape(self.num_steps, self.topk, self.num_draft_tokens)
 
     @property
     def lossless(self) -> bool:
@@ -80,8 +98,12 @@ class SpecConfig:
         accept_threshold_single: float = 1.0,
         accept_threshold_acc: float = 1.0,
         token_map: str | None = None,
+        adaptive: str = "auto",
     ) -> SpecConfig | None:
-        """None when speculation is off; fills SGLang's defaults for unset tree settings."""
+        """None when speculation is off; fills SGLang's defaults for unset tree settings (or the
+        adaptive envelope)."""
+        if adaptive not in ADAPTIVE_CHOICES:
+            raise ValueError(f"speculative_adaptive must be one of {', '.join(ADAPTIVE_CHOICES)}; got {adaptive!r}")
         if algorithm is None:
             given = [n for n, v in (("draft_model_path", draft_model_path), ("num_steps", num_steps),
                                     ("eagle_topk", topk), ("num_draft_tokens", num_draft_tokens))
@@ -99,6 +121,13 @@ class SpecConfig:
                 "(SGLang ignores it for EAGLE3 too)",
                 stacklevel=2,
             )
+        tree_given = any(v is not None for v in (num_steps, topk, num_draft_tokens))
+        is_adaptive = algorithm in ("EAGLE3", "EAGLE") and (
+            adaptive == "on" or (adaptive == "auto" and not tree_given))
+        if adaptive == "on" and algorithm == "NGRAM":
+            raise ValueError("--speculative-adaptive on needs a draft model (EAGLE3/EAGLE), not NGRAM")
+        if is_adaptive and not tree_given:
+            num_steps, topk, num_draft_tokens = ADAPTIVE_ENVELOPE
         if topk == 1 and num_draft_tokens is None:
             num_draft_tokens = (num_steps or DEFAULT_NUM_STEPS) + 1
         return cls(
@@ -109,4 +138,5 @@ class SpecConfig:
             num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens,
             accept_threshold_single=accept_threshold_single,
             accept_threshold_acc=accept_threshold_acc,
+            adaptive=is_adaptive,
         )

@@ -5,10 +5,18 @@ K/V commit: tree node i was written at slot position c + i. The accepted path
 [0, n_1, ..., n_a] (n_j >= j, strictly increasing) is compacted to positions c, ..., c + a;
 copying in path order never overwrites a source still needed (every later n_j' > j).
 Positions past c + a + 1 are freed after drafting (the draft's scratch slots live there).
+
+Tree shapes: every request's next tree takes the configured shape, or, under adaptive
+speculation, the shape the chooser picks for it from this machine's step costs, its own
+acceptance statistics and the batch (specdec/tree_chooser.py). A step without speculation
+(`NO_SPEC`) verifies the root alone, which is a plain decode step; the draft is then skipped
+and the target features it did not see wait in `req.draft_pending` until the request
+speculates again.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -17,13 +25,18 @@ from torch import Tensor
 
 from specdec.draft.proposer import Proposer
 
+from .accept_stats import AcceptStats, expected_accepted
 from .metrics import EngineMetrics
 from .model_runner import ExtendOutput, ModelRunner
 from .request import Req
 from .sampler import apply_penalties, processed_probs
 from .spec_config import SpecConfig
 from .tree import DraftTree, depths, path_to
+from .tree_chooser import OnlineCosts, choose_shapes
+from .tree_shape import NO_SPEC, TreeShape, candidate_shapes
 from .verify import VerifyResult, verify_greedy, verify_stochastic
+
+RECHOOSE_EVERY = 4  # steps an unchanged batch keeps its chosen shapes
 
 # append(req, token, raw logprobs row or None) emits one token and checks for a finish
 AppendFn = Callable[[Req, int, Tensor | None], None]
@@ -37,6 +50,7 @@ class VerifyRecord(NamedTuple):
     accepted: int  # draft tokens accepted (the depth the accepted path reached)
     emitted: int  # tokens emitted by the step (accepted + 1)
     depth: int  # depth of the verified tree
+    shape: str = ""  # the tree's shape label (adaptive speculation picks it per step)
 
 
 class SpecDecoder:
@@ -49,6 +63,16 @@ class SpecDecoder:
         self.metrics = metrics
         # set to a list to record every verify step (bench/accept_analysis.py); None costs nothing
         self.trace: list[VerifyRecord] | None = None
+        envelope = spec.envelope
+        self.shapes = candidate_shapes(envelope) if spec.adaptive else (envelope,)
+        # adaptive speculation: this machine's measured step costs (set by the engine; until
+        # then every step takes the envelope) and the engine-wide acceptance, every request's prior
+        self.costs: OnlineCosts | None = None
+        self.global_stats = AcceptStats(envelope.num_steps, envelope.topk)
+        # tests may replace the chooser: (reqs, batch_size) -> one shape per request
+        self.choose = self._choose
+        self._last_key: tuple[tuple[int, ...], int] | None = None
+        self._reuse = 0
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -62,12 +86,53 @@ class SpecDecoder:
         return max(self.spec.num_draft_tokens, self.spec.num_steps + 1 + self.proposer.temp_slots)
 
     # ---- drafting -------------------------------------------------------------------------------
-    def draft(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
-        """Feed newly committed positions to the proposer and draft each request's next tree."""
+    def _choose(self, reqs: Sequence[Req], batch_size: int) -> list[TreeShape]:
+        """Each request's next shape: the envelope, or the adaptive chooser's pick for a step of
+        `batch_size` requests (the others counted as plain steps)."""
+        if not self.spec.adaptive or self.costs is None:
+            return [self.spec.envelope] * len(reqs)
+        # the estimates move slowly: the same batch keeps its shapes for RECHOOSE_EVERY steps
+        key = (tuple(id(r) for r in reqs), batch_size)
+        if key == self._last_key and self._reuse > 0 and all(r.spec_shape is not None for r in reqs):
+            self._reuse -= 1
+            return [r.spec_shape for r in reqs]  # type: ignore[misc]
+        self._last_key, self._reuse = key, RECHOOSE_EVERY - 1
+        expected = []
+        for r in reqs:
+            stats = r.accept_stats or self.global_stats
+            expected.append(expected_accepted(stats.q(self.global_stats), self.shapes))
+        padding = [[0.0] * len(self.shapes)] * max(0, batch_size - len(reqs))
+        return list(choose_shapes(self.costs.costs, self.shapes, expected + padding).shapes[: len(reqs)])
+
+    def draft(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None],
+              batch_size: int | None = None) -> None:
+        """Feed newly committed positions to the proposer and draft each request's next tree,
+        of the shape chosen for it (a root-only tree where it does not speculate)."""
         if not reqs:
             return
-        self.proposer.extend(reqs, starts, features)
-        for req, tree in zip(reqs, self.proposer.propose(reqs), strict=True):
+        shapes = self.choose(reqs, len(reqs) if batch_size is None else batch_size)
+        ext_reqs: list[Req] = []
+        ext_starts: list[int] = []
+        ext_feats: list[Tensor | None] = []
+        for req, start, feat, shape in zip(reqs, starts, features, shapes, strict=True):
+            if req.accept_stats is None:
+                req.accept_stats = AcceptStats(self.spec.num_steps, self.spec.topk)
+            req.spec_shape = shape
+            if feat is not None:
+                req.draft_pending.append((start, feat))
+            if not shape.speculates:
+                req.draft_tree = DraftTree((req.all_ids[-1],), (-1,))
+                continue
+            pending = req.draft_pending
+            ext_reqs.append(req)
+            ext_starts.append(pending[0][0] if pending else start)
+            ext_feats.append(torch.cat([f for _, f in pending]) if pending else feat)
+            req.draft_pending = []
+        if not ext_reqs:
+            return
+        self.proposer.extend(ext_reqs, ext_starts, ext_feats)
+        ext_shapes = [r.spec_shape for r in ext_reqs]
+        for req, tree in zip(ext_reqs, self.proposer.propose(ext_reqs, ext_shapes), strict=True):  # type: ignore[arg-type]
             req.draft_tree = tree
 
     @staticmethod
@@ -79,6 +144,9 @@ class SpecDecoder:
 
     # ---- verification ---------------------------------------------------------------------------
     def step(self, reqs: list[Req], append: AppendFn) -> None:
+        t0 = time.perf_counter()
+        shapes = [r.spec_shape or self.spec.envelope for r in reqs]
+        accepted_total = 0
         trees: list[DraftTree] = []
         for r in reqs:
             assert r.draft_tree is not None, f"request {r.rid} has no draft tree"
@@ -99,14 +167,23 @@ class SpecDecoder:
             req.num_cached = c + len(path)
             req.draft_tree = None
             emitted = [tree.tokens[n] for n in result.accepted] + [result.next_token]
+            accepted_total += len(result.accepted)
             depth = max(depths(tree))
-            req.spec_verify_ct += 1
-            req.spec_num_correct_drafts += len(result.accepted)
-            req.spec_num_proposed_drafts += depth
-            req.spec_emitted_tokens += len(emitted)
-            self.metrics.record_verify(len(result.accepted), len(emitted), depth)
-            if self.trace is not None:
-                self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted), depth))
+            shape = req.spec_shape or self.spec.envelope
+            req.spec_shape_counts[shape.label] = req.spec_shape_counts.get(shape.label, 0) + 1
+            self.metrics.record_shape(shape.label)
+            if shape.speculates:  # NO_SPEC: the root alone, a plain decode step
+                req.spec_verify_ct += 1
+                req.spec_num_correct_drafts += len(result.accepted)
+                req.spec_num_proposed_drafts += depth
+                req.spec_emitted_tokens += len(emitted)
+                self.metrics.record_verify(len(result.accepted), len(emitted), depth)
+                if req.accept_stats is not None:
+                    req.accept_stats.observe(tree, result.accepted)
+                self.global_stats.observe(tree, result.accepted)
+                if self.trace is not None:
+                    self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted),
+                                                   depth, shape.label))
             for j, token in enumerate(emitted):
                 append(req, token, None if logprobs is None else logprobs[q0 + path[j]])
                 if req.finished:
@@ -115,9 +192,12 @@ class SpecDecoder:
                 next_reqs.append(req)
                 starts.append(c)
                 feats.append(self.features(out, torch.tensor(path) + q0))
-        self.draft(next_reqs, starts, feats)
+        self.draft(next_reqs, starts, feats, batch_size=len(next_reqs))
         for req in next_reqs:
             req.truncate_kv(req.num_cached)
+        if self.costs is not None and next_reqs:  # learn the host's share of a step from its wall time
+            drafted = [r.spec_shape or self.spec.envelope for r in next_reqs]
+            self.costs.observe(shapes, drafted, float(accepted_total), 1000.0 * (time.perf_counter() - t0))
 
     def _verify_one(self, req: Req, tree: DraftTree, logits: Tensor) -> VerifyResult:
         """logits [N, vocab]: the target's scores after each tree node."""

@@ -23,10 +23,28 @@ from .tiny_models import VOCAB, Checkpoint, make_checkpoint
 
 
 def test_defaults_are_sglangs_for_llama() -> None:
-    spec = SpecConfig.from_options("eagle3")
+    spec = SpecConfig.from_options("eagle3", adaptive="off")
     assert spec is not None
     assert (spec.algorithm, spec.num_steps, spec.topk, spec.num_draft_tokens) == ("EAGLE3", 5, 4, 8)
-    assert spec.lossless
+    assert spec.lossless and not spec.adaptive
+
+
+def test_adaptive_is_on_without_tree_flags_and_explicit_flags_fix_the_tree() -> None:
+    from specdec.spec_config import ADAPTIVE_ENVELOPE
+
+    auto = SpecConfig.from_options("EAGLE3")
+    assert auto is not None and auto.adaptive
+    assert (auto.num_steps, auto.topk, auto.num_draft_tokens) == ADAPTIVE_ENVELOPE
+    fixed = SpecConfig.from_options("EAGLE3", num_steps=3, topk=1)
+    assert fixed is not None and not fixed.adaptive
+    bounded = SpecConfig.from_options("EAGLE3", num_steps=3, topk=2, num_draft_tokens=6, adaptive="on")
+    assert bounded is not None and bounded.adaptive and bounded.envelope.label == "3,2,6"
+    ngram = SpecConfig.from_options("NGRAM")
+    assert ngram is not None and not ngram.adaptive  # n-gram trees follow the matches
+    with pytest.raises(ValueError, match="needs a draft model"):
+        SpecConfig.from_options("NGRAM", adaptive="on")
+    with pytest.raises(ValueError, match="speculative_adaptive must be one of"):
+        SpecConfig.from_options("EAGLE3", adaptive="sometimes")
 
 
 def test_off_without_algorithm_and_refuses_orphan_settings() -> None:

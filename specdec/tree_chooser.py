@@ -1,0 +1,187 @@
+"""Which tree shape each request's next speculative step takes: a pure function of the measured
+step costs of this machine and model, each request's acceptance estimates, and the batch.
+
+Expected tokens per second of a step = (sum over requests of 1 + expected accepted drafts)
+/ predicted step time. The chooser tries, for every candidate shape, giving it to the j requests
+that gain most from it (j = 1..B) and no speculation to the rest, and keeps the best, the plain
+step included: speculation happens only where it is predicted to pay. A large batch makes the
+target's forward over extra tree tokens and the draft forwards costlier relative to the tokens
+plain decoding already gets, so trees shrink and then stop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from .tree_shape import NO_SPEC, TreeShape
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear in x, extrapolated linearly past the ends."""
+    if len(xs) == 1:
+        return ys[0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@functools.lru_cache(maxsize=256)
+def _at_batch(batch: tuple[int, ...], table: tuple[tuple[float, ...], ...], b: int) -> tuple[float, ...]:
+    """The table's row for batch size b, interpolated between the measured batch sizes."""
+    return tuple(_interp(batch, [row[j] for row in table], b) for j in range(len(table[0])))
+
+
+@dataclass(frozen=True, slots=True)
+class StepCosts:
+    """Measured milliseconds (specdec/step_costs.py measures them).
+
+    target_ms[i][j]: the target's forward + logits for batch[i] requests of tokens[j] tokens each;
+    draft_ms[i][j]: one draft forward + draft logits for batch[i] requests of rows[j] rows each;
+    draft_step_overhead_ms: host work per speculating request per drafting step (tree building);
+    verify_overhead_ms: host work per speculating request per verify step;
+    plain_overhead_ms: host work of any decode step beyond the target's forward (sampling,
+    bookkeeping). The engine keeps the last three up to date from the steps it times
+    (`OnlineCosts`): the start-up measurement cannot see all of the host's work.
+    """
+
+    batch: tuple[int, ...]
+    tokens: tuple[int, ...]
+    target_ms: tuple[tuple[float, ...], ...]
+    rows: tuple[int, ...]
+    draft_ms: tuple[tuple[float, ...], ...]
+    draft_step_overhead_ms: float
+    verify_overhead_ms: float
+    plain_overhead_ms: float = 0.0
+
+    def target(self, b: int, tokens_per_req: float) -> float:
+        return _interp(self.tokens, _at_batch(self.batch, self.target_ms, b), tokens_per_req)
+
+    def draft(self, b: int, rows_per_req: float) -> float:
+        return _interp(self.rows, _at_batch(self.batch, self.draft_ms, b), rows_per_req)
+
+    def step_ms(self, batch: int, shape: TreeShape, speculating: int, accepted: float) -> float:
+        """One step of `batch` requests, `speculating` of them with `shape` (the others plain)
+        whose expected accepted drafts sum to `accepted`."""
+        if not shape.speculates or speculating == 0:
+            return self.forward_ms([NO_SPEC] * batch, 0.0) + self.plain_overhead_ms
+        shapes = [shape] * speculating + [NO_SPEC] * (batch - speculating)
+        return self.forward_ms(shapes, accepted) + self.host_ms(shapes)
+
+    def forward_ms(self, shapes: Sequence[TreeShape], accepted: float) -> float:
+        """The target's and the draft's forwards of a step whose requests take `shapes`."""
+        return self.verify_forward_ms(shapes) + self.draft_forward_ms(shapes, accepted)
+
+    def verify_forward_ms(self, shapes: Sequence[TreeShape]) -> float:
+        """The target's forward + logits over every request's tree."""
+        return self.target(len(shapes), sum(s.num_draft_tokens for s in shapes) / len(shapes))
+
+    def draft_forward_ms(self, shapes: Sequence[TreeShape], accepted: float) -> float:
+        """The draft's extend over the committed tokens and its frontier forwards, for the
+        requests that speculate (`accepted`: their accepted drafts in all)."""
+        spec = [s for s in shapes if s.speculates]
+        if not spec:
+            return 0.0
+        j = len(spec)
+        t = self.draft(j, 1.0 + accepted / j)
+        for step in range(2, max(s.num_steps for s in spec) + 1):
+            deep = [s for s in spec if s.num_steps >= step]
+            t += self.draft(len(deep), sum(min(s.topk, s.num_draft_tokens - 1) for s in deep) / len(deep))
+        return t
+
+    def host_ms(self, shapes: Sequence[TreeShape]) -> float:
+        """Host work of a step beyond the forwards."""
+        spec = [s for s in shapes if s.speculates]
+        return (self.plain_overhead_ms + sum(s.num_steps for s in spec) * self.draft_step_overhead_ms
+                + len(spec) * self.verify_overhead_ms)
+
+
+class OnlineCosts:
+    """The measured table, with its host-work terms learnt from the steps the engine times:
+    a plain step's time beyond the target's forward, and a speculative step's beyond its
+    forwards and the plain part, per drafting step of a speculating request. Each is the median
+    of the last `WINDOW` steps of its kind (a slow step, a page fault or a neighbour's burst,
+    does not move it)."""
+
+    WINDOW = 31
+
+    def __init__(self, measured: StepCosts) -> None:
+        self.measured = measured
+        self._plain: deque[float] = deque([measured.plain_overhead_ms], maxlen=self.WINDOW)
+        self._per_step: deque[float] = deque([measured.draft_step_overhead_ms + measured.verify_overhead_ms],
+                                             maxlen=self.WINDOW)
+
+    @property
+    def plain_ms(self) -> float:
+        return statistics.median(self._plain)
+
+    @property
+    def per_step_ms(self) -> float:
+        return statistics.median(self._per_step)
+
+    @property
+    def costs(self) -> StepCosts:
+        return replace(self.measured, plain_overhead_ms=self.plain_ms, draft_step_overhead_ms=self.per_step_ms,
+                       verify_overhead_ms=0.0)
+
+    def observe(self, verified: Sequence[TreeShape], drafted: Sequence[TreeShape], accepted: float,
+                ms: float) -> None:
+        """A step took `ms`: it verified trees of shapes `verified` (accepting `accepted` drafts
+        in all), then drafted the next trees, of shapes `drafted`."""
+        m = self.measured
+        rest = ms - m.verify_forward_ms(verified) - m.draft_forward_ms(drafted, accepted)
+        steps = sum(s.num_steps for s in drafted if s.speculates)
+        if steps == 0:
+            self._plain.append(rest)
+        else:
+            self._per_step.append(max(0.0, (rest - self.plain_ms) / steps))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    shapes: tuple[TreeShape, ...]  # one per request, in the batch's order
+    tokens_per_s: float  # predicted
+    step_ms: float  # predicted
+
+
+MARGIN = 1.03  # speculate only where predicted to beat plain decoding by 3 % (model error)
+
+
+def _counts(batch: int) -> list[int]:
+    """How many of the batch's best requests to try a shape on: every count up to 4, then
+    about 1.5x apart, and the whole batch."""
+    out, j = [], 1
+    while j < batch:
+        out.append(j)
+        j = j + 1 if j < 4 else int(j * 1.5)
+    return [*out, batch]
+
+
+def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Sequence[Sequence[float]]) -> Choice:
+    """expected[i][s] = request i's expected accepted drafts with shapes[s] (0 for NO_SPEC).
+    Returns the shapes maximising predicted tokens per second of the whole batch; plain
+    decoding unless speculation is predicted to win by `MARGIN`."""
+    batch = len(expected)
+    plain = costs.step_ms(batch, NO_SPEC, 0, 0.0)
+    best = Choice((NO_SPEC,) * batch, MARGIN * 1000.0 * batch / plain, plain)
+    for s, shape in enumerate(shapes):
+        if not shape.speculates:
+            continue
+        order = sorted(range(batch), key=lambda i: -expected[i][s])
+        prefix = [0.0]
+        for i in order:
+            prefix.append(prefix[-1] + expected[i][s])
+        for j in _counts(batch):
+            gain = prefix[j]
+            ms = costs.step_ms(batch, shape, j, gain)
+            tps = 1000.0 * (batch + gain) / ms
+            if tps > best.tokens_per_s:
+                chosen = set(order[:j])
+                best = Choice(tuple(shape if k in chosen else NO_SPEC for k in range(batch)), tps, ms)
+    if not any(s.speculates for s in best.shapes):
+        return Choice(best.shapes, 1000.0 * batch / plain, plain)
+    return best
