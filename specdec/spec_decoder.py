@@ -33,7 +33,7 @@ from .sampler import apply_penalties, processed_probs
 from .spec_config import SpecConfig
 from .tree import DraftTree, depths, path_to
 from .tree_chooser import OnlineCosts, choose_shapes
-from .tree_shape import NO_SPEC, TreeShape, candidate_shapes
+from .tree_shape import TreeShape, candidate_shapes
 from .verify import VerifyResult, verify_greedy, verify_stochastic
 
 RECHOOSE_EVERY = 4  # steps an unchanged batch keeps its chosen shapes

@@ -98,7 +98,7 @@ def _median_ms(fn: Callable[[], object], repeats: int = REPEATS) -> float:
 
 
 def _fake_requests(engine: Engine, b: int, length: int) -> list[Req]:
-    reqs = []
+    reqs: list[Req] = []
     g = torch.Generator().manual_seed(b)
     vocab = engine.model_config.vocab_size
     for _ in range(b):
@@ -135,13 +135,20 @@ def measure(engine: Engine, max_tokens: int, max_rows_draft: int = 4) -> StepCos
             for n in tokens:
                 trees = [DraftTree.chain(r.prompt_ids[:n]) for r in reqs]
 
-                def target_step(trees: list[DraftTree] = trees) -> None:
+                def target_step(trees: list[DraftTree] = trees, reqs: list[Req] = reqs) -> None:
                     out = runner.verify_trees(reqs, trees, capture)
                     runner.logits(out.hidden)
 
                 row.append(_median_ms(target_step))
             target_ms.append(tuple(row))
-            draft_ms.append(tuple(_median_ms(lambda r=r: _draft_forward(proposer, reqs, r)) for r in rows))
+            drafts = []
+            for r in rows:
+
+                def draft_step(r: int = r, reqs: list[Req] = reqs) -> None:
+                    _draft_forward(proposer, reqs, r)
+
+                drafts.append(_median_ms(draft_step))
+            draft_ms.append(tuple(drafts))
         finally:
             for r in reqs:
                 r.release_kv()
