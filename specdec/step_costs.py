@@ -142,10 +142,10 @@ def measure(engine: Engine, max_tokens: int, max_rows_draft: int = 4) -> StepCos
                 row.append(_median_ms(target_step))
             target_ms.append(tuple(row))
             drafts = []
-            for r in rows:
+            for per_req in rows:
 
-                def draft_step(r: int = r, reqs: list[Req] = reqs) -> None:
-                    _draft_forward(proposer, reqs, r)
+                def draft_step(per_req: int = per_req, reqs: list[Req] = reqs) -> None:
+                    _draft_forward(proposer, reqs, per_req)
 
                 drafts.append(_median_ms(draft_step))
             draft_ms.append(tuple(drafts))
