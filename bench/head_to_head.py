@@ -69,8 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="specdec's dtype (default float32)")
     p.add_argument("--quantization", default="w8a16", help="specdec's --quantization; 'none' for off")
     p.add_argument("--draft-model-path", default=None if head is None else str(head))
-    p.add_argument("--trees", nargs="*", default=["5,4,8", "3,1,4"],
-                   help="EAGLE3 trees as steps,topk,draft_tokens (empty: no speculation)")
+    p.add_argument("--trees", nargs="*", default=["adaptive", "2,1,3", "5,4,8"],
+                   help="EAGLE3 trees as steps,topk,draft_tokens, or adaptive (make run's default: "
+                   "shapes chosen per step); empty: no speculation")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the bundled one)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -207,10 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours_spec = {**common, "kind": "ours", "dtype": args.dtype, "quantization": quant}
     specs[label] = {**ours_spec, "spec": {}}
     for tree in args.trees:
+        eagle = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": args.draft_model_path}
+        if tree == "adaptive":
+            specs[f"{label} + EAGLE3 adaptive"] = {**ours_spec, "spec": {**eagle, "speculative_adaptive": "on"}}
+            continue
         steps, topk, ndt = (int(v) for v in tree.split(","))
         specs[f"{label} + EAGLE3 ({steps},{topk},{ndt})"] = {**ours_spec, "spec": {
-            "speculative_algorithm": "EAGLE3", "speculative_draft_model_path": args.draft_model_path,
-            "speculative_num_steps": steps, "speculative_eagle_topk": topk, "speculative_num_draft_tokens": ndt}}
+            **eagle, "speculative_num_steps": steps, "speculative_eagle_topk": topk,
+            "speculative_num_draft_tokens": ndt}}
     gguf = args.gguf or embedded_gguf_path()
     if importlib.util.find_spec("llama_cpp") is None:
         notes.append("llama.cpp: skipped, llama-cpp-python is not installed (pip install llama-cpp-python)")

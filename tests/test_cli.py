@@ -46,16 +46,23 @@ def test_help_documents_every_flag() -> None:
         assert flag in out, flag
 
 
-def test_embedded_model_defaults_to_the_shipped_head_and_its_tree() -> None:
+def test_embedded_model_defaults_to_the_shipped_head_and_adaptive_trees() -> None:
     from specdec.cli_args import resolve_speculative_defaults
     from specdec.draft.heads import EMBEDDED_TREE, shipped_head_for_embedded
+    from specdec.engine_config import EngineConfig
 
     head = shipped_head_for_embedded()
     assert head is not None
-    kw = resolve_speculative_defaults({"model_path": None, "speculative_algorithm": None})
+    tree = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens")
+    unset = {"model_path": None, "speculative_algorithm": None, "speculative_adaptive": "auto",
+             **dict.fromkeys(tree)}
+    kw = resolve_speculative_defaults(unset)
     assert kw["speculative_algorithm"] == "EAGLE3" and kw["speculative_draft_model_path"] == str(head)
-    assert (kw["speculative_num_steps"], kw["speculative_eagle_topk"], kw["speculative_num_draft_tokens"]) \
-        == EMBEDDED_TREE
+    spec = EngineConfig(**kw).spec_config()
+    assert spec is not None and spec.adaptive  # no tree flag: adaptive trees (make run)
+    # adaptive off: the fixed tree measured fastest for the embedded model
+    kw = resolve_speculative_defaults({**unset, "speculative_adaptive": "off"})
+    assert tuple(kw[k] for k in tree) == EMBEDDED_TREE
     # explicit tree flags win; NONE turns speculation off; other models get nothing implicit
     kw = resolve_speculative_defaults({"model_path": None, "speculative_algorithm": None, "speculative_num_steps": 5,
                                        "speculative_eagle_topk": None, "speculative_num_draft_tokens": None})

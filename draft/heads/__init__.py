@@ -6,10 +6,9 @@ from pathlib import Path
 
 HEADS_DIR = Path(__file__).parent
 EMBEDDED_HEAD = HEADS_DIR / "smollm2-135m-instruct-eagle3"
-# (steps, topk, draft tokens) used with the shipped head when the CLI is given no tree flags:
-# the fastest tree in docs/PERFORMANCE.md's sweeps on a 2-core AVX2 CPU (verifying 3 tokens
-# costs ~1.15-1.3 steps there, 8 tokens ~2-2.5, and each draft forward is ~10 % of a step,
-# so short chains win); the engine's own default stays
+# (steps, topk, draft tokens) used with the shipped head when the CLI is given no tree flags and
+# --speculative-adaptive off (adaptive trees are the default): the fastest fixed tree in
+# docs/PERFORMANCE.md's sweeps on a 2-core AVX2 CPU; the engine's own fixed default stays
 # SGLang's (5, 4, 8).
 EMBEDDED_TREE = (2, 1, 3)
 
