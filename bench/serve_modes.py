@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tps = statistics.median(r["output_throughput"] for r in recs)
             base = statistics.median(r["output_throughput"] for r in results[("plain", c)]) \
                 if ("plain", c) in results else float("nan")
-            accept = [r.get("accept_length") for r in recs if r.get("accept_length")]
+            accept = [float(r["accept_length"]) for r in recs if r.get("accept_length")]
             acc = statistics.median(accept) if accept else float("nan")
             table.append({"mode": mode, "concurrency": c, "output_throughput": tps, "vs_plain": tps / base,
                           "accept_length": acc, "rounds": [r["output_throughput"] for r in recs]})

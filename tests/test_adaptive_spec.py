@@ -15,13 +15,11 @@ import pytest
 from specdec.tree_shape import NO_SPEC
 
 from .spec_models import make_random_eagle3
-from .test_spec_e2e import FULL_LLAMA4
+from .test_spec_e2e import FULL_LLAMA4, NEW_TOKENS, PROMPT_LENGTHS
 from .tiny_models import VOCAB, Checkpoint, make_checkpoint, random_prompts
 
 ENVELOPE = {"speculative_num_steps": 4, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6,
             "speculative_adaptive": "on"}
-PROMPT_LENGTHS = (1, 5, 13, 30)
-NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,14 @@ inline int64_t act_block(int64_t Kp) {
 void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums);
 void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums);
 
+// quantise.cpp: the int8 kernel's input checks (either tier's layout, `tile` channels per tile)
+struct W8Shape {
+  int64_t M, Kp, N;
+  bool has_bias;
+};
+W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
+                      int64_t tile);
+
 // w8_linear*.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N_t, Kp] in the tier's
 // pack_w8 layout (N_t = N rounded up to the tier's tile of channels)
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,

@@ -75,50 +75,96 @@ inline void dot8x(const float* const* q, const float* const* k, int64_t D, __m25
   }
 }
 
-// dst[a][0 .. 16 NV) = inv[a] * sum_j p[a][j] v_j[0 .. 16 NV) for MQ queries, in key order,
-// skipping zero probabilities; v_j = vbase + slot_j * vstride
-template <int MQ, int NV>
-inline void value_pass16(const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots,
-                         int64_t L, float* const* dst, const float* inv) {
-  __m512 acc[MQ][NV];
-  for (int a = 0; a < MQ; ++a)
-    for (int c = 0; c < NV; ++c) acc[a][c] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < L; ++j) {
-    const float* vv = vbase + slots[j] * vstride;
-    for (int a = 0; a < MQ; ++a) {
-      const float pj = p[a][j];
-      if (pj == 0.0f) continue;  // invisible (or underflowed): adds nothing
-      const __m512 pv = _mm512_set1_ps(pj);
-      for (int c = 0; c < NV; ++c) acc[a][c] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vv + 16 * c), acc[a][c]);
-    }
-  }
-  for (int a = 0; a < MQ; ++a) {
-    const __m512 vinv = _mm512_set1_ps(inv[a]);
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst[a] + 16 * c, _mm512_mul_ps(acc[a][c], vinv));
-  }
-}
 #endif
 
-// dst[a][0 .. 8 NV) = inv[a] * sum_j p[a][j] v_j[0 .. 8 NV) for MQ queries, in key order,
-// skipping zero probabilities; v_j = vbase + slot_j * vstride
-template <int MQ, int NV>
+// Float vectors of 8 (AVX2) and, on the avx512 and amx tiers, 16 lanes, for value_pass.
+struct F8 {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+};
+#if defined(SPECDEC_AVX512)
+struct F16 {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+};
+#endif
+
+// dst[a][0 .. L NV) = inv[a] * sum_j p[a][j] v_j[0 .. L NV) for MQ queries (L = F::kLanes), in
+// key order, skipping zero probabilities; v_j = vbase + slot_j * vstride
+template <class F, int MQ, int NV>
 inline void value_pass(const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots, int64_t L,
                        float* const* dst, const float* inv) {
-  __m256 acc[MQ][NV];
+  typename F::V acc[MQ][NV];
   for (int a = 0; a < MQ; ++a)
-    for (int c = 0; c < NV; ++c) acc[a][c] = _mm256_setzero_ps();
+    for (int c = 0; c < NV; ++c) acc[a][c] = F::zero();
   for (int64_t j = 0; j < L; ++j) {
     const float* vv = vbase + slots[j] * vstride;
     for (int a = 0; a < MQ; ++a) {
       const float pj = p[a][j];
       if (pj == 0.0f) continue;  // invisible (or underflowed): adds nothing
-      const __m256 pv = _mm256_set1_ps(pj);
-      for (int c = 0; c < NV; ++c) acc[a][c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vv + 8 * c), acc[a][c]);
+      const typename F::V pv = F::set1(pj);
+      for (int c = 0; c < NV; ++c) acc[a][c] = F::fma(pv, F::load(vv + F::kLanes * c), acc[a][c]);
     }
   }
   for (int a = 0; a < MQ; ++a) {
-    const __m256 vinv = _mm256_set1_ps(inv[a]);
-    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(dst[a] + 8 * c, _mm256_mul_ps(acc[a][c], vinv));
+    const typename F::V vinv = F::set1(inv[a]);
+    for (int c = 0; c < NV; ++c) F::store(dst[a] + F::kLanes * c, F::mul(acc[a][c], vinv));
+  }
+}
+
+// value_pass<F, MQ, NV> with MQ <= MAXQ and NV <= 4 chosen at run time
+template <class F, int MQ>
+inline void value_pass_nv(int nv, const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots,
+                          int64_t L, float* const* dst, const float* inv) {
+  switch (nv) {
+    case 1: value_pass<F, MQ, 1>(p, vbase, vstride, slots, L, dst, inv); break;
+    case 2: value_pass<F, MQ, 2>(p, vbase, vstride, slots, L, dst, inv); break;
+    case 3: value_pass<F, MQ, 3>(p, vbase, vstride, slots, L, dst, inv); break;
+    default: value_pass<F, MQ, 4>(p, vbase, vstride, slots, L, dst, inv); break;
+  }
+}
+
+template <class F, int MAXQ>
+inline void value_pass_any(int mq, int nv, const float* const* p, const float* vbase, int64_t vstride,
+                           const int64_t* slots, int64_t L, float* const* dst, const float* inv) {
+  if constexpr (MAXQ > 0) {
+    if (mq == MAXQ) value_pass_nv<F, MAXQ>(nv, p, vbase, vstride, slots, L, dst, inv);
+    else value_pass_any<F, MAXQ - 1>(mq, nv, p, vbase, vstride, slots, L, dst, inv);
+  }
+}
+
+// out rows orow(q) [D] = inv[q] * sum_j scores[q][j] v_j for nq queries (v_j = vbase + slot_j *
+// vstride), in chunks of 4 F vectors of dims x MAXQ queries (D % F::kLanes == 0)
+template <class F, int MAXQ, class Row>
+inline void weighted_values(int64_t nq, int64_t D, const float* scores, int64_t ld, Row orow, const float* inv,
+                            const float* vbase, int64_t vstride, const int64_t* slots, int64_t L) {
+  constexpr int64_t chunk = 4 * F::kLanes;
+  for (int64_t d0 = 0; d0 < D; d0 += chunk) {
+    const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / F::kLanes));
+    for (int64_t q0 = 0; q0 < nq; q0 += MAXQ) {
+      const int mq = static_cast<int>(std::min<int64_t>(MAXQ, nq - q0));
+      const float* prow[MAXQ] = {};
+      float* dst[MAXQ] = {};
+      float invs[MAXQ] = {};
+      for (int a = 0; a < mq; ++a) {
+        prow[a] = scores + (q0 + a) * ld;
+        dst[a] = orow(q0 + a) + d0;
+        invs[a] = inv[q0 + a];
+      }
+      value_pass_any<F, MAXQ>(mq, nv, prow, vbase + d0, vstride, slots, L, dst, invs);
+    }
   }
 }
 
@@ -209,66 +255,14 @@ void grouped_attention(const float* qp, const float* kp, const float* vp, const 
         s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
         inv[qi] = 1.0f / _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
       }
+      // values: 4 vectors of dims x MAXQ queries of accumulators in registers per pass over V
 #if defined(SPECDEC_AVX512)
-      // values: 64 dims x 6 queries of accumulators in registers, one pass over V per chunk
       if (D % 16 == 0) {
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {
-          const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / 16));
-          for (int64_t q0 = 0; q0 < nq; q0 += 6) {
-            const int mq = static_cast<int>(std::min<int64_t>(6, nq - q0));
-            const float* prow[6] = {};
-            float* dst[6] = {};
-            float invs[6] = {};
-            for (int a = 0; a < mq; ++a) {
-              prow[a] = scores.data() + (q0 + a) * ld;
-              dst[a] = orow(q0 + a) + d0;
-              invs[a] = inv[q0 + a];
-            }
-            const float* vbase = vp + kvh * D + d0;
-            const int64_t vstride = Hkv * D;
-            switch (mq * 8 + nv) {
-#define SPECDEC_VALUE_PASS16(MQ, NV) \
-  case MQ * 8 + NV: value_pass16<MQ, NV>(prow, vbase, vstride, sp, L, dst, invs); break;
-              SPECDEC_VALUE_PASS16(1, 1) SPECDEC_VALUE_PASS16(1, 2) SPECDEC_VALUE_PASS16(1, 3) SPECDEC_VALUE_PASS16(1, 4)
-              SPECDEC_VALUE_PASS16(2, 1) SPECDEC_VALUE_PASS16(2, 2) SPECDEC_VALUE_PASS16(2, 3) SPECDEC_VALUE_PASS16(2, 4)
-              SPECDEC_VALUE_PASS16(3, 1) SPECDEC_VALUE_PASS16(3, 2) SPECDEC_VALUE_PASS16(3, 3) SPECDEC_VALUE_PASS16(3, 4)
-              SPECDEC_VALUE_PASS16(4, 1) SPECDEC_VALUE_PASS16(4, 2) SPECDEC_VALUE_PASS16(4, 3) SPECDEC_VALUE_PASS16(4, 4)
-              SPECDEC_VALUE_PASS16(5, 1) SPECDEC_VALUE_PASS16(5, 2) SPECDEC_VALUE_PASS16(5, 3) SPECDEC_VALUE_PASS16(5, 4)
-              SPECDEC_VALUE_PASS16(6, 1) SPECDEC_VALUE_PASS16(6, 2) SPECDEC_VALUE_PASS16(6, 3) SPECDEC_VALUE_PASS16(6, 4)
-#undef SPECDEC_VALUE_PASS16
-              default: break;
-            }
-          }
-        }
+        weighted_values<F16, 6>(nq, D, scores.data(), ld, orow, inv.data(), vp + kvh * D, Hkv * D, sp, L);
         continue;
       }
 #endif
-      // values: 32 dims x 3 queries of accumulators in registers, one pass over V per chunk
-      for (int64_t d0 = 0; d0 < D; d0 += 32) {
-        const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / 8));
-        for (int64_t q0 = 0; q0 < nq; q0 += 3) {
-          const int mq = static_cast<int>(std::min<int64_t>(3, nq - q0));
-          const float* prow[3] = {nullptr, nullptr, nullptr};
-          float* dst[3] = {nullptr, nullptr, nullptr};
-          float invs[3] = {0.0f, 0.0f, 0.0f};
-          for (int a = 0; a < mq; ++a) {
-            prow[a] = scores.data() + (q0 + a) * ld;
-            dst[a] = orow(q0 + a) + d0;
-            invs[a] = inv[q0 + a];
-          }
-          const float* vbase = vp + kvh * D + d0;
-          const int64_t vstride = Hkv * D;
-          switch (mq * 8 + nv) {
-#define SPECDEC_VALUE_PASS(MQ, NV) \
-  case MQ * 8 + NV: value_pass<MQ, NV>(prow, vbase, vstride, sp, L, dst, invs); break;
-            SPECDEC_VALUE_PASS(1, 1) SPECDEC_VALUE_PASS(1, 2) SPECDEC_VALUE_PASS(1, 3) SPECDEC_VALUE_PASS(1, 4)
-            SPECDEC_VALUE_PASS(2, 1) SPECDEC_VALUE_PASS(2, 2) SPECDEC_VALUE_PASS(2, 3) SPECDEC_VALUE_PASS(2, 4)
-            SPECDEC_VALUE_PASS(3, 1) SPECDEC_VALUE_PASS(3, 2) SPECDEC_VALUE_PASS(3, 3) SPECDEC_VALUE_PASS(3, 4)
-#undef SPECDEC_VALUE_PASS
-            default: break;
-          }
-        }
-      }
+      weighted_values<F8, 3>(nq, D, scores.data(), ld, orow, inv.data(), vp + kvh * D, Hkv * D, sp, L);
     }
   });
 }

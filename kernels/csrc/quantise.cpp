@@ -1,6 +1,6 @@
-// The activation side of the integer linear kernels (every tier): rows of float32 x quantised
-// to int16 codes with one float scale per block of k. Reference: quantize_activations_reference
-// in kernels/cpu_kernels.py.
+// What the integer linear kernels of every tier share: the input checks of the int8 kernel, and
+// the activation side: rows of float32 x quantised to int16 codes with one float scale per
+// block of k (reference: quantize_activations_reference in kernels/cpu_kernels.py).
 
 #include "cpu_kernels.h"
 
@@ -49,4 +49,22 @@ void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t*
     }
     quantise_row(row, Kp, block, q + m * Kp, s + m * nb, sums == nullptr ? nullptr : sums + m * nb);
   }
+}
+
+W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
+                      int64_t tile) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "w8_linear: x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "w8_linear: w must be a contiguous int8 [N", tile, ", Kp] tensor in pack_w8 layout");
+  const int64_t M = x.size(0), K = padded_k(x.size(1)), N = scale.numel();
+  TORCH_CHECK(w.size(1) == K, "w8_linear: x has K=", x.size(1), " (", K, " packed) but w has K=", w.size(1));
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "w8_linear: scale must be a contiguous float32 [N] tensor");
+  TORCH_CHECK(w.size(0) == (N + tile - 1) / tile * tile,
+              "w8_linear: w has ", w.size(0), " rows; N=", N, " scales need ", (N + tile - 1) / tile * tile);
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
+              "w8_linear: bias must be float32 [N] or empty");
+  return {M, K, N, has_bias};
 }

@@ -185,19 +185,9 @@ void amx_rows(int rows, const Codes& x, int64_t K, int64_t block, const int8_t* 
 
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "w8_linear: x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
-              "w8_linear: w must be a contiguous int8 [N16, Kp] tensor in pack_w8 layout");
-  const int64_t M = x.size(0), K = padded_k(x.size(1)), N = scale.numel();
-  TORCH_CHECK(w.size(1) == K, "w8_linear: x has K=", x.size(1), " (", K, " packed) but w has K=", w.size(1));
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "w8_linear: scale must be a contiguous float32 [N] tensor");
-  TORCH_CHECK(w.size(0) == (N + TILE - 1) / TILE * TILE,
-              "w8_linear: w has ", w.size(0), " rows; N=", N, " scales need ", (N + TILE - 1) / TILE * TILE);
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
-              "w8_linear: bias must be float32 [N] or empty");
+  const W8Shape sh = check_w8_args(x, w, scale, bias, TILE);
+  const int64_t M = sh.M, K = sh.Kp, N = sh.N;
+  const bool has_bias = sh.has_bias;
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const int8_t* wp = w.data_ptr<int8_t>();
