@@ -78,6 +78,10 @@ def split_prompts(
 ) -> PromptSplit:
     """Deterministic by `seed`: the held-out prompts are drawn first, then the training ones."""
     rng = random.Random(seed)
+    missing = [n for n in ("gsm8k_train.jsonl", "alpaca_seed_tasks.jsonl") if not (data_dir / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"training data not found: {', '.join(str(data_dir / n) for n in missing)} "
+                                "(the recipe reads the project's ../shared/data; pass --data-dir)")
     gsm = gsm8k_prompts(data_dir / "gsm8k_train.jsonl")
     alp = alpaca_prompts(data_dir / "alpaca_seed_tasks.jsonl")
     rng.shuffle(gsm)

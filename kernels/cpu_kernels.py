@@ -1,8 +1,8 @@
 """specdec's CPU kernels (kernels/csrc/*.cpp), each beside its torch reference.
 
 One C++ extension per CPU tier (kernels/cpu_isa.py: amx, avx512, avx2; `none` means no
-extension), built on first use with torch's extension loader (gcc + ninja; about a minute once
-per tier, then cached under ~/.cache/torch_extensions as `specdec_cpu_kernels_<tier>`, compiled
+extension), built on first use with torch's extension loader (gcc + ninja; about two minutes
+once per tier on 2 cores, then cached under ~/.cache/torch_extensions as `specdec_cpu_kernels_<tier>`, compiled
 with that tier's flags only, so a build is never loaded on a CPU that lacks its tier):
 
 * `w8_linear(x, w, scale, bias)`: weight-only int8 linear: float32 activations in and out,
