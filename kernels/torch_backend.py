@@ -76,6 +76,11 @@ class TorchAttentionBackend(AttentionBackend):
                 return fast.paged_attention(q.contiguous(), k_cache, v_cache, seq.kv_slots,
                                             cpu_kernels.NO_MASK if mask is None else mask.contiguous(), scale)
         if meta.padded is not None:
+            fast = _fast_kernels(q, k_cache) if chunk_size is None and q.shape[-1] % 8 == 0 else None
+            if fast is not None:  # a decode batch on the CPU, float32: one C++ call for all requests
+                lens = meta.padded.valid.sum(1)  # [B]; valid is a prefix of each row
+                return fast.paged_attention_batch(q.contiguous(), k_cache, v_cache,
+                                                  meta.padded.index.contiguous(), lens, scale)
             return self._padded_decode(q, k_cache, v_cache, meta.padded, scale, chunk_size)
         if len(meta.seqs) == 1:
             return self._one(q, k_cache, v_cache, meta.seqs[0], scale, chunk_size)

@@ -171,6 +171,32 @@ def test_paged_attention_rows_do_not_depend_on_the_others(D: int) -> None:
         assert torch.equal(full[t : t + 1], alone)
 
 
+@pytest.mark.parametrize(("H", "Hkv", "D"), [(9, 3, 64), (8, 1, 40), (4, 4, 128)])
+def test_paged_attention_batch_equals_each_request_alone(H: int, Hkv: int, D: int) -> None:
+    """A decode batch (one query per request, padded slot rows of different lengths) equals
+    paged_attention on each request alone, bitwise, and the float64 reference within TOL."""
+    g = torch.Generator().manual_seed(H + D)
+    S, lens = 200, [1, 37, 8, 120, 64]
+    k_cache, v_cache = torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
+    q = torch.randn(len(lens), H, D, generator=g)
+    index = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        index[b, :n] = torch.randperm(S, generator=g)[:n]
+    y = kernels.paged_attention_batch(q, k_cache, v_cache, index, torch.tensor(lens), 0.125)
+    empty = torch.empty(0, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        slots = index[b, :n].contiguous()
+        alone = kernels.paged_attention(q[b : b + 1].contiguous(), k_cache, v_cache, slots, empty, 0.125)
+        assert torch.equal(y[b : b + 1], alone)
+        _close(y[b : b + 1], ck.paged_attention_reference(q[b : b + 1], k_cache, v_cache, slots, None, 0.125))
+    with pytest.raises(RuntimeError, match="outside 1"):
+        kernels.paged_attention_batch(q, k_cache, v_cache, index, torch.tensor([0, 1, 1, 1, 1]), 0.125)
+    bad = index.clone()
+    bad[1, 3] = S
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.paged_attention_batch(q, k_cache, v_cache, bad, torch.tensor(lens), 0.125)
+
+
 def test_paged_attention_rejects_slots_outside_the_pool() -> None:
     cache = torch.zeros(4, 1, 8)
     with pytest.raises(RuntimeError, match="outside the pool"):

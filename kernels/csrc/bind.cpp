@@ -24,6 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim (float32)");
   m.def("paged_attention", &paged_attention,
         "attention of a few queries over keys gathered from a paged pool (float32)");
+  m.def("paged_attention_batch", &paged_attention_batch,
+        "a decode batch: one float32 query per request over that request's slots");
   m.def("decoder_layer", &decoder_layer, "one dense Llama decoder layer over the paged cache (float32)");
   m.def("decoder_stack", &decoder_stack, "every layer of a dense Llama in one call (float32), with captures");
   m.def("eagle3_layer", &eagle3_layer, "the EAGLE3 draft head's decoder layer over the paged cache (float32)");

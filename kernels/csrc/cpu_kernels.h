@@ -47,6 +47,9 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& slots, const at::Tensor& mask, double scale);
+// one query per request over its own slots (a decode batch)
+at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& index, const at::Tensor& lens, double scale);
 
 // decoder_layer.cpp: one dense Llama layer over the paged cache
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,

@@ -375,3 +375,51 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   });
   return out;
 }
+
+// A decode batch: one query per request, request b attends its first lens[b] slots of
+// index[b] (all of them visible: the query is the newest token). Requests are spread over
+// the threads; each is the T = 1 case of grouped_attention, so a row's result equals
+// paged_attention on that request alone.
+at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& index, const at::Tensor& lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "paged_attention_batch: q must be a contiguous float32 [B, H, D] tensor");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3,
+              "paged_attention_batch: caches must be contiguous float32 [S, Hkv, D]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(0);
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.is_contiguous() && index.size(0) == B,
+              "paged_attention_batch: index must be a contiguous int64 [B, L] tensor");
+  TORCH_CHECK(lens.scalar_type() == at::kLong && lens.dim() == 1 && lens.size(0) == B && lens.is_contiguous(),
+              "paged_attention_batch: lens must be a contiguous int64 [B] tensor");
+  TORCH_CHECK(k_cache.size(2) == D && H % Hkv == 0 && D % 8 == 0,
+              "paged_attention_batch: head shapes do not match (or head dim not a multiple of 8)");
+  const int64_t L = index.size(1);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "paged_attention_batch: lens[", b, "] = ", lp[b], " outside 1..", L);
+    for (int64_t j = 0; j < lp[b]; ++j)
+      TORCH_CHECK(ip[b * L + j] >= 0 && ip[b * L + j] < S, "paged_attention_batch: slot ", ip[b * L + j],
+                  " outside the pool");
+  }
+  auto out = at::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  auto one = [&](int64_t b) {
+    grouped_attention(qp + b * H * D, kp, vp, ip + b * L, nullptr, op + b * H * D, 1, H, Hkv, D, lp[b], sc);
+  };
+  if (B == 1) {
+    one(0);  // heads over the threads
+  } else {
+    // requests over the threads (the nested parallel_for inside runs inline)
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) one(b);
+    });
+  }
+  return out;
+}
