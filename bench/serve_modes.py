@@ -2,7 +2,8 @@
 run: what `make run`'s users get.
 
 For each round and each mode (`--modes`; `plain` = `--speculative-algorithm NONE`, `adaptive` =
-`make run`'s default, `tree:S,K,N` = a fixed EAGLE3 tree) one `specdec serve` process is
+`make run`'s default, `tree:S,K,N` = a fixed EAGLE3 tree; `+copy` after either adds
+`--speculative-ngram-merge`) one `specdec serve` process is
 started (one at a time: they never share the CPU), and `specdec.bench_serving` sends the
 held-out chat prompts of every category (chat template, greedy, a fixed output length with
 `ignore_eos`) at each `--concurrency`. Modes alternate round by round so the machine's drift
@@ -26,8 +27,12 @@ from typing import Any
 from .served_vs_offline import Server
 
 
-def mode_flags(mode: str, quantization: str | None) -> list[str]:
+def mode_flags(mode: str, quantization: str | None, draft: str | None = None) -> list[str]:
     flags = ["--quantization", quantization] if quantization else []
+    if mode.endswith("+copy") and mode != "plain+copy":  # the draft that also copies
+        return [*mode_flags(mode.removesuffix("+copy"), quantization, draft), "--speculative-ngram-merge"]
+    if draft and mode != "plain":
+        flags += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft]
     if mode == "plain":
         return [*flags, "--speculative-algorithm", "NONE"]
     if mode == "adaptive":
@@ -36,7 +41,7 @@ def mode_flags(mode: str, quantization: str | None) -> list[str]:
         steps, topk, ndt = mode[5:].split(",")
         return [*flags, "--speculative-num-steps", steps, "--speculative-eagle-topk", topk,
                 "--speculative-num-draft-tokens", ndt]
-    raise ValueError(f"unknown mode {mode!r}: plain, adaptive or tree:S,K,N")
+    raise ValueError(f"unknown mode {mode!r}: plain, adaptive or tree:S,K,N (either with +copy)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quantization", default="w8a16", help="'none' for unquantised weights")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--draft-model-path", default=None, help="an EAGLE3 head instead of the shipped one")
     return p.parse_args(argv)
 
 
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rnd in range(args.rounds):
             for mode in args.modes:
                 print(f"[serve_modes] round {rnd + 1}: {mode}", file=sys.stderr, flush=True)
-                server = Server(mode_flags(mode, quant))
+                server = Server(mode_flags(mode, quant, args.draft_model_path))
                 try:
                     for c in args.concurrency:
                         rec = run_bench(server.port, c, max(8, args.prompts_per_slot * c), args.output_len,

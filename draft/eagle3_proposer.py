@@ -24,10 +24,11 @@ from specdec.kernels.kv_pool import KVPool
 from specdec.request import Req
 from specdec.sampler import processed_probs
 from specdec.spec_config import SpecConfig
-from specdec.tree import DraftTree, static_rank_tree
+from specdec.tree import DraftTree, static_rank_tree, tree_from_candidates
 from specdec.tree_shape import TreeShape
 
 from .eagle3 import Eagle3Draft
+from .ngram_merge import MIN_SAMPLED_COPY_MATCH, NgramIndex, attach_chain, merge_greedy
 from .proposer import Proposer
 from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder
 
@@ -119,8 +120,18 @@ class Eagle3Proposer(Proposer):
         full[self.hot_ids] = processed_probs(draft_logits[None], [req.params])[0]
         return full
 
+    def _copy_chain(self, req: Req, budget: int) -> tuple[list[int], int]:
+        """`--speculative-ngram-merge`: the continuation of the request's final n-gram found
+        earlier in its own prompt and output (up to `budget` tokens), and the matched n."""
+        if not self.spec.ngram_merge:
+            return [], 0
+        if req.ngram_index is None:
+            req.ngram_index = NgramIndex(self.spec.ngram_min_match, self.spec.ngram_max_match)
+        return req.ngram_index.chain(req.all_ids, budget)
+
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:
+        chains = [self._copy_chain(r, sh.num_draft_tokens - 1) for r, sh in zip(reqs, shapes, strict=True)]
         builders: list[GreedyTreeBuilder | SampledTreeBuilder] = []
         # per request: node id -> (hidden of its forward, scratch index, ancestor scratch list)
         hidden: list[dict[int, Tensor]] = []
@@ -136,7 +147,11 @@ class Eagle3Proposer(Proposer):
                 builders.append(gb)
                 frontier.append(first)
             else:
-                sb = SampledTreeBuilder(root, shape.num_steps, shape.topk, shape.num_draft_tokens - 1,
+                # copied tokens take part of the budget, decided from the context alone (a
+                # sampled tree's shape never depends on the sampled values)
+                chain, n = chains[len(builders)]
+                reserve = min(len(chain), (shape.num_draft_tokens - 1) // 2) if n >= MIN_SAMPLED_COPY_MATCH else 0
+                sb = SampledTreeBuilder(root, shape.num_steps, shape.topk, shape.num_draft_tokens - 1 - reserve,
                                         self.vocab_size, req.generator)
                 sb.add_children(0, self._target_probs(req, state.logits))
                 builders.append(sb)
@@ -167,7 +182,19 @@ class Eagle3Proposer(Proposer):
                 else:
                     new_frontier[r] = b.expandable(_step)
             frontier = new_frontier
-        return [b.finish() for b in builders]
+        return [self._finish(b, chain, n, shape.num_draft_tokens - 1)
+                for b, (chain, n), shape in zip(builders, chains, shapes, strict=True)]
+
+    @staticmethod
+    def _finish(b: GreedyTreeBuilder | SampledTreeBuilder, chain: list[int], n: int, budget: int) -> DraftTree:
+        if not chain:
+            return b.finish()
+        if isinstance(b, GreedyTreeBuilder):
+            cands, _ = merge_greedy(b.root_token, b.cands, chain, n, budget)
+            return tree_from_candidates(b.root_token, cands, min(budget, len(cands)))
+        if n < MIN_SAMPLED_COPY_MATCH:
+            return b.finish()
+        return attach_chain(b.finish(), chain, budget)
 
     def _jobs(
         self,

@@ -6,7 +6,7 @@ Stages (each resumable: finished work is kept on disk and skipped on a re-run):
    held-out split is set aside first and never trained on; plus prompts the target writes
    itself (the chat template up to the user header `<|im_start|>user\\n`, sampled until EOS).
 2. responses: the target answers every training prompt through `specdec.Engine` (batched,
-   greedy, a fraction at temperature 0.7), rendered with the target's chat template.
+   greedy and sampled, some conversations two turns; draft/chat_generate.py).
 3. draft vocabulary: the most frequent response tokens (`hot_ids`, ascending target ids).
 4. features: one teacher-forced target pass over prompt + response capturing the three aux
    hidden states (inputs of layers `capture_layers`) and the final normed hidden state; the
@@ -124,50 +124,19 @@ def self_written_prompts(engine: Any, template: Any, n: int, seed: int, batch: i
     return out
 
 
-# ---- responses -----------------------------------------------------------------------------------
-def generate_responses(
-    engine: Any,
-    template: Any,
-    prompts: Sequence[dict[str, Any]],
-    out_path: Path,
-    max_new_tokens: int,
-    sample_frac: float,
-    seed: int,
-    chunk: int = 64,
-    progress: Any = None,
-) -> list[dict[str, Any]]:
-    """Answer every prompt with the target; rows are appended to `out_path` chunk by chunk, and
-    prompts already answered there are skipped (resume). Row: source, prompt, temperature,
-    prompt_len, input_ids (prompt + response tokens, the final EOS included)."""
-    done = read_jsonl(out_path) if out_path.exists() else []
-    have = {r["key"] for r in done}
-    todo = []
-    for i, p in enumerate(prompts):
-        key = f"{p['source']}|{i}"
-        if key not in have:
-            temp = 0.7 if random.Random(seed * 7919 + i).random() < sample_frac else 0.0
-            todo.append((key, p, temp, seed * 1000003 + i))
-    if progress is not None:
-        progress.update(len(prompts) - len(todo))
-    for s in range(0, len(todo), chunk):
-        part = todo[s : s + chunk]
-        ids = [engine.encode(template.render([{"role": "user", "content": p["prompt"]}])) for _, p, _, _ in part]
-        params = [{"temperature": t, "max_new_tokens": max_new_tokens, **({"seed": sd} if t > 0 else {})}
-                  for _, _, t, sd in part]
-        outs = engine.generate(input_ids=ids, sampling_params=params)
-        rows = [
-            {"key": key, "source": p["source"], "prompt": p["prompt"], "temperature": t,
-             "prompt_len": len(pid), "input_ids": pid + o["output_ids"]}
-            for (key, p, t, _), pid, o in zip(part, ids, outs, strict=True)
-        ]
-        write_jsonl(out_path, rows, mode="a")
-        done.extend(rows)
-        if progress is not None:
-            progress.update(len(part))
-    return done
-
-
 # ---- draft vocabulary ----------------------------------------------------------------------------
+def response_spans(record: dict[str, Any]) -> list[tuple[int, int]]:
+    """[start, end) of every assistant turn of a row (rows without spans: all after prompt_len)."""
+    spans = record.get("spans") or [[record["prompt_len"], len(record["input_ids"])]]
+    return [(int(a), int(b)) for a, b in spans]
+
+
+def response_tokens(record: dict[str, Any]) -> list[int]:
+    """The assistant tokens of a row, every turn."""
+    ids = record["input_ids"]
+    return [t for a, b in response_spans(record) for t in ids[a:b]]
+
+
 def choose_draft_vocab(records: Sequence[dict[str, Any]], size: int, vocab_size: int) -> Tensor:
     """The `size` most frequent response tokens (ties by id), topped up with the lowest unused ids
     when fewer distinct tokens occur; returned sorted ascending: hot_ids [size] int64."""
@@ -175,7 +144,7 @@ def choose_draft_vocab(records: Sequence[dict[str, Any]], size: int, vocab_size:
         return torch.arange(vocab_size)
     counts: Counter[int] = Counter()
     for r in records:
-        counts.update(r["input_ids"][r["prompt_len"] :])
+        counts.update(response_tokens(r))
     ranked = sorted(counts, key=lambda t: (-counts[t], t))[:size]
     chosen = set(ranked)
     fill = (t for t in range(vocab_size) if t not in chosen)
@@ -186,7 +155,7 @@ def choose_draft_vocab(records: Sequence[dict[str, Any]], size: int, vocab_size:
 
 def vocab_coverage(records: Sequence[dict[str, Any]], hot_ids: Tensor) -> float:
     hot = set(hot_ids.tolist())
-    toks = [t for r in records for t in r["input_ids"][r["prompt_len"] :]]
+    toks = [t for r in records for t in response_tokens(r)]
     return sum(t in hot for t in toks) / max(1, len(toks))
 
 
@@ -229,7 +198,8 @@ def _feature_items(
     for g, (aux, hid, top1) in zip(group, feats, strict=True):
         ids = torch.tensor(g["input_ids"][:max_len], dtype=torch.long)
         mask = torch.zeros(len(ids), dtype=torch.bool)
-        mask[g["prompt_len"] :] = True
+        for a, b in response_spans(g):
+            mask[a:b] = True  # cut at max_len by the slice
         items.append({"input_ids": ids, "loss_mask": mask, "top1": top1.to(torch.int32),
                       "aux": aux.to(torch.bfloat16), "hidden": hid.to(torch.bfloat16)})
     return items

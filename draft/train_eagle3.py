@@ -3,11 +3,16 @@
     python -m specdec.draft.train_eagle3 --recipe smollm2 --out draft/heads/smollm2-135m-instruct-eagle3
 
 Stages (`--stages`, default all; every stage resumes from what is on disk in `--work-dir`):
-  prompts    held-out + training prompts (GSM8K train, Alpaca seed tasks, self-written)
-  responses  the target answers the training prompts (`specdec.Engine`, chat template)
+  prompts    held-out + training prompts: the diverse chat prompts of ../shared/data (every
+             source and category, balanced, held-out split removed), GSM8K train, Alpaca seed
+             tasks, prompts the target writes itself
+  responses  the target answers them (`specdec.Engine`, continuous batching, chat template,
+             greedy and sampled); a share become two-turn conversations (the target writes a
+             follow-up user turn to its own answer, then answers it)
   features   teacher-forced target pass: aux hidden states + final hidden per token
   train      EAGLE3 training-time test (draft/ttt.py); checkpoints, logs, and the head in `--out`
-  eval       greedy accept length on the held-out prompts at (5,4,8) and (3,1,4) -> `--out`/eval.json
+  eval       accept length on the held-out prompts (legacy GSM8K/Alpaca split, and with --n-chat the
+             shipped held-out chat prompts per category, greedy and at temperature 0.7) -> eval.json
 """
 
 from __future__ import annotations
@@ -25,12 +30,15 @@ from typing import Any
 
 import torch
 
+from .chat_data import balanced_order, chat_pool
+from .chat_generate import GenStats, generate_conversations
+from .data_split import prompt_key
 from .train_data import (
     DEFAULT_DATA_DIR,
     build_feature_shards,
     choose_draft_vocab,
-    generate_responses,
     read_jsonl,
+    response_tokens,
     self_written_prompts,
     split_prompts,
     vocab_coverage,
@@ -52,11 +60,16 @@ class TrainArgs:
     n_gsm8k: int = 64
     n_alpaca: int = 16
     n_self: int = 0
+    n_chat: int = 0  # diverse chat prompts (balanced over categories); 0: the legacy GSM8K/Alpaca mix
     heldout_gsm8k: int = 48
     heldout_alpaca: int = 16
     max_prompts: int | None = None  # answer only the first N training prompts (None: all)
     max_new_tokens: int = 192
-    sample_frac: float = 0.2  # share of responses sampled at temperature 0.7 (rest greedy)
+    sample_frac: float = 0.2  # share of conversations sampled (rest greedy)
+    sample_temp_min: float = 0.7  # sampled ones draw a temperature from [min, max]
+    sample_temp_max: float = 0.7
+    multi_turn_frac: float = 0.0  # share of conversations given a second (follow-up) turn
+    gen_quantization: str | None = None  # the generation engine's weights (w8a16: the served target)
     gen_batch: int = 32  # concurrent requests during generation
     gen_dtype: str = "float32"
     max_len: int = 1024  # tokens per training sequence (prompt + response), longer ones cut
@@ -64,6 +77,7 @@ class TrainArgs:
     draft_vocab_size: int = 8192
     draft_intermediate_size: int | None = None  # None: the target's
     init_from_target: bool = True  # lm_head rows / final norm from the target
+    init_head: str | None = None  # warm start from a trained head (a previous piece)
     # optimisation
     ttt_steps: int = 7
     ttt_decay: float = 0.8
@@ -74,6 +88,7 @@ class TrainArgs:
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | linear
     weight_decay: float = 0.0
+    val_frac: float = 0.0  # share of sequences held back for validation (by a hash of the prompt)
     max_grad_norm: float = 0.5
     batch_tokens: int = 2048  # padded tokens per optimiser step
     batch_seqs: int = 8
@@ -85,6 +100,7 @@ class TrainArgs:
     save_dtype: str = "bfloat16"
     eval_prompts: int = 64
     eval_max_new_tokens: int = 128
+    eval_chat_per_category: int = 4
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -96,6 +112,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         "max_new_tokens": 160, "sample_frac": 0.2, "draft_vocab_size": 8192,
         "ttt_steps": 5, "epochs": 8.0, "lr": 2e-3, "warmup_steps": 10, "batch_tokens": 1024,
         "batch_seqs": 4, "save_every": 48, "log_every": 4,
+    },
+    # diverse chat data (every source and category of ../shared/data, balanced; half of them given a second turn;
+    # 30 % sampled at t in [0.7, 1.0]), warm-started from the shipped head. The recipe's prompt
+    # list holds enough for ~2M response tokens; a run answers `--max-prompts` of them (the list
+    # is balanced in every prefix) and later runs resume the responses where the last stopped.
+    "chat": {
+        "n_chat": 12000, "n_gsm8k": 600, "n_alpaca": 159, "n_self": 300, "heldout_gsm8k": 48,
+        "heldout_alpaca": 16, "max_new_tokens": 192, "sample_frac": 0.3, "sample_temp_min": 0.7,
+        "sample_temp_max": 1.0, "multi_turn_frac": 0.5, "gen_quantization": "w8a16", "gen_batch": 48,
+        "draft_vocab_size": 8192, "ttt_steps": 6, "epochs": 2.0, "lr": 1e-3, "warmup_steps": 20,
+        "batch_tokens": 2048, "batch_seqs": 8, "save_every": 100, "log_every": 10, "val_frac": 0.02,
+        "init_head": str(Path(__file__).resolve().parent / "heads" / "smollm2-135m-instruct-eagle3"),
     },
     # seconds: for tests and smoke runs
     "tiny": {
@@ -171,6 +199,7 @@ def _engine(args: TrainArgs) -> Any:
 
     max_total = args.gen_batch * (args.max_len + args.max_new_tokens + 64)
     return specdec.Engine(model_path=args.model_path, dtype=args.gen_dtype, log_level="warning",
+                          quantization=args.gen_quantization,
                           max_running_requests=args.gen_batch, max_total_tokens=max_total,
                           random_seed=args.seed)
 
@@ -194,9 +223,18 @@ def stage_prompts(args: TrainArgs, work: Path, out: Path, engine_fn: Any, progre
     own = self_written_prompts(engine, _template(engine), args.n_self, args.seed)
     own = [p for p in own if p["prompt"] not in heldout_set]
     log.info("%d self-written prompts in %.0fs", len(own), time.perf_counter() - t0)
-    train = split.train + own
-    # interleave the self-written ones so any prefix of the file is a fair sample
-    random.Random(args.seed + 1).shuffle(train)
+    if args.n_chat > 0:
+        # every source and category, balanced in every prefix: GSM8K is one more math source,
+        # the Alpaca seeds one more chat source, the self-written prompts their own category
+        pool = chat_pool(Path(args.data_dir), exclude=heldout_set)
+        pool += [{**p, "category": "math"} for p in split.train if p["source"].startswith("gsm8k")]
+        pool += [{**p, "category": "chat"} for p in split.train if p["source"].startswith("alpaca")]
+        pool += [{**p, "category": "self"} for p in own]
+        train = balanced_order(pool, args.seed)[: args.n_chat + len(split.train) + len(own)]
+    else:
+        train = split.train + own
+        # interleave the self-written ones so any prefix of the file is a fair sample
+        random.Random(args.seed + 1).shuffle(train)
     write_jsonl(prompts_path, train)
     write_jsonl(heldout_path, split.heldout)
 
@@ -208,12 +246,19 @@ def stage_responses(args: TrainArgs, work: Path, engine_fn: Any, progress: bool)
         return
     engine = engine_fn()
     bar = _Progress(len(prompts), "responses", progress)
-    t0 = time.perf_counter()
-    rows = generate_responses(engine, _template(engine), prompts, out_path, args.max_new_tokens,
-                              args.sample_frac, args.seed, chunk=2 * args.gen_batch, progress=bar)
+    stats_path = work / "gen_stats.json"
+    prev = json.loads(stats_path.read_text()) if stats_path.exists() else {}
+    stats = GenStats(prev.get("response_tokens", 0), prev.get("user_tokens", 0), prev.get("seconds", 0.0))
+    rows = generate_conversations(engine, _template(engine), prompts, out_path, args.max_new_tokens,
+                                  args.sample_frac, args.multi_turn_frac, args.seed,
+                                  (args.sample_temp_min, args.sample_temp_max), chunk=3 * args.gen_batch,
+                                  progress=bar, stats=stats)
     bar.close()
-    n_tok = sum(len(r["input_ids"]) - r["prompt_len"] for r in rows)
-    log.info("%d responses, %d response tokens (%.0fs)", len(rows), n_tok, time.perf_counter() - t0)
+    stats_path.write_text(json.dumps({**asdict(stats), "tokens_per_s": stats.tokens_per_s}, indent=2) + "\n")
+    n_tok = sum(len(response_tokens(r)) for r in rows)
+    log.info("%d conversations, %d response tokens; generation %.0f tok/s (%d response + %d user tokens "
+             "in %.0fs over all runs)", len(rows), n_tok, stats.tokens_per_s, stats.response_tokens,
+             stats.user_tokens, stats.seconds)
 
 
 def load_target(args: TrainArgs) -> Any:
@@ -239,6 +284,7 @@ def stage_features(args: TrainArgs, work: Path, target: Any, progress: bool) -> 
 
 
 EVAL_CONFIGS = ((5, 4, 8), (3, 1, 4))
+CHAT_EVAL_CONFIGS = ((5, 4, 8), (3, 1, 4), (2, 1, 3))
 
 
 def _accept(outs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -249,15 +295,18 @@ def _accept(outs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_head(
     head: Path, prompts: Sequence[dict[str, Any]], model_path: str | None, max_new_tokens: int,
-    configs: Sequence[tuple[int, int, int]] = EVAL_CONFIGS, batch: int = 16,
+    configs: Sequence[tuple[int, int, int]] = EVAL_CONFIGS, batch: int = 16, temperature: float = 0.0,
+    quantization: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy accept length of `head` on chat prompts at each (steps, topk, draft tokens):
-    emitted tokens / verify steps summed over all prompts (SGLang's spec_accept_length)."""
+    """Accept length of `head` on chat prompts at each (steps, topk, draft tokens): emitted
+    tokens / verify steps summed over all prompts (SGLang's spec_accept_length), overall and by
+    category (or source); sampled with a fixed seed per prompt when `temperature` > 0."""
     import specdec
 
-    results: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": max_new_tokens}
+    results: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                               "temperature": temperature, "quantization": quantization}
     for steps, topk, ndraft in configs:
-        engine = specdec.Engine(model_path=model_path, dtype="float32", log_level="warning",
+        engine = specdec.Engine(model_path=model_path, dtype="float32", log_level="warning", quantization=quantization,
                                 speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head),
                                 speculative_num_steps=steps, speculative_eagle_topk=topk,
                                 speculative_num_draft_tokens=ndraft, max_running_requests=batch,
@@ -265,9 +314,9 @@ def evaluate_head(
         template = _template(engine)
         ids = [engine.encode(template.render([{"role": "user", "content": p["prompt"]}])) for p in prompts]
         t0 = time.perf_counter()
-        outs: Any = engine.generate(
-            input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": max_new_tokens}
-        )
+        params = [{"temperature": temperature, "max_new_tokens": max_new_tokens,
+                   **({"seed": 1000 + i} if temperature > 0 else {})} for i in range(len(ids))]
+        outs: Any = engine.generate(input_ids=ids, sampling_params=params)
         dt = time.perf_counter() - t0
         key = f"{steps},{topk},{ndraft}"
         results[key] = {
@@ -275,14 +324,30 @@ def evaluate_head(
             "mean_request_accept_length": sum(o["meta_info"]["spec_accept_length"] for o in outs) / len(outs),
             "completion_tokens": sum(o["meta_info"]["completion_tokens"] for o in outs),
             "seconds": round(dt, 1),
-            "by_source": {
-                src: _accept([o for o, p in zip(outs, prompts, strict=True) if p["source"].startswith(src)])
-                for src in sorted({p["source"].split(":")[0] for p in prompts})
+            "by_group": {
+                g: _accept([o for o, p in zip(outs, prompts, strict=True) if _group(p) == g])
+                for g in sorted({_group(p) for p in prompts})
             },
         }
         log.info("eval (%s): accept length %.3f over %d prompts (%.0fs)", key,
                  results[key]["accept_length"], len(prompts), dt)
     return results
+
+
+def _group(p: dict[str, Any]) -> str:
+    return str(p.get("category") or p["source"].split(":")[0])
+
+
+def chat_eval_prompts(per_category: int) -> list[dict[str, Any]]:
+    """The first `per_category` prompts of every category of the shipped held-out chat set
+    (bench/data/chat_heldout.jsonl: drawn from the hash held-out split, never trained on)."""
+    from specdec.bench.bench_serving import BENCH_DATA
+
+    rows = read_jsonl(BENCH_DATA / "chat_heldout.jsonl")
+    out: list[dict[str, Any]] = []
+    for cat in sorted({r["category"] for r in rows}):
+        out += [r for r in rows if r["category"] == cat][:per_category]
+    return out
 
 
 def default_capture_layers(num_layers: int) -> tuple[int, int, int]:
@@ -296,14 +361,22 @@ def write_provenance(
 ) -> None:
     """out/training_data.json: where every training sequence came from, and the recipe."""
     sources: dict[str, int] = {}
+    categories: dict[str, int] = {}
     for r in records:
-        kind = r["source"].split(":")[0]
-        kind += "/greedy" if r["temperature"] == 0 else f"/t{r['temperature']}"
+        kind = r["source"].split(":")[0] if not r["source"].startswith("chat:") else r["source"]
+        kind += "/greedy" if r["temperature"] == 0 else "/sampled"
         sources[kind] = sources.get(kind, 0) + 1
+        if r.get("category"):
+            categories[r["category"]] = categories.get(r["category"], 0) + 1
+    stats_path = work / "gen_stats.json"
     info = {
         "target": args.model_path or "SmolLM2-135M-Instruct (bundled, specdec.target.embedded)",
         "sequences": len(records),
-        "response_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in records),
+        "response_tokens": sum(len(response_tokens(r)) for r in records),
+        "two_turn_conversations": sum(1 for r in records if r.get("turns", 1) > 1),
+        "sampled_conversations": sum(1 for r in records if r["temperature"] > 0),
+        "categories": categories,
+        "generation": json.loads(stats_path.read_text()) if stats_path.exists() else None,
         "sources": sources,
         "draft_vocab_size": int(hot.numel()),
         "draft_vocab_coverage": vocab_coverage(records, hot),
@@ -356,11 +429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = [p for p in shards if not p.exists()]
         if missing:
             raise SystemExit(f"missing feature shards {missing[:3]}...; run the features stage")
-        train(args, target, hot, shards, work, out, resume=ns.resume, progress=progress)
+        val_mask = [prompt_key(r["prompt"] or r["key"]) % 10000 < args.val_frac * 10000 for r in records]
+        train(args, target, hot, shards, work, out, resume=ns.resume, progress=progress, val_mask=val_mask)
         write_provenance(args, work, out, records, hot)
     if "eval" in stages:
         heldout = read_jsonl(out / "heldout_prompts.jsonl")[: args.eval_prompts]
-        res = evaluate_head(out, heldout, args.model_path, args.eval_max_new_tokens)
+        res: dict[str, Any] = {"legacy_heldout": evaluate_head(out, heldout, args.model_path,
+                                                               args.eval_max_new_tokens,
+                                                               quantization=args.gen_quantization)}
+        if args.n_chat > 0:
+            chat = chat_eval_prompts(args.eval_chat_per_category)
+            for temp in (0.0, 0.7):
+                res[f"chat_t{temp}"] = evaluate_head(out, chat, args.model_path, args.eval_max_new_tokens,
+                                                     CHAT_EVAL_CONFIGS, temperature=temp,
+                                                     quantization=args.gen_quantization)
         (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
     return 0
 

@@ -87,6 +87,35 @@ def make_draft(
     return draft
 
 
+def warm_start(draft: Eagle3Draft, head: Path, target: Llama4ForCausalLM, hot_ids: Tensor) -> dict[str, int]:
+    """Start `draft` from a trained head (a piece of an earlier run): every layer weight is
+    copied; lm_head rows are copied for the tokens both draft vocabularies hold, the others
+    keep `draft`'s init. Returns {"copied_rows", "new_rows"}."""
+    from .loader import load_eagle3
+
+    old = load_eagle3(head, target, dtype="float32")
+    if (old.cfg.hidden_size, old.cfg.intermediate_size, old.cfg.target_hidden_size) != (
+        draft.cfg.hidden_size, draft.cfg.intermediate_size, draft.cfg.target_hidden_size
+    ):
+        raise ValueError(f"--init-head {head}: its shapes differ from the head being trained")
+    mine = dict(draft.named_parameters())
+    with torch.no_grad():
+        for name, p in old.named_parameters():
+            if name in ("lm_head.weight", "d2t") or name not in mine or name.startswith("embed"):
+                continue
+            mine[name].copy_(p.float())
+        old_ids = old.to_target_ids(torch.arange(old.cfg.draft_vocab_size))  # [Vd_old] target ids
+        row_of = {int(t): i for i, t in enumerate(old_ids.tolist())}
+        new_pos, old_pos = [], []
+        for i, t in enumerate(hot_ids.tolist()):
+            if t in row_of:
+                new_pos.append(i)
+                old_pos.append(row_of[t])
+        draft.lm_head.weight[torch.tensor(new_pos, dtype=torch.long)] = old.lm_head.weight[
+            torch.tensor(old_pos, dtype=torch.long)].float()
+    return {"copied_rows": len(new_pos), "new_rows": int(hot_ids.numel()) - len(new_pos)}
+
+
 def target_head_weight(target: Llama4ForCausalLM, hot_ids: Tensor) -> Tensor:
     """[Vd, H] fp32: the target's output rows of the draft vocabulary."""
     w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
@@ -199,6 +228,28 @@ def ttt_forward(
 
 
 # ---- the training loop ---------------------------------------------------------------------------
+@torch.no_grad()
+def validate(
+    draft: Eagle3Draft, items: Sequence[dict[str, Tensor]], args: Any, head_w: Tensor, in_vocab: Tensor,
+    device: torch.device,
+) -> dict[str, Any]:
+    """TTT loss and per-step top-1 accuracy on held-back sequences, token-weighted."""
+    from .train_data import iter_batches
+
+    was = draft.training
+    draft.eval()
+    tot, n_tok = 0.0, 0
+    acc = [0.0] * args.ttt_steps
+    for batch in iter_batches(items, args.batch_tokens, args.batch_seqs, args.seed, 0):
+        loss, _, accs, ntok = ttt_forward(draft, _to(batch, device), head_w, in_vocab, args.ttt_steps,
+                                          args.ttt_decay)
+        tot += float(loss) * ntok
+        n_tok += ntok
+        acc = [a + b * ntok for a, b in zip(acc, accs, strict=True)]
+    draft.train(was)
+    return {"val_loss": tot / max(1, n_tok), "val_acc": [a / max(1, n_tok) for a in acc], "val_tokens": n_tok}
+
+
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -239,20 +290,33 @@ def train(
     out: Path,
     resume: bool = False,
     progress: bool = True,
+    val_mask: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Train on the feature shards; writes checkpoints to work/ckpt, logs to out/train_log.jsonl
-    (and work/), and the head (SGLang/vLLM format) to `out` at every checkpoint."""
+    (and work/), and the head (SGLang/vLLM format) to `out` at every checkpoint. With
+    `val_mask` (one flag per sequence) the flagged sequences are never trained on: their loss is
+    logged at every checkpoint and the head in `out` is the checkpoint with the lowest one."""
     from .train_data import iter_batches, length_batches, load_shards
 
     device = _device(args.device)
-    items = load_shards(shards)
-    if not items:
+    all_items = load_shards(shards)
+    if not all_items:
         raise SystemExit(f"no training features in {work}; run the features stage first")
+    flags = list(val_mask) if val_mask is not None else [False] * len(all_items)
+    if len(flags) != len(all_items):
+        raise ValueError(f"val_mask has {len(flags)} flags for {len(all_items)} sequences")
+    items = [x for x, v in zip(all_items, flags, strict=True) if not v]
+    val_items = [x for x, v in zip(all_items, flags, strict=True) if v]
+    del all_items
     lengths = [int(x["input_ids"].shape[0]) for x in items]
     per_epoch = len(length_batches(lengths, args.batch_tokens, args.batch_seqs, args.seed, 0))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * per_epoch))
     aux_std = torch.cat([x["aux"].float() for x in items[:64]]).std(0)  # [3H]
     draft = make_draft(target, hot_ids, args.draft_intermediate_size, args.init_from_target, args.seed, aux_std)
+    if getattr(args, "init_head", None):
+        ws = warm_start(draft, Path(args.init_head), target, hot_ids)
+        log.info("warm start from %s: %d lm_head rows copied, %d new", args.init_head, ws["copied_rows"],
+                 ws["new_rows"])
     draft.to(device)
     if device.type != "cpu":
         draft.share_embedding(target.embed_tokens.weight.detach().float().to(device))
@@ -269,6 +333,7 @@ def train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
     step = 0
+    best_val = math.inf
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if not torch.equal(state["hot_ids"], hot_ids):
@@ -277,6 +342,7 @@ def train(
         opt.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
+        best_val = float(state.get("best_val", math.inf))
         log.info("resumed from %s at step %d", ckpt_path, step)
     elif resume:
         log.info("no checkpoint at %s; starting fresh", ckpt_path)
@@ -287,17 +353,31 @@ def train(
             f.unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
+        nonlocal best_val
+        export = True
+        if val_items:
+            val = validate(draft, val_items, args, head_w, in_vocab, device)
+            export = val["val_loss"] < best_val
+            best_val = min(best_val, val["val_loss"])
+            rec = {"step": step, **val, "best": export}
+            for f in log_files:
+                with f.open("a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            log.info("step %d validation loss %.4f acc %s%s", step, val["val_loss"],
+                     " ".join(f"{a:.3f}" for a in val["val_acc"]), " (best: exported)" if export else "")
         state = {"model": {k: v for k, v in draft.state_dict().items()}, "optim": opt.state_dict(),
-                 "sched": sched.state_dict(), "step": step, "hot_ids": hot_ids}
+                 "sched": sched.state_dict(), "step": step, "hot_ids": hot_ids, "best_val": best_val}
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.rename(ckpt_path)
-        export_head(draft, out, save_dtype)
+        if export:
+            export_head(draft, out, save_dtype)
 
     from .train_eagle3 import _Progress
 
     bar = _Progress(total_steps, "train", progress)
     bar.update(step)
+    log.info("validation: %d sequences held back", len(val_items))
     log.info("training: %d sequences, %d batches/epoch, %d steps, TTT %d, draft vocab %d, %.1fM params",
              len(items), per_epoch, total_steps, args.ttt_steps, hot_ids.numel(),
              sum(p.numel() for p in params) / 1e6)

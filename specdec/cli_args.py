@@ -74,6 +74,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "step costs and the request's acceptance so far. auto: on unless a tree flag is given "
                    "(then the tree is fixed); with on, the tree flags bound the shapes (default envelope "
                    "6,4,16); off: always the configured tree.")
+    s.add_argument("--speculative-ngram-merge", action="store_true",
+                   help="EAGLE3/EAGLE: also draft by copying: the continuation of the last n-gram found "
+                   "earlier in the request's own prompt and output joins the head's candidates in one tree "
+                   "(same --speculative-num-draft-tokens budget, nodes kept by estimated acceptance).")
     s.add_argument("--speculative-token-map", default=None,
                    help="Accepted for SGLang compatibility; EAGLE3 heads carry their own d2t map.")
 

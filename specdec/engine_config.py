@@ -46,6 +46,7 @@ class EngineConfig:
     speculative_accept_threshold_acc: float = 1.0
     speculative_token_map: str | None = None
     speculative_adaptive: str = "auto"  # auto | on | off (see specdec.spec_config)
+    speculative_ngram_merge: bool = False  # copies from the request's own text in EAGLE3's tree
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -88,6 +89,7 @@ class EngineConfig:
             self.speculative_accept_threshold_acc,
             self.speculative_token_map,
             self.speculative_adaptive,
+            self.speculative_ngram_merge,
         )
 
     @classmethod

@@ -64,6 +64,7 @@ class Req:
     spec_shape_counts: dict[str, int] = field(default_factory=dict)
     accept_stats: AcceptStats | None = None
     draft_pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    ngram_index: Any = None  # draft.ngram_merge.NgramIndex over all_ids (--speculative-ngram-merge)
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __post_init__(self) -> None:

@@ -41,6 +41,9 @@ class SpecConfig:
     ngram_min_match: int = 1
     ngram_max_match: int = 6
     adaptive: bool = False  # choose each step's shape inside (num_steps, topk, num_draft_tokens)
+    # EAGLE3/EAGLE: merge the continuation of the context's final n-gram (found earlier in the
+    # request's own prompt and output) into the draft tree (draft/ngram_merge.py)
+    ngram_merge: bool = False
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -72,6 +75,9 @@ class SpecConfig:
             raise ValueError("need 1 <= ngram_min_match <= ngram_max_match")
         if self.adaptive and self.algorithm == "NGRAM":
             raise ValueError("adaptive speculation needs a draft model (EAGLE3/EAGLE), not NGRAM")
+        if self.ngram_merge and self.algorithm == "NGRAM":
+            raise ValueError("--speculative-ngram-merge merges copies into a draft model's tree "
+                             "(EAGLE3/EAGLE); NGRAM already drafts copies only")
 
     @property
     def envelope(self) -> TreeShape:
@@ -99,6 +105,7 @@ class SpecConfig:
         accept_threshold_acc: float = 1.0,
         token_map: str | None = None,
         adaptive: str = "auto",
+        ngram_merge: bool = False,
     ) -> SpecConfig | None:
         """None when speculation is off; fills SGLang's defaults for unset tree settings (or the
         adaptive envelope)."""
@@ -108,6 +115,8 @@ class SpecConfig:
             given = [n for n, v in (("draft_model_path", draft_model_path), ("num_steps", num_steps),
                                     ("eagle_topk", topk), ("num_draft_tokens", num_draft_tokens))
                      if v is not None]
+            if ngram_merge:
+                given.append("ngram_merge")
             if given:
                 raise ValueError(
                     "speculative settings given without --speculative-algorithm: "
@@ -139,4 +148,5 @@ class SpecConfig:
             accept_threshold_single=accept_threshold_single,
             accept_threshold_acc=accept_threshold_acc,
             adaptive=is_adaptive,
+            ngram_merge=ngram_merge,
         )

@@ -17,7 +17,8 @@ p and children x_1..x_m, try the children in order:
     on rejection: p <- normalise(max(p - q, 0)); q <- q without x_i, renormalised
 
 where q is the draft distribution the children were sampled from *without replacement*
-(`DraftTree.draft_probs`), or the one-hot of x_i for fixed candidates (top-k, n-gram), which
+(`DraftTree.draft_probs`), or the one-hot of x_i for fixed candidates (top-k, n-gram, and the
+children of a node whose `draft_probs` row is all zero: text copied into a sampled tree), which
 reduces to "accept x_i with probability p(x_i); else zero it out of p" (SGLang's rule).
 If all are rejected, the recovered token is drawn from the final p.
 """
@@ -77,6 +78,8 @@ def verify_stochastic(
     while True:
         p = target_probs[node].clone()
         q = None if tree.draft_probs is None else tree.draft_probs[node].clone()
+        if q is not None and not bool(q.any()):
+            q = None  # an all-zero row: this node's children are fixed candidates (copied text)
         chosen = None
         for c in kids[node]:
             x = tree.tokens[c]

@@ -296,3 +296,15 @@ def test_a_crashing_contestant_is_reported_and_the_others_finish() -> None:
     assert math.isnan(results["crash"].tok_s)
     with pytest.raises(ContestantFailed, match="OSError: no such model"):
         Contestant("broken", [sys.executable, "-c", _FAIL_TO_LOAD])
+
+
+def test_serve_modes_flags() -> None:
+    from specdec.bench.serve_modes import mode_flags
+
+    assert mode_flags("plain", "w8a16", "/h") == ["--quantization", "w8a16", "--speculative-algorithm", "NONE"]
+    assert mode_flags("adaptive", None) == []
+    assert mode_flags("adaptive+copy", None, "/h") == [
+        "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "/h", "--speculative-ngram-merge"]
+    assert mode_flags("tree:2,1,3+copy", None)[-1] == "--speculative-ngram-merge"
+    with pytest.raises(ValueError, match="unknown mode"):
+        mode_flags("plain+copy", None)
