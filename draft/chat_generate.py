@@ -61,6 +61,18 @@ def _answer_params(plan: GenPlan, max_new_tokens: int, turn: int) -> dict[str, A
     return p
 
 
+@dataclass
+class _Job:
+    """One conversation in flight: its plan and what it has so far."""
+
+    key: str
+    prompt: dict[str, Any]
+    plan: GenPlan
+    conv: Conversation | None = None
+    prefix: list[int] | None = None  # conversation + open user header (follow-up being written)
+    follow_up: str = ""
+
+
 def generate_conversations(
     engine: Any,
     template: Any,
@@ -78,7 +90,13 @@ def generate_conversations(
     """Rows: key, source, category, prompt, temperature, turns, input_ids, spans (assistant
     [start, end) pairs), prompt_len (= the first span's start), user_turns. Prompts already in
     `out_path` are skipped. A follow-up that does not end its turn within 96 tokens leaves the
-    conversation at one turn (turns says what was kept)."""
+    conversation at one turn (turns says what was kept).
+
+    Pipelined so the batch stays full: each `Engine.generate` call holds the first answers of
+    `chunk` new prompts, the follow-up user turns of the previous chunk's two-turn
+    conversations and the second answers of the chunk before that. Rows are written as
+    conversations complete (file order = completion order); everything is seeded per prompt, so
+    a resumed run gives the same rows."""
     turns_t = TurnTemplate(template)
     eos_text = engine.detokenize(engine.eos_token_ids[:1], False) if getattr(engine, "eos_token_ids", None) else ""
     done = read_jsonl(out_path) if out_path.exists() else []
@@ -87,46 +105,66 @@ def generate_conversations(
     for i, p in enumerate(prompts):
         key = f"{p['source']}|{p['prompt'][:64]}"
         if key not in have:
-            todo.append((key, p, plan_for(i, seed, sample_frac, multi_turn_frac, temp_range)))
+            todo.append(_Job(key, p, plan_for(i, seed, sample_frac, multi_turn_frac, temp_range)))
     if progress is not None:
         progress.update(len(prompts) - len(todo))
     stats = stats if stats is not None else GenStats()
-    for s in range(0, len(todo), chunk):
+    writing: list[_Job] = []  # waiting for a follow-up user turn
+    answering: list[_Job] = []  # waiting for the second answer
+    s = 0
+    while s < len(todo) or writing or answering:
         t0 = time.perf_counter()
-        part = todo[s : s + chunk]
-        ids = [engine.encode(turns_t.first_prompt(p["prompt"]))[-MAX_PROMPT_TOKENS:] for _, p, _ in part]
-        outs = engine.generate(input_ids=ids, sampling_params=[_answer_params(pl, max_new_tokens, 0)
-                                                               for _, _, pl in part])
-        convs = [one_turn(pid, o["output_ids"], p["prompt"]) for pid, o, (_, p, _) in zip(ids, outs, part, strict=True)]
-        stats.response_tokens += sum(len(o["output_ids"]) for o in outs)
-        # multi-turn: the target writes a follow-up user turn, then answers it
-        # (an answer cut at max_new_tokens is continued too, closed by the template's end of turn,
-        # as a client sends a truncated answer back)
-        multi = [j for j, (_, _, pl) in enumerate(part) if pl.turns > 1]
-        if multi:
-            prefixes = [followup_prefix(engine, turns_t, convs[j], eos_text) for j in multi]
-            fparams = [{**FOLLOWUP_PARAMS, "seed": part[j][2].seed * 3 + 1} for j in multi]
-            fouts = engine.generate(input_ids=prefixes, sampling_params=fparams)
-            stats.user_tokens += sum(len(o["output_ids"]) for o in fouts)
-            ok = [(j, pre, o["text"].strip()) for j, pre, o in zip(multi, prefixes, fouts, strict=True)
-                  if (o["meta_info"]["finish_reason"] or {}).get("type") == "stop" and len(o["text"].strip()) >= 4]
-            second_ids = [pre + engine.encode(text + turns_t.after(convs[j].user_turns[0])) for j, pre, text in ok]
-            keep = [k for k, x in enumerate(second_ids) if len(x) + max_new_tokens <= engine.context_length]
-            ok = [ok[k] for k in keep]
-            if ok:
-                aouts = engine.generate(
-                    input_ids=[second_ids[k] for k in keep],
-                    sampling_params=[_answer_params(part[j][2], max_new_tokens, 2) for j, _, _ in ok],
-                )
-                stats.response_tokens += sum(len(o["output_ids"]) for o in aouts)
-                for (j, pre, text), o in zip(ok, aouts, strict=True):
-                    convs[j] = second_turn(engine, turns_t, pre, text, o["output_ids"], convs[j])
-        rows = [_row(key, p, pl, c) for (key, p, pl), c in zip(part, convs, strict=True)]
+        fresh = todo[s : s + chunk]
+        s += chunk
+        ids: list[list[int]] = []
+        params: list[dict[str, Any]] = []
+        for job in fresh:
+            ids.append(engine.encode(turns_t.first_prompt(job.prompt["prompt"]))[-MAX_PROMPT_TOKENS:])
+            params.append(_answer_params(job.plan, max_new_tokens, 0))
+        for job in writing:
+            # (an answer cut at max_new_tokens is continued too, closed by the template's end of
+            # turn, as a client sends a truncated answer back)
+            assert job.conv is not None
+            job.prefix = followup_prefix(engine, turns_t, job.conv, eos_text)
+            ids.append(job.prefix)
+            params.append({**FOLLOWUP_PARAMS, "seed": job.plan.seed * 3 + 1})
+        second: list[list[int]] = []
+        for job in answering:
+            assert job.prefix is not None
+            second.append(job.prefix + engine.encode(job.follow_up + turns_t.after(job.prompt["prompt"])))
+        ids += second
+        params += [_answer_params(job.plan, max_new_tokens, 2) for job in answering]
+        outs = engine.generate(input_ids=ids, sampling_params=params) if ids else []
+        n_f, n_w = len(fresh), len(writing)
+        complete: list[_Job] = []
+        next_writing: list[_Job] = []
+        next_answering: list[_Job] = []
+        for job, o, pid in zip(fresh, outs[:n_f], ids[:n_f], strict=True):
+            job.conv = one_turn(pid, o["output_ids"], job.prompt["prompt"])
+            stats.response_tokens += len(o["output_ids"])
+            (next_writing if job.plan.turns > 1 else complete).append(job)
+        for job, o in zip(writing, outs[n_f : n_f + n_w], strict=True):
+            stats.user_tokens += len(o["output_ids"])
+            text = o["text"].strip()
+            assert job.prefix is not None
+            fits = len(job.prefix) + len(engine.encode(text)) + 16 + max_new_tokens <= engine.context_length
+            if (o["meta_info"]["finish_reason"] or {}).get("type") == "stop" and len(text) >= 4 and fits:
+                job.follow_up = text
+                next_answering.append(job)
+            else:
+                complete.append(job)  # stays one turn
+        for job, o in zip(answering, outs[n_f + n_w :], strict=True):
+            stats.response_tokens += len(o["output_ids"])
+            assert job.conv is not None and job.prefix is not None
+            job.conv = second_turn(engine, turns_t, job.prefix, job.follow_up, o["output_ids"], job.conv)
+            complete.append(job)
+        writing, answering = next_writing, next_answering
+        rows = [_row(job.key, job.prompt, job.plan, job.conv) for job in complete if job.conv is not None]
         write_jsonl(out_path, rows, mode="a")
         done.extend(rows)
         stats.seconds += time.perf_counter() - t0
         if progress is not None:
-            progress.update(len(part))
+            progress.update(len(rows))
             progress.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
     return done
 
