@@ -101,6 +101,10 @@ class TrainArgs:
     eval_prompts: int = 64
     eval_max_new_tokens: int = 128
     eval_chat_per_category: int = 4
+    # trees measured by the eval stage ("steps,topk,tokens", "+copy" = --speculative-ngram-merge)
+    eval_legacy_configs: str = "5,4,8;3,1,4"
+    eval_chat_configs: str = "5,4,8;3,1,4;2,1,3;5,4,8+copy;3,1,4+copy"  # greedy
+    eval_sampled_configs: str = "5,4,8;5,4,8+copy"  # temperature 0.7
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -284,7 +288,6 @@ def stage_features(args: TrainArgs, work: Path, target: Any, progress: bool) -> 
 
 
 EVAL_CONFIGS = ((5, 4, 8), (3, 1, 4))
-CHAT_EVAL_CONFIGS = ((5, 4, 8), (3, 1, 4), (2, 1, 3))
 
 
 def _accept(outs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -296,7 +299,7 @@ def _accept(outs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_head(
     head: Path, prompts: Sequence[dict[str, Any]], model_path: str | None, max_new_tokens: int,
     configs: Sequence[tuple[int, int, int]] = EVAL_CONFIGS, batch: int = 16, temperature: float = 0.0,
-    quantization: str | None = None,
+    quantization: str | None = None, ngram_merge: bool = False,
 ) -> dict[str, Any]:
     """Accept length of `head` on chat prompts at each (steps, topk, draft tokens): emitted
     tokens / verify steps summed over all prompts (SGLang's spec_accept_length), overall and by
@@ -310,6 +313,7 @@ def evaluate_head(
                                 speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head),
                                 speculative_num_steps=steps, speculative_eagle_topk=topk,
                                 speculative_num_draft_tokens=ndraft, max_running_requests=batch,
+                                speculative_ngram_merge=ngram_merge,
                                 max_total_tokens=batch * 1024)
         template = _template(engine)
         ids = [engine.encode(template.render([{"role": "user", "content": p["prompt"]}])) for p in prompts]
@@ -318,7 +322,7 @@ def evaluate_head(
                    **({"seed": 1000 + i} if temperature > 0 else {})} for i in range(len(ids))]
         outs: Any = engine.generate(input_ids=ids, sampling_params=params)
         dt = time.perf_counter() - t0
-        key = f"{steps},{topk},{ndraft}"
+        key = f"{steps},{topk},{ndraft}" + ("+copy" if ngram_merge else "")
         results[key] = {
             **_accept(outs),
             "mean_request_accept_length": sum(o["meta_info"]["spec_accept_length"] for o in outs) / len(outs),
@@ -332,6 +336,38 @@ def evaluate_head(
         log.info("eval (%s): accept length %.3f over %d prompts (%.0fs)", key,
                  results[key]["accept_length"], len(prompts), dt)
     return results
+
+
+def parse_eval_configs(text: str) -> list[tuple[tuple[int, int, int], bool]]:
+    """"5,4,8;2,1,3+copy" -> [((5, 4, 8), False), ((2, 1, 3), True)]."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        copy = item.endswith("+copy")
+        steps, topk, ndt = (int(v) for v in item.removesuffix("+copy").split(","))
+        out.append(((steps, topk, ndt), copy))
+    return out
+
+
+def run_eval(args: TrainArgs, out: Path) -> dict[str, Any]:
+    """The eval stage: each suite's trees one at a time, eval.json rewritten after each (a long
+    eval keeps what it measured)."""
+    path = out / "eval.json"
+    res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    suites: list[tuple[str, list[dict[str, Any]], float, str]] = [
+        ("legacy_heldout", read_jsonl(out / "heldout_prompts.jsonl")[: args.eval_prompts], 0.0,
+         args.eval_legacy_configs)]
+    if args.n_chat > 0:
+        chat = chat_eval_prompts(args.eval_chat_per_category)
+        suites += [("chat_t0.0", chat, 0.0, args.eval_chat_configs),
+                   ("chat_t0.7", chat, 0.7, args.eval_sampled_configs)]
+    for name, prompts, temp, configs in suites:
+        for tree, copy in parse_eval_configs(configs):
+            r = evaluate_head(out, prompts, args.model_path, args.eval_max_new_tokens, [tree], temperature=temp,
+                              quantization=args.gen_quantization, ngram_merge=copy)
+            suite = res.setdefault(name, {})
+            suite.update(r)
+            path.write_text(json.dumps(res, indent=2) + "\n")
+    return res
 
 
 def _group(p: dict[str, Any]) -> str:
@@ -433,17 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(args, target, hot, shards, work, out, resume=ns.resume, progress=progress, val_mask=val_mask)
         write_provenance(args, work, out, records, hot)
     if "eval" in stages:
-        heldout = read_jsonl(out / "heldout_prompts.jsonl")[: args.eval_prompts]
-        res: dict[str, Any] = {"legacy_heldout": evaluate_head(out, heldout, args.model_path,
-                                                               args.eval_max_new_tokens,
-                                                               quantization=args.gen_quantization)}
-        if args.n_chat > 0:
-            chat = chat_eval_prompts(args.eval_chat_per_category)
-            for temp in (0.0, 0.7):
-                res[f"chat_t{temp}"] = evaluate_head(out, chat, args.model_path, args.eval_max_new_tokens,
-                                                     CHAT_EVAL_CONFIGS, temperature=temp,
-                                                     quantization=args.gen_quantization)
-        (out / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
+        run_eval(args, out)
     return 0
 
 

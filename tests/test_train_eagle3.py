@@ -181,3 +181,10 @@ def test_ttt_loss_matches_the_targets_distribution_row_by_row(tmp_path: Path) ->
         kl = (tp * (tp.log() - logq)).sum(-1)
         assert losses[k] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-5)
         assert accs[k] == pytest.approx(float((seen[k].argmax(-1) == tp.argmax(-1)).float().mean()))
+
+
+def test_eval_configs_parse() -> None:
+    from specdec.draft.train_eagle3 import parse_eval_configs
+
+    assert parse_eval_configs("5,4,8; 2,1,3+copy;") == [((5, 4, 8), False), ((2, 1, 3), True)]
+    assert parse_eval_configs("") == []
