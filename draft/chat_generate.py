@@ -5,11 +5,12 @@ Rows are appended to disk chunk by chunk, so the stage resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def generate_conversations(
     chunk: int = 128,
     progress: Any = None,
     stats: GenStats | None = None,
+    stats_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Rows: key, source, category, prompt, temperature, turns, input_ids, spans (assistant
     [start, end) pairs), prompt_len (= the first span's start), user_turns. Prompts already in
@@ -96,7 +98,8 @@ def generate_conversations(
     `chunk` new prompts, the follow-up user turns of the previous chunk's two-turn
     conversations and the second answers of the chunk before that. Rows are written as
     conversations complete (file order = completion order); everything is seeded per prompt, so
-    a resumed run gives the same rows."""
+    a resumed run gives the same rows. `stats` (tokens and seconds, accumulated) is written to
+    `stats_path` after every call, so a stopped run keeps its figures."""
     turns_t = TurnTemplate(template)
     eos_text = engine.detokenize(engine.eos_token_ids[:1], False) if getattr(engine, "eos_token_ids", None) else ""
     done = read_jsonl(out_path) if out_path.exists() else []
@@ -163,6 +166,8 @@ def generate_conversations(
         write_jsonl(out_path, rows, mode="a")
         done.extend(rows)
         stats.seconds += time.perf_counter() - t0
+        if stats_path is not None:
+            stats_path.write_text(json.dumps({**asdict(stats), "tokens_per_s": stats.tokens_per_s}, indent=2) + "\n")
         if progress is not None:
             progress.update(len(rows))
             progress.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")

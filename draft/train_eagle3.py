@@ -256,9 +256,8 @@ def stage_responses(args: TrainArgs, work: Path, engine_fn: Any, progress: bool)
     rows = generate_conversations(engine, _template(engine), prompts, out_path, args.max_new_tokens,
                                   args.sample_frac, args.multi_turn_frac, args.seed,
                                   (args.sample_temp_min, args.sample_temp_max), chunk=3 * args.gen_batch,
-                                  progress=bar, stats=stats)
+                                  progress=bar, stats=stats, stats_path=stats_path)
     bar.close()
-    stats_path.write_text(json.dumps({**asdict(stats), "tokens_per_s": stats.tokens_per_s}, indent=2) + "\n")
     n_tok = sum(len(response_tokens(r)) for r in rows)
     log.info("%d conversations, %d response tokens; generation %.0f tok/s (%d response + %d user tokens "
              "in %.0fs over all runs)", len(rows), n_tok, stats.tokens_per_s, stats.response_tokens,

@@ -83,7 +83,10 @@ class SpecDecoder:
         """Slots a request needs beyond its cached prefix for one speculative step:
         the tree (N nodes), or up to num_steps + 1 newly committed tokens plus the draft's
         scratch slots."""
-        return max(self.spec.num_draft_tokens, self.spec.num_steps + 1 + self.proposer.temp_slots)
+        # a tree is at most num_steps deep, unless copied text extends it (--speculative-ngram-merge:
+        # a copy chain may take the whole budget, num_draft_tokens - 1 deep)
+        deepest = self.spec.num_draft_tokens - 1 if self.spec.ngram_merge else self.spec.num_steps
+        return max(self.spec.num_draft_tokens, deepest + 1 + self.proposer.temp_slots)
 
     # ---- drafting -------------------------------------------------------------------------------
     def _choose(self, reqs: Sequence[Req], batch_size: int) -> list[TreeShape]:

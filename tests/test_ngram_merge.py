@@ -152,8 +152,12 @@ def _repetitive_prompts() -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("tree", [(5, 4, 8), (3, 1, 4), (2, 2, 3)])
-def test_merged_trees_are_lossless_and_copy(target: Checkpoint, tmp_path: Path, tree: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(("tree", "page_size"), [((5, 4, 8), 1), ((3, 1, 4), 1), ((2, 2, 3), 16), ((6, 2, 12), 1)])
+def test_merged_trees_are_lossless_and_copy(
+    target: Checkpoint, tmp_path: Path, tree: tuple[int, int, int], page_size: int
+) -> None:
+    """Page size 1 leaves no slack: a copy chain deeper than num_steps must still have its
+    slots reserved (accepted copies commit up to num_draft_tokens tokens in one step)."""
     prompts = _repetitive_prompts()
     params = {"temperature": 0, "max_new_tokens": NEW_TOKENS}
     plain = [o["output_ids"] for o in target.engine().generate(input_ids=prompts, sampling_params=params)]
@@ -164,7 +168,8 @@ def test_merged_trees_are_lossless_and_copy(target: Checkpoint, tmp_path: Path, 
     for merge in (False, True):
         engine = target.engine(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(draft),
                                speculative_num_steps=steps, speculative_eagle_topk=topk,
-                               speculative_num_draft_tokens=ndt, speculative_ngram_merge=merge)
+                               speculative_num_draft_tokens=ndt, speculative_ngram_merge=merge,
+                               page_size=page_size)
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         assert [o["output_ids"] for o in outs] == plain
         assert engine.allocator.num_free_pages == engine.allocator.num_pages
@@ -194,3 +199,18 @@ def test_ngram_merge_needs_a_draft_model() -> None:
         SpecConfig.from_options("NGRAM", None, 3, 1, 4, ngram_merge=True)
     with pytest.raises(ValueError, match="without --speculative-algorithm"):
         SpecConfig.from_options(None, ngram_merge=True)
+
+
+@pytest.mark.parametrize("tree", [(5, 4, 8), (3, 1, 4), (6, 4, 16)])
+def test_slots_reserved_for_a_fully_accepted_copy_chain(target: Checkpoint, tmp_path: Path,
+                                                        tree: tuple[int, int, int]) -> None:
+    """A step may accept a copy chain num_draft_tokens - 1 deep (deeper than num_steps); the
+    next draft then writes its scratch K/V after those: the reservation must cover both."""
+    draft = tmp_path / "draft"
+    make_random_eagle3(draft, 32, VOCAB, seed=0)
+    steps, topk, ndt = tree
+    engine = target.engine(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(draft),
+                           speculative_num_steps=steps, speculative_eagle_topk=topk,
+                           speculative_num_draft_tokens=ndt, speculative_ngram_merge=True)
+    spec = engine.spec
+    assert spec.extra_slots >= ndt + spec.proposer.temp_slots
