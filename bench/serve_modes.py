@@ -2,8 +2,8 @@
 run: what `make run`'s users get.
 
 For each round and each mode (`--modes`; `plain` = `--speculative-algorithm NONE`, `adaptive` =
-`make run`'s default, `tree:S,K,N` = a fixed EAGLE3 tree; `+copy` after either adds
-`--speculative-ngram-merge`) one `specdec serve` process is
+`make run`'s default, `tree:S,K,N` = a fixed EAGLE3 tree; `+copy` / `+nocopy` after either
+adds `--speculative-ngram-merge` / `--no-speculative-ngram-merge`) one `specdec serve` process is
 started (one at a time: they never share the CPU), and `specdec.bench_serving` sends the
 held-out chat prompts of every category (chat template, greedy, a fixed output length with
 `ignore_eos`) at each `--concurrency`. Modes alternate round by round so the machine's drift
@@ -29,8 +29,9 @@ from .served_vs_offline import Server
 
 def mode_flags(mode: str, quantization: str | None, draft: str | None = None) -> list[str]:
     flags = ["--quantization", quantization] if quantization else []
-    if mode.endswith("+copy") and mode != "plain+copy":  # the draft that also copies
-        return [*mode_flags(mode.removesuffix("+copy"), quantization, draft), "--speculative-ngram-merge"]
+    for suffix, flag in (("+copy", "--speculative-ngram-merge"), ("+nocopy", "--no-speculative-ngram-merge")):
+        if mode.endswith(suffix) and not mode.startswith("plain"):  # the draft that also copies, or not
+            return [*mode_flags(mode.removesuffix(suffix), quantization, draft), flag]
     if draft and mode != "plain":
         flags += ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", draft]
     if mode == "plain":
@@ -41,7 +42,7 @@ def mode_flags(mode: str, quantization: str | None, draft: str | None = None) ->
         steps, topk, ndt = mode[5:].split(",")
         return [*flags, "--speculative-num-steps", steps, "--speculative-eagle-topk", topk,
                 "--speculative-num-draft-tokens", ndt]
-    raise ValueError(f"unknown mode {mode!r}: plain, adaptive or tree:S,K,N (either with +copy)")
+    raise ValueError(f"unknown mode {mode!r}: plain, adaptive or tree:S,K,N (either with +copy or +nocopy)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -74,10 +74,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "step costs and the request's acceptance so far. auto: on unless a tree flag is given "
                    "(then the tree is fixed); with on, the tree flags bound the shapes (default envelope "
                    "6,4,16); off: always the configured tree.")
-    s.add_argument("--speculative-ngram-merge", action="store_true",
+    s.add_argument("--speculative-ngram-merge", action=argparse.BooleanOptionalAction, default=None,
                    help="EAGLE3/EAGLE: also draft by copying: the continuation of the last n-gram found "
                    "earlier in the request's own prompt and output joins the head's candidates in one tree "
-                   "(same --speculative-num-draft-tokens budget, nodes kept by estimated acceptance).")
+                   "(same --speculative-num-draft-tokens budget, nodes kept by estimated acceptance). "
+                   "Default: on for the embedded model with its shipped head, off otherwise.")
     s.add_argument("--speculative-token-map", default=None,
                    help="Accepted for SGLang compatibility; EAGLE3 heads carry their own d2t map.")
 
@@ -92,16 +93,24 @@ def resolve_speculative_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     """NONE turns speculation off; the embedded model gets EAGLE3 with its shipped head."""
     kwargs = dict(kwargs)
     algo = kwargs.get("speculative_algorithm")
+    merge = kwargs.get("speculative_ngram_merge")
+    kwargs["speculative_ngram_merge"] = bool(merge)
     if algo == "NONE":
         kwargs["speculative_algorithm"] = None
+        kwargs["speculative_ngram_merge"] = False
         return kwargs
     if algo is None and kwargs.get("model_path") is None and kwargs.get("speculative_draft_model_path") is None:
-        from specdec.draft.heads import EMBEDDED_TREE, shipped_head_for_embedded
+        from specdec.draft.heads import (
+            EMBEDDED_NGRAM_MERGE,
+            EMBEDDED_TREE,
+            shipped_head_for_embedded,
+        )
 
         head = shipped_head_for_embedded()
         if head is not None:
             kwargs["speculative_algorithm"] = "EAGLE3"
             kwargs["speculative_draft_model_path"] = str(head)
+            kwargs["speculative_ngram_merge"] = EMBEDDED_NGRAM_MERGE if merge is None else merge
             tree = ("speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens")
             # no tree flags: adaptive trees, or, with adaptive off, the fixed tree measured
             # fastest (like SGLang's per-model auto choice)
@@ -109,9 +118,10 @@ def resolve_speculative_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
                 kwargs.update(zip(tree, EMBEDDED_TREE, strict=True))
     elif algo in ("EAGLE3", "EAGLE") and kwargs.get("speculative_draft_model_path") is None \
             and kwargs.get("model_path") is None:
-        from specdec.draft.heads import shipped_head_for_embedded
+        from specdec.draft.heads import EMBEDDED_NGRAM_MERGE, shipped_head_for_embedded
 
         head = shipped_head_for_embedded()
         if head is not None:
             kwargs["speculative_draft_model_path"] = str(head)
+            kwargs["speculative_ngram_merge"] = EMBEDDED_NGRAM_MERGE if merge is None else merge
     return kwargs

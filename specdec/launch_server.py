@@ -56,6 +56,7 @@ def serve(args: argparse.Namespace) -> int:
     print(f"[specdec] serving {name!r} on http://{args.host}:{args.port} "
           f"(speculative: {spec.algorithm if spec else 'off'}"
           + (f", steps {spec.num_steps} topk {spec.topk} draft tokens {spec.num_draft_tokens}" if spec else "")
+          + (", adaptive" if spec and spec.adaptive else "") + (", copies merged" if spec and spec.ngram_merge else "")
           + f"; CPU kernels: {engine.cpu_isa})",
           file=sys.stderr, flush=True)
     # HTTP in a thread, the engine loop on the main thread (engine_loop.py says why): signals

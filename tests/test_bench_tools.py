@@ -306,5 +306,6 @@ def test_serve_modes_flags() -> None:
     assert mode_flags("adaptive+copy", None, "/h") == [
         "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "/h", "--speculative-ngram-merge"]
     assert mode_flags("tree:2,1,3+copy", None)[-1] == "--speculative-ngram-merge"
+    assert mode_flags("adaptive+nocopy", None) == ["--no-speculative-ngram-merge"]
     with pytest.raises(ValueError, match="unknown mode"):
         mode_flags("plain+copy", None)

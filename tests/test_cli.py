@@ -60,6 +60,11 @@ def test_embedded_model_defaults_to_the_shipped_head_and_adaptive_trees() -> Non
     assert kw["speculative_algorithm"] == "EAGLE3" and kw["speculative_draft_model_path"] == str(head)
     spec = EngineConfig(**kw).spec_config()
     assert spec is not None and spec.adaptive  # no tree flag: adaptive trees (make run)
+    assert spec.ngram_merge  # and copies merged into the tree
+    kw = resolve_speculative_defaults({**unset, "speculative_ngram_merge": False})
+    assert kw["speculative_ngram_merge"] is False  # --no-speculative-ngram-merge
+    assert resolve_speculative_defaults({"speculative_algorithm": "NONE", "speculative_ngram_merge": None})[
+        "speculative_ngram_merge"] is False
     # adaptive off: the fixed tree measured fastest for the embedded model
     kw = resolve_speculative_defaults({**unset, "speculative_adaptive": "off"})
     assert tuple(kw[k] for k in tree) == EMBEDDED_TREE
