@@ -33,7 +33,7 @@ from specdec.tree import Candidate, DraftTree, children
 # often still (given the earlier ones did), so a constant per token is conservative.
 COPY_ACCEPT = {1: 0.25, 2: 0.55, 3: 0.65}
 COPY_ACCEPT_LONG = 0.9  # n >= 4
-MIN_SAMPLED_COPY_MATCH = 2  # sampled trees give copies room only for matches this long
+MIN_SAMPLED_COPY_MATCH = 4  # sampled trees give copies room only for matches this long (see docs)
 
 
 def copy_accept(n: int) -> float:
