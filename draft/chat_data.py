@@ -133,12 +133,13 @@ def followup_prefix(engine: Any, turns: TurnTemplate, conv: Conversation, eos_te
     return conv.input_ids + engine.encode(between)
 
 
-def second_turn(
-    engine: Any, turns: TurnTemplate, prefix_ids: list[int], follow_up: str, answer_ids: list[int],
-    conv: Conversation,
-) -> Conversation:
-    """`conv` extended by the follow-up user turn (its text re-encoded as the server would) and
-    the target's answer to it."""
-    prompt2 = prefix_ids + engine.encode(follow_up + turns.after(conv.user_turns[0]))
+def second_prompt(engine: Any, turns: TurnTemplate, prefix_ids: list[int], follow_up: str, first_user: str) -> list[int]:
+    """The conversation up to the second answer: `prefix_ids` (ending in the open user header)
+    plus the follow-up text re-encoded as the server would, and the open assistant turn."""
+    return prefix_ids + engine.encode(follow_up + turns.after(first_user))
+
+
+def second_turn(prompt2: list[int], follow_up: str, answer_ids: list[int], conv: Conversation) -> Conversation:
+    """`conv` extended to `prompt2` (from `second_prompt`) and the target's answer to it."""
     return Conversation(prompt2 + answer_ids, [*conv.spans, (len(prompt2), len(prompt2) + len(answer_ids))],
                         [*conv.user_turns, follow_up])

@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .chat_data import Conversation, TurnTemplate, followup_prefix, one_turn, second_turn
+from .chat_data import (
+    Conversation,
+    TurnTemplate,
+    followup_prefix,
+    one_turn,
+    second_prompt,
+    second_turn,
+)
 from .train_data import read_jsonl, write_jsonl
 
 log = logging.getLogger("specdec.train")
@@ -72,6 +79,7 @@ class _Job:
     conv: Conversation | None = None
     prefix: list[int] | None = None  # conversation + open user header (follow-up being written)
     follow_up: str = ""
+    prompt2: list[int] | None = None  # the conversation up to the second answer
 
 
 def generate_conversations(
@@ -131,11 +139,9 @@ def generate_conversations(
             job.prefix = followup_prefix(engine, turns_t, job.conv, eos_text)
             ids.append(job.prefix)
             params.append({**FOLLOWUP_PARAMS, "seed": job.plan.seed * 3 + 1})
-        second: list[list[int]] = []
         for job in answering:
-            assert job.prefix is not None
-            second.append(job.prefix + engine.encode(job.follow_up + turns_t.after(job.prompt["prompt"])))
-        ids += second
+            assert job.prompt2 is not None
+            ids.append(job.prompt2)
         params += [_answer_params(job.plan, max_new_tokens, 2) for job in answering]
         outs = engine.generate(input_ids=ids, sampling_params=params) if ids else []
         n_f, n_w = len(fresh), len(writing)
@@ -150,16 +156,17 @@ def generate_conversations(
             stats.user_tokens += len(o["output_ids"])
             text = o["text"].strip()
             assert job.prefix is not None
-            fits = len(job.prefix) + len(engine.encode(text)) + 16 + max_new_tokens <= engine.context_length
+            prompt2 = second_prompt(engine, turns_t, job.prefix, text, job.prompt["prompt"])
+            fits = len(prompt2) + max_new_tokens <= engine.context_length
             if (o["meta_info"]["finish_reason"] or {}).get("type") == "stop" and len(text) >= 4 and fits:
-                job.follow_up = text
+                job.follow_up, job.prompt2 = text, prompt2
                 next_answering.append(job)
             else:
                 complete.append(job)  # stays one turn
         for job, o in zip(answering, outs[n_f + n_w :], strict=True):
             stats.response_tokens += len(o["output_ids"])
-            assert job.conv is not None and job.prefix is not None
-            job.conv = second_turn(engine, turns_t, job.prefix, job.follow_up, o["output_ids"], job.conv)
+            assert job.conv is not None and job.prompt2 is not None
+            job.conv = second_turn(job.prompt2, job.follow_up, o["output_ids"], job.conv)
             complete.append(job)
         writing, answering = next_writing, next_answering
         rows = [_row(job.key, job.prompt, job.plan, job.conv) for job in complete if job.conv is not None]
