@@ -39,9 +39,11 @@ constexpr int64_t TILE = 8;  // output channels per tile
 
 
 // MT rows of x against NT adjacent tiles: out[m][t*8 + j] = sum_b s[m][b] * (int sums of block b)
+// pf: the next tile pair's weights (2 x 8 x K bytes), prefetched into L2 while this pair computes,
+// so that memory and arithmetic overlap (null: no prefetch).
 template <int MT, int NT>
 inline void tile_kernel(const int16_t* xq, const float* xs, int64_t K, int64_t BLOCK, const int8_t* w, float* out,
-                        int64_t ldo) {
+                        int64_t ldo, const int8_t* pf) {
   __m256 facc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int t = 0; t < NT; ++t) facc[m][t] = _mm256_setzero_ps();
@@ -52,6 +54,11 @@ inline void tile_kernel(const int16_t* xq, const float* xs, int64_t K, int64_t B
       for (int t = 0; t < NT; ++t) acc[m][t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
     for (int64_t k = b; k < b + BLOCK; k += 2) {
+      // 16 bytes of the next pair per k pair: over K / 2 iterations that is its 16 K bytes
+      if (pf != nullptr && (k & 7) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + k * 16), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + k * 16 + 64), _MM_HINT_T1);
+      }
       __m256i wv[NT];
       for (int t = 0; t < NT; ++t)
         wv[t] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + t * tile_bytes + k * TILE)));
@@ -72,14 +79,16 @@ inline void tile_kernel(const int16_t* xq, const float* xs, int64_t K, int64_t B
 }
 
 // all M rows against NT adjacent tiles (weights stay in L1), in groups of up to 3 rows
+// (the first group of rows prefetches the next pair `pf`, null at the thread's last pair)
 template <int NT>
 void rows_kernel(int64_t M, const int16_t* xq, const float* xs, int64_t K, int64_t block, const int8_t* w,
-                 float* buf, int64_t ldo) {
+                 float* buf, int64_t ldo, const int8_t* pf) {
   int64_t m = 0;
   const int64_t nb = K / block;
-  for (; m + 3 <= M; m += 3) tile_kernel<3, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo);
-  if (M - m == 2) tile_kernel<2, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo);
-  if (M - m == 1) tile_kernel<1, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo);
+  for (; m + 3 <= M; m += 3, pf = nullptr)
+    tile_kernel<3, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 2) tile_kernel<2, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 1) tile_kernel<1, NT>(xq + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
 }
 
 }  // namespace
@@ -102,10 +111,12 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   std::vector<float> xs(M * (K / block));
   quantise_rows(xp, M, x.size(1), block, xq.data(), xs.data(), nullptr);
 
-  for_tile_pairs<TILE>(M, N, w.size(0) / TILE, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
+  const int64_t tiles = w.size(0) / TILE;
+  for_tile_pairs<TILE>(M, N, tiles, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {
     const int8_t* wt = wp + t0 * TILE * K;
-    if (nt == 2) rows_kernel<2>(M, xq.data(), xs.data(), K, block, wt, buf, 2 * TILE);
-    else rows_kernel<1>(M, xq.data(), xs.data(), K, block, wt, buf, 2 * TILE);
+    const int8_t* pf = t0 + 4 <= tiles ? wt + 2 * TILE * K : nullptr;  // the next pair, when it is full
+    if (nt == 2) rows_kernel<2>(M, xq.data(), xs.data(), K, block, wt, buf, 2 * TILE, pf);
+    else rows_kernel<1>(M, xq.data(), xs.data(), K, block, wt, buf, 2 * TILE, pf);
   });
   return y;
 }
