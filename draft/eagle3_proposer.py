@@ -30,7 +30,7 @@ from specdec.tree_shape import TreeShape
 from .eagle3 import Eagle3Draft
 from .ngram_merge import MIN_SAMPLED_COPY_MATCH, NgramIndex, attach_chain, merge_greedy
 from .proposer import Proposer
-from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder
+from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder, top_children
 
 
 @dataclass
@@ -137,26 +137,30 @@ class Eagle3Proposer(Proposer):
         hidden: list[dict[int, Tensor]] = []
         scratch: list[dict[int, tuple[int, list[int]]]] = []
         frontier: list[list[int]] = []
-        for req, shape in zip(reqs, shapes, strict=True):
+        greedy = [r.params.is_greedy for r in reqs]
+        # the roots' children of every greedy request in one log-softmax + top-k
+        kmax = max((sh.topk for sh, g in zip(shapes, greedy, strict=True) if g), default=0)
+        roots = [r.spec_state.logits for r, g in zip(reqs, greedy, strict=True) if g]
+        root_kids = iter(zip(*top_children(torch.stack(roots), kmax, self.hot_ids), strict=True)) if roots else None
+        for req, shape, is_greedy, (chain, n) in zip(reqs, shapes, greedy, chains, strict=True):
             assert shape.speculates and shape.fits(self.spec.envelope), shape
             state: _RootState = req.spec_state
             root = req.all_ids[-1]
-            if req.params.is_greedy:
+            if is_greedy:
+                assert root_kids is not None
                 gb = GreedyTreeBuilder(root, shape.topk, shape.num_draft_tokens - 1)
-                first = gb.add_children(-1, torch.log_softmax(state.logits, -1), self.hot_ids)
+                frontier.append(gb.add_children(-1, *next(root_kids)))
                 builders.append(gb)
-                frontier.append(first)
             else:
                 # copied tokens take part of the budget, decided from the context alone (a
                 # sampled tree's shape never depends on the sampled values)
-                chain, n = chains[len(builders)]
                 reserve = min(len(chain), (shape.num_draft_tokens - 1) // 2) if n >= MIN_SAMPLED_COPY_MATCH else 0
                 sb = SampledTreeBuilder(root, shape.num_steps, shape.topk, shape.num_draft_tokens - 1 - reserve,
                                         self.vocab_size, req.generator)
                 sb.add_children(0, self._target_probs(req, state.logits))
                 builders.append(sb)
                 frontier.append(sb.expandable(1))
-            hidden.append({-1 if req.params.is_greedy else 0: state.hidden})  # the root's key
+            hidden.append({-1 if is_greedy else 0: state.hidden})  # the root's key
             scratch.append({})
         for _step in range(2, max(s.num_steps for s in shapes) + 1):
             # a request drafts nodes of depth _step only while its shape is that deep
@@ -165,23 +169,19 @@ class Eagle3Proposer(Proposer):
             if not jobs:
                 break
             out_hidden, logits = self._forward_nodes(reqs, jobs)
-            new_frontier: list[list[int]] = [[] for _ in reqs]
+            rows = [j for j, job in enumerate(jobs) if greedy[job.req]]
+            kids = iter(zip(*top_children(logits[rows], kmax, self.hot_ids), strict=True)) if rows else None
             per_req_new: list[list[int]] = [[] for _ in reqs]
             for j, job in enumerate(jobs):
                 b = builders[job.req]
                 hidden[job.req][job.node] = out_hidden[j]
                 if isinstance(b, GreedyTreeBuilder):
-                    per_req_new[job.req] += b.add_children(
-                        job.node, torch.log_softmax(logits[j], -1), self.hot_ids
-                    )
+                    assert kids is not None
+                    per_req_new[job.req] += b.add_children(job.node, *next(kids))
                 else:
                     b.add_children(job.node, self._target_probs(reqs[job.req], logits[j]))
-            for r, b in enumerate(builders):
-                if isinstance(b, GreedyTreeBuilder):
-                    new_frontier[r] = b.best(per_req_new[r])
-                else:
-                    new_frontier[r] = b.expandable(_step)
-            frontier = new_frontier
+            frontier = [b.best(per_req_new[r]) if isinstance(b, GreedyTreeBuilder) else b.expandable(_step)
+                        for r, b in enumerate(builders)]
         return [self._finish(b, chain, n, shape.num_draft_tokens - 1)
                 for b, (chain, n), shape in zip(builders, chains, shapes, strict=True)]
 
@@ -221,34 +221,34 @@ class Eagle3Proposer(Proposer):
         return jobs
 
     def _forward_nodes(self, reqs: Sequence[Req], jobs: list[_NodeJob]) -> tuple[Tensor, Tensor]:
-        """One draft forward over every job; returns hidden [J, H] and draft logits [J, Vd]."""
-        by_req: dict[int, list[_NodeJob]] = {}
-        for job in jobs:
-            by_req.setdefault(job.req, []).append(job)
+        """One draft forward over every job (jobs come grouped by request, in request order);
+        returns hidden [J, H] and draft logits [J, Vd] in job order."""
         seqs: list[SeqAttnMeta] = []
         out_slots: list[Tensor] = []
-        ordered: list[_NodeJob] = []
         row = 0
-        for r, rjobs in by_req.items():
+        while row < len(jobs):
+            r = jobs[row].req
+            end = row
+            while end < len(jobs) and jobs[end].req == r:
+                end += 1
+            rjobs = jobs[row:end]
             c = reqs[r].num_cached
             t_end = max(j.scratch for j in rjobs) + 1
             slots = reqs[r].kv_slots(c + t_end)  # committed prefix + scratch so far
-            mask = torch.zeros(len(rjobs), c + t_end, dtype=torch.bool)
-            mask[:, :c] = True
+            # visible: the committed prefix, the node's scratch ancestors and itself
+            tail = [[False] * t_end for _ in rjobs]
             for q, job in enumerate(rjobs):
-                mask[q, [c + a for a in job.ancestors] + [c + job.scratch]] = True
+                for a in (*job.ancestors, job.scratch):
+                    tail[q][a] = True
+            mask = torch.cat((torch.ones(len(rjobs), c, dtype=torch.bool), torch.tensor(tail)), dim=1)
+            scratch_pos = torch.tensor([c + j.scratch for j in rjobs])
             q_pos = torch.tensor([c - 1 + j.depth for j in rjobs])
             kv_pos = torch.arange(c + t_end)  # unused without chunking; mask decides
             seqs.append(SeqAttnMeta(row, len(rjobs), slots, q_pos, kv_pos, mask))
-            out_slots.append(slots[[c + j.scratch for j in rjobs]])
-            ordered.extend(rjobs)
-            row += len(rjobs)
-        ids = torch.tensor([j.token for j in ordered])
-        feats = torch.stack([j.feature for j in ordered])
+            out_slots.append(slots[scratch_pos])
+            row = end
+        ids = torch.tensor([j.token for j in jobs])
+        feats = torch.stack([j.feature for j in jobs])
         positions = torch.cat([s.q_positions for s in seqs])
         out = self.draft(ids.to(self.device), feats, positions.to(self.device), self._batch(seqs, out_slots))
-        logits = self.draft.draft_logits(out.logits_hidden).cpu()
-        # back to the caller's job order
-        pos_of = {id(j): i for i, j in enumerate(ordered)}
-        order = torch.tensor([pos_of[id(j)] for j in jobs])
-        return out.hidden[order], logits[order]
+        return out.hidden, self.draft.draft_logits(out.logits_hidden).cpu()

@@ -3,7 +3,9 @@
 `GreedyTreeBuilder` reproduces SGLang's EAGLE tree: the root's `topk` children, then each
 step expands the `topk` best frontier nodes into `topk` children each, keeping the `topk`
 best of those new candidates as the next frontier; finally the best `num_draft_tokens - 1`
-candidates by cumulative draft log-probability are kept (parents before children).
+candidates by cumulative draft log-probability are kept (parents before children). The
+children of every node of a step, across requests, come from one `top_children` call
+(log-softmax and top-k over all rows at once); the builder only keeps the bookkeeping.
 
 `SampledTreeBuilder` is for sampling requests: children are *drawn without replacement*
 (Gumbel top-k over q's support; one child is a single inverse-CDF draw, the same
@@ -13,11 +15,22 @@ distribution) from the draft distribution q, and the tree shape is the fixed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from specdec.kernels import cpu_kernels
 from specdec.sampler import sample_one
 from specdec.tree import Candidate, DraftTree, static_rank_tree, tree_from_candidates
+
+
+def top_children(logits: Tensor, k: int, token_ids: Tensor) -> tuple[list[list[float]], list[list[int]]]:
+    """The k best children of each of R nodes in one call: logits [R, draft_vocab] ->
+    (log-probabilities [R][k], target token ids [R][k]), best first (token_ids [draft_vocab]
+    maps the draft vocabulary to target ids)."""
+    vals, idx = cpu_kernels.top_logprobs(logits, k)
+    return vals.tolist(), token_ids[idx].tolist()
 
 
 class GreedyTreeBuilder:
@@ -28,15 +41,15 @@ class GreedyTreeBuilder:
         self.cands: list[Candidate] = []
         self.depth: list[int] = []
 
-    def add_children(self, parent: int, logprobs: Tensor, token_ids: Tensor) -> list[int]:
-        """parent: candidate index (-1 = root); logprobs/token_ids [draft_vocab] (target ids)."""
-        vals, idx = torch.topk(logprobs, min(self.topk, logprobs.shape[0]))
+    def add_children(self, parent: int, logprobs: Sequence[float], tokens: Sequence[int]) -> list[int]:
+        """parent: candidate index (-1 = root); its best children's log-probabilities and target
+        token ids, best first (`top_children`); the first `topk` become candidates."""
         base = 0.0 if parent == -1 else self.cands[parent].score
         depth = 1 if parent == -1 else self.depth[parent] + 1
         new = []
-        for v, i in zip(vals.tolist(), idx.tolist(), strict=True):
+        for v, t in zip(logprobs[: self.topk], tokens[: self.topk], strict=True):
             new.append(len(self.cands))
-            self.cands.append(Candidate(base + v, int(token_ids[i]), parent))
+            self.cands.append(Candidate(base + v, t, parent))
             self.depth.append(depth)
         return new
 

@@ -17,6 +17,9 @@ with that tier's flags only, so a build is never loaded on a CPU that lacks its 
 * `paged_attention(q, k_cache, v_cache, slots, mask, scale)`: a few float32 queries over keys
   gathered from the paged pool (decode and tree verification). Reference:
   `paged_attention_reference`.
+* `top_logprobs(logits, k)`: the k best log-softmax values of each float32 row and their
+  indices, best first (EAGLE3 tree drafting's children of every frontier node). Reference:
+  `top_logprobs_reference`.
 * `decoder_layer(...)`: a whole dense Llama layer (norms, int8 or float32 linears, RoPE, KV
   store, attention, SiLU MLP, residuals) in one call. Reference: the module path
   (`DecoderLayer.forward`), compared in tests/test_cpu_kernels.py.
@@ -48,7 +51,7 @@ log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
 _COMMON = (CSRC / "bind.cpp", CSRC / "quantise.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
-           CSRC / "decoder_layer.cpp")
+           CSRC / "decoder_layer.cpp", CSRC / "top_logprobs.cpp")
 # each tier's build: the common sources and its int8 kernel (the amx build's macro adds AMX tiles)
 SOURCES = {"avx2": (*_COMMON, CSRC / "w8_linear.cpp"),
            "avx512": (*_COMMON, CSRC / "w8_linear_avx512.cpp"),
@@ -74,6 +77,15 @@ def _headers_hash() -> str:
     digest = hashlib.sha1()
     for header in HEADERS:
         digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def sources_hash(isa: str) -> str:
+    """A digest of one tier's kernel sources and headers (what its timings depend on)."""
+    digest = hashlib.sha1(_headers_hash().encode())
+    for source in SOURCES.get(isa, ()):
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -218,6 +230,22 @@ def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -
     """x [M, K] float32, w int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
     empty = x.new_empty(0)
     return _kernels("int8").w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
+
+
+def top_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """logits [R, V] float32 -> (log-probabilities [R, k], indices [R, k] int64), best first
+    (equal logits: the smaller index first); PyTorch's ops where the kernels are off."""
+    k = min(k, logits.shape[-1])
+    kernel = extension()
+    if kernel is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.ndim != 2:
+        return top_logprobs_reference(logits, k)
+    vals, idx = kernel.top_logprobs(logits.contiguous(), k)
+    return vals, idx
+
+
+def top_logprobs_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    vals, idx = torch.topk(torch.log_softmax(logits.float(), dim=-1), min(k, logits.shape[-1]), dim=-1)
+    return vals, idx
 
 
 def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:

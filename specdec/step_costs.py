@@ -12,8 +12,8 @@ The adaptive tree chooser (specdec/tree_chooser.py) predicts a step's time from:
 
 Measured at engine start-up on idle KV pages (a few seconds) and cached in
 `<cache>/step_costs/<fingerprint>.json`; the fingerprint covers everything the times depend
-on (model and head files, dtype, quantisation, CPU kernel tier, CPU model, threads, grid,
-versions), so another machine or model never reads a table it did not measure.
+on (model and head files, dtype, quantisation, CPU kernel tier and its sources, CPU model,
+threads, grid, versions), so another machine or model never reads a table it did not measure.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def grid(max_batch: int, max_tokens: int) -> tuple[tuple[int, ...], tuple[int, .
 
 def fingerprint(engine: Engine, batch: tuple[int, ...], tokens: tuple[int, ...]) -> str:
     import specdec
-    from specdec.kernels import cpu_isa
+    from specdec.kernels import cpu_isa, cpu_kernels
 
     def files(path: Path | None) -> list[tuple[str, int, int]]:
         if path is None or not path.exists():
@@ -74,6 +74,7 @@ def fingerprint(engine: Engine, batch: tuple[int, ...], tokens: tuple[int, ...])
         "version": VERSION, "specdec": specdec.__version__, "torch": torch.__version__,
         "model": files(engine.model_path), "draft": files(draft), "dtype": str(next(engine.model.parameters()).dtype),
         "quantization": engine.config.quantization, "device": str(engine.device), "isa": engine.cpu_isa,
+        "kernels": cpu_kernels.sources_hash(engine.cpu_isa),
         "flags": sorted(cpu_isa.cpu_flags()), "cpu": cpu_model, "threads": torch.get_num_threads(),
         "batch": batch, "tokens": tokens, "page_size": engine.config.page_size,
     }
@@ -178,16 +179,18 @@ def _draft_forward(proposer: Any, reqs: list[Req], r: int) -> None:
 
 def _host_overheads(proposer: Any) -> tuple[float, float]:
     """ms per request of one drafting step of the tree builder (topk 4) and one greedy verify."""
-    from specdec.draft.tree_builders import GreedyTreeBuilder
+    from specdec.draft.tree_builders import GreedyTreeBuilder, top_children
 
     vd = proposer.draft.cfg.draft_vocab_size
-    logits = torch.randn(4, vd)
+    logits = torch.randn(5, vd)
 
     def drafting_step() -> None:
         b = GreedyTreeBuilder(1, 4, 15)
-        new = b.add_children(-1, torch.log_softmax(logits[0], -1), proposer.hot_ids)
-        for node in b.best(new):
-            b.add_children(node, torch.log_softmax(logits[1], -1), proposer.hot_ids)
+        vals, toks = top_children(logits[:1], 4, proposer.hot_ids)
+        new = b.add_children(-1, vals[0], toks[0])
+        vals, toks = top_children(logits[1:], 4, proposer.hot_ids)
+        for node, v, t in zip(b.best(new), vals, toks, strict=True):
+            b.add_children(node, v, t)
 
     steps_ms = _median_ms(drafting_step, 20) / 2  # two steps above
     chain = DraftTree.chain(list(range(8)))

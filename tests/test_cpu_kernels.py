@@ -333,3 +333,27 @@ def test_complex_rope_equals_the_pairwise_reference() -> None:
     x = torch.randn(4, 5, 16)
     cos, sin = rot.cos_sin(pos)
     torch.testing.assert_close(apply_rope_cis(x, rot.cis(pos)), apply_rope(x, cos, sin), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("R", "V", "k"), [(1, 1, 1), (4, 8192, 4), (3, 37, 5), (2, 7, 7), (5, 49152, 8), (1, 9, 3)])
+def test_top_logprobs_matches_log_softmax_top_k(R: int, V: int, k: int) -> None:
+    g = torch.Generator().manual_seed(R * V + k)
+    x = 4 * torch.randn(R, V, generator=g)
+    if V > 1:
+        x[0, V // 2] = float("-inf")  # a masked token: chosen last, exp = 0
+    vals, idx = kernels.top_logprobs(x, k)
+    ref_vals, ref_idx = ck.top_logprobs_reference(x, k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=0)  # -inf where k reaches the masked token
+
+
+def test_top_logprobs_breaks_ties_toward_the_smaller_index_and_checks_its_input() -> None:
+    x = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0, 1.0, 0.5, 2.0, 0.0, 1.0]])
+    vals, idx = kernels.top_logprobs(x, 5)
+    assert idx.tolist() == [[1, 3, 4, 8, 2]]
+    assert vals[0, :4].tolist() == [vals[0, 0].item()] * 4
+    assert vals[0, 0].item() == pytest.approx(torch.log_softmax(x, -1)[0, 1].item(), abs=1e-6)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        kernels.top_logprobs(x, 12)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.top_logprobs(x.double(), 2)

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 // The integer linear kernels take x float32 [M, K]; their packed weights are Kp = padded_k(K)
@@ -50,6 +51,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 // one query per request over its own slots (a decode batch)
 at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& index, const at::Tensor& lens, double scale);
+
+// top_logprobs.cpp: the k best log_softmax values of each row and their indices, best first
+std::tuple<at::Tensor, at::Tensor> top_logprobs(const at::Tensor& logits, int64_t k);
 
 // decoder_layer.cpp: one dense Llama layer over the paged cache
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
