@@ -125,3 +125,31 @@ def test_sampled_output_follows_the_target_while_the_trees_change(target: Checkp
     chi2, critical = _chi2_fits(Counter(o["output_ids"][1] for o in outs), exact, n)
     assert chi2 < critical, (chi2, critical)
     assert engine.allocator.num_free_pages == engine.allocator.num_pages
+
+
+@pytest.mark.parametrize(("verify_ms", "every"), [(1000.0, 16), (1.0, 4)])
+def test_the_chooser_reruns_less_often_while_nothing_speculates(
+    target: Checkpoint, draft: Path, monkeypatch: pytest.MonkeyPatch, verify_ms: float, every: int
+) -> None:
+    """An unchanged batch keeps its shapes for 4 steps, or for 16 when none of its requests
+    speculates (no drafts, so no new evidence that could change the choice)."""
+    from dataclasses import replace
+
+    from specdec import spec_decoder
+    from specdec.tree_chooser import OnlineCosts
+
+    engine = _adaptive(target, draft)
+    table = engine.spec.costs.measured
+    # every verify of more than one token costs verify_ms: 1000 ms never pays, 1 ms always does
+    slow = tuple(tuple(row[0] if i == 0 else verify_ms for i, _ in enumerate(row)) for row in table.target_ms)
+    engine.spec.costs = OnlineCosts(replace(table, target_ms=slow, draft_ms=tuple((0.0,) * len(r) for r in table.draft_ms)))
+    monkeypatch.setattr(engine.spec.costs, "observe", lambda *a: None)  # no host costs learnt from timings
+    calls = []
+    real = spec_decoder.choose_shapes
+    monkeypatch.setattr(spec_decoder, "choose_shapes", lambda *a: calls.append(1) or real(*a))
+    out = engine.generate(input_ids=random_prompts((5,), seed=2)[0],
+                          sampling_params={"temperature": 0, "max_new_tokens": 33, "ignore_eos": True})
+    steps = sum(out["meta_info"]["spec_tree_shapes"].values())  # decode steps, speculative or not
+    assert steps >= 8
+    assert len(calls) == pytest.approx(steps / every, abs=1.5)
+    assert ("none" in out["meta_info"]["spec_tree_shapes"]) == (every == 16)

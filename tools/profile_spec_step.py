@@ -100,7 +100,7 @@ def profile(tree: str, prompts: list[list[int]], max_new: int, quantization: str
     kwargs: dict[str, Any] = {"dtype": "float32", "quantization": quantization, "log_level": "warning"}
     if tree != "none":
         kwargs.update(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(EMBEDDED_HEAD))
-        if tree == "adaptive":
+        if tree.split("+")[0] == "adaptive":
             kwargs["speculative_adaptive"] = "on"
         else:
             steps, topk, n = (int(v) for v in tree.split("+")[0].split(","))
