@@ -175,10 +175,8 @@ class Scheduler:
             self._append(req, int(next_ids[i]), None if logprobs is None else logprobs[i])
         if self.spec is not None:
             live = [i for i, r in enumerate(batch) if not r.finished]
-            feats = [
-                self.spec.features(out, torch.arange(out.q_starts[i], out.q_starts[i] + out.q_lens[i]))
-                for i in live
-            ]
+            every = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None  # [T, 3H], once
+            feats = [None if every is None else every.narrow(0, out.q_starts[i], out.q_lens[i]) for i in live]
             self.spec.draft([batch[i] for i in live], [starts[i] for i in live], feats,
                             batch_size=len(self.running) + len(live))
             for i in live:

@@ -27,7 +27,7 @@ from specdec.draft.proposer import Proposer
 
 from .accept_stats import AcceptStats, expected_accepted
 from .metrics import EngineMetrics
-from .model_runner import ExtendOutput, ModelRunner
+from .model_runner import ModelRunner
 from .request import Req
 from .sampler import apply_penalties, processed_probs
 from .spec_config import SpecConfig
@@ -144,14 +144,13 @@ class SpecDecoder:
             req.draft_tree = tree
 
     @staticmethod
-    def features(out: ExtendOutput, rows: Tensor) -> Tensor | None:
-        """Concatenated aux hidden states [len(rows), 3H] (None when nothing was captured)."""
-        if not out.aux_hidden:
-            return None
+    def rows_of(x: Tensor, rows: Tensor) -> Tensor:
+        """x[rows] for increasing row indices: a view where they are consecutive (plain steps,
+        chains, a prefill), a gather otherwise."""
         n = int(rows.shape[0])
-        if n and int(rows[-1]) - int(rows[0]) == n - 1:  # consecutive rows (plain steps, chains): views
-            return torch.cat([a.narrow(0, int(rows[0]), n) for a in out.aux_hidden], dim=-1)
-        return torch.cat([a[rows] for a in out.aux_hidden], dim=-1)
+        if n and int(rows[-1]) - int(rows[0]) == n - 1:
+            return x.narrow(0, int(rows[0]), n)
+        return x[rows]
 
     # ---- verification ---------------------------------------------------------------------------
     def step(self, reqs: list[Req], append: AppendFn) -> None:
@@ -166,12 +165,19 @@ class SpecDecoder:
         logits = self.runner.logits(out.hidden)  # [sum N, vocab]
         want_lp = any(r.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        # the target's choice at every node of every greedy tree in one argmax (penalties aside)
+        argmax = logits.argmax(dim=-1).tolist() if any(_plain_greedy(r) for r in reqs) else None
+        # every node's features once; each request keeps its accepted path's rows
+        all_feats = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None
         next_reqs: list[Req] = []
         starts: list[int] = []
         feats: list[Tensor | None] = []
         for req, tree, q0 in zip(reqs, trees, out.q_starts, strict=True):
             rows = slice(q0, q0 + tree.size)
-            result = self._verify_one(req, tree, logits[rows])
+            if argmax is not None and _plain_greedy(req):
+                result = verify_greedy(tree, argmax[rows])
+            else:
+                result = self._verify_one(req, tree, logits[rows])
             path = [0, *result.accepted]
             c = req.num_cached
             self._commit_kv(req, c, path)
@@ -202,7 +208,7 @@ class SpecDecoder:
             if not req.finished:
                 next_reqs.append(req)
                 starts.append(c)
-                feats.append(self.features(out, torch.tensor(path) + q0))
+                feats.append(None if all_feats is None else self.rows_of(all_feats, torch.tensor(path) + q0))
         self.draft(next_reqs, starts, feats, batch_size=len(next_reqs))
         for req in next_reqs:
             req.truncate_kv(req.num_cached)
@@ -232,3 +238,9 @@ class SpecDecoder:
         src = slots[[s for s, _ in moves]]
         dst = slots[[d for _, d in moves]]
         self.runner.pool.copy_slots(src, dst)
+
+
+def _plain_greedy(req: Req) -> bool:
+    """Greedy without penalties: verification needs only the argmax of each node's logits."""
+    p = req.params
+    return p.is_greedy and not (p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0)

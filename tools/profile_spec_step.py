@@ -38,6 +38,8 @@ class Timers:
         self.active = True  # off: calls run untimed (prefill steps)
 
     def wrap(self, obj: Any, attr: str, name: str) -> None:
+        if not hasattr(obj, attr):  # a phase another version of the engine does not have
+            return
         fn: Callable[..., Any] = getattr(obj, attr)
 
         @functools.wraps(fn)
@@ -78,7 +80,7 @@ def instrument(engine: Any, timers: Timers) -> None:
         return
     timers.wrap(spec, "_verify_one", "verify")
     timers.wrap(spec, "_commit_kv", "kv commit")
-    timers.wrap(spec, "features", "features")
+    timers.wrap(spec, "features", "features")  # (before the step gathered them in one call)
     timers.wrap(spec, "choose", "choose")
     prop = spec.proposer
     timers.wrap(prop, "extend", "draft extend")
@@ -89,7 +91,7 @@ def instrument(engine: Any, timers: Timers) -> None:
         timers.wrap(prop.draft, "forward", "draft forward")
         timers.wrap(prop.draft, "draft_logits", "draft logits")
         timers.wrap(prop, "_forward_nodes", "draft batching")  # the step's inputs, masks and slots
-        timers.wrap(eagle3_proposer, "top_children", "draft top-k")
+        timers.wrap(eagle3_proposer, "top_children", "draft top-k")  # (before: inside "draft propose")
 
 
 def profile(tree: str, prompts: list[list[int]], max_new: int, quantization: str | None) -> dict[str, Any]:
