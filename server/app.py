@@ -15,6 +15,7 @@ import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from specdec.engine import MAX_TOP_LOGPROBS
 from specdec.engine_loop import Update
 from specdec.sampling_params import SamplingParams
 
@@ -56,6 +57,8 @@ async def read_body(request: Request, state: ServerState, kind: type[T]) -> T:
         raise ApiError(400, f"invalid request: {e}", param) from e
     except msgspec.DecodeError as e:
         raise ApiError(400, f"malformed JSON body: {e}") from e
+    except RecursionError as e:  # a body nested deeper than the decoder recurses
+        raise ApiError(400, "malformed JSON body: nested too deeply") from e
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -157,6 +160,8 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
         raise ApiError(400, "pass exactly one of text and input_ids", "text")
     if body.text is not None:
         texts = [body.text] if isinstance(body.text, str) else body.text
+        if not texts:
+            raise ApiError(400, "text is an empty list: pass a string or at least one prompt", "text")
         batch = [engine.encode(t) for t in texts]
         single = isinstance(body.text, str)
     else:
@@ -165,17 +170,26 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
         batch = [list(ids)] if single else [list(x) for x in ids]
         if not all(isinstance(t, int) and not isinstance(t, bool) for seq in batch for t in seq):
             raise ApiError(400, "input_ids must be a list of token ids or a list of such lists", "input_ids")
+    if body.stream and not single:  # refused before anything runs
+        raise ApiError(400, "stream=True takes a single prompt", "stream")
+    if not 0 <= body.top_logprobs_num <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]; got {body.top_logprobs_num}",
+                       "top_logprobs_num")
     try:
         params = SamplingParams.from_dict(body.sampling_params)
+    except ValueError as e:
+        raise ApiError(400, str(e), "sampling_params") from e
+    try:
         reqs = [engine.make_request(ids, params, body.return_logprob, body.logprob_start_len,
                                     body.top_logprobs_num, rid=body.rid if single and body.rid else None)
                 for ids in batch]
     except ValueError as e:
-        raise ApiError(400, str(e), "sampling_params") from e
-    queues = [state.loop.submit(r) for r in reqs]
+        raise ApiError(400, str(e), "text" if body.text is not None else "input_ids") from e
+    try:
+        queues = [state.loop.submit(r) for r in reqs]
+    except ValueError as e:  # a request id already in flight
+        raise ApiError(400, str(e), "rid") from e
     if body.stream:
-        if not single:
-            raise ApiError(400, "stream=True takes a single prompt")
         return _native_stream(state, reqs[0].rid, queues[0])
     outs = []
     for req, q in zip(reqs, queues, strict=True):

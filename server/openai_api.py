@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from specdec.engine import MAX_TOP_LOGPROBS
 from specdec.engine_loop import Update
 from specdec.request import LogprobEntry, Req
 from specdec.sampling_params import SamplingParams
@@ -33,7 +34,6 @@ from .protocol import (
 )
 from .state import ApiError, ServerState
 
-MAX_TOP_LOGPROBS = 20
 IsDisconnected = Callable[[], Awaitable[bool]]
 
 

@@ -52,6 +52,7 @@ class EngineLoop:
         self.engine = engine
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._subs: dict[str, _Subscriber] = {}
+        self._live: set[str] = set()  # ids submitted and not yet answered (event-loop side)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="specdec-engine", daemon=True)
         self.last_gen_throughput = 0.0
@@ -75,6 +76,11 @@ class EngineLoop:
 
     # ---- called from the event loop -----------------------------------------------------------
     def submit(self, req: Req) -> asyncio.Queue[Update]:
+        """Queue `req` for the engine; raises ValueError when its id is already in flight (the
+        set of live ids is only touched on the event loop, so check-and-add cannot race)."""
+        if req.rid in self._live:
+            raise ValueError(f"request id {req.rid!r} is already in use by a request in flight")
+        self._live.add(req.rid)
         q: asyncio.Queue[Update] = asyncio.Queue()
         self._inbox.put(("add", _Subscriber(asyncio.get_running_loop(), q, req)))
         return q
@@ -145,4 +151,6 @@ class EngineLoop:
             del self._subs[req.rid]
         update = Update(req.rid, tuple(new), tuple(lps), tuple(tops), req.finished, result)
         sub.loop.call_soon_threadsafe(sub.queue.put_nowait, update)
+        if req.finished:  # the id is free again once its last update is on the event loop
+            sub.loop.call_soon_threadsafe(self._live.discard, req.rid)
         return len(new)

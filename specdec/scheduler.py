@@ -87,20 +87,41 @@ class Scheduler:
         """Run one forward; returns the requests that received tokens (finished ones included)."""
         batch = self._admit()
         if batch:
-            touched = self._run(batch)
+            touched = self._guarded(batch, lambda: self._run(batch))
             self.running.extend(r for r in batch if not r.finished)
         elif self.running:
             self._reserve_decode_slots()
             touched = list(self.running)
-            if self.spec is not None:
-                self.spec.step(touched, self._append)
-            else:
-                self._run(touched)
+            spec = self.spec
+            self._guarded(touched, lambda: spec.step(touched, self._append) if spec is not None
+                          else self._run(touched))
         else:
             return []
         self.running = [r for r in self.running if not r.finished]
         self._update_gauges()
         return touched
+
+    def _guarded(self, batch: list[Req], run: Callable[[], object]) -> list[Req]:
+        """Run one step's forward over `batch`; if it raises, the step's requests fail (each
+        answered with the error, its KV freed) and nothing else does: waiting requests stay
+        queued. (A failure in one request's own work, e.g. its logprobs, fails it alone:
+        `_append` and `_input_logprobs` guard each request.)"""
+        try:
+            run()
+        except Exception as e:
+            log.exception("an engine step failed; failing its %d request(s)", len(batch))
+            for req in batch:
+                if not req.finished:
+                    self.fail(req, e)
+        return batch
+
+    def fail(self, req: Req, error: BaseException) -> None:
+        """Finish `req` with an internal error (finish reason abort, the error in its message)
+        and free its KV; it stays wherever it is until the step's bookkeeping drops it."""
+        req.finish_reason = {"type": "abort", "message": f"internal error: {type(error).__name__}: {error}"}
+        req.finished_at = time.perf_counter()
+        req.release_kv()
+        self.metrics.requests_aborted += 1
 
     @property
     def _extra_slots(self) -> int:
@@ -211,22 +232,40 @@ class Scheduler:
             if not req.return_logprob or req.input_logprobs_done or req.logprob_start_len < 0:
                 continue
             req.input_logprobs_done = True
-            first = min(req.logprob_start_len, req.prompt_len)
-            if first == 0:
-                req.input_token_logprobs.append((None, req.prompt_ids[0], self._token_text(req.prompt_ids[0])))
-                req.input_top_logprobs.append(None)
-                first = 1
-            if first >= req.prompt_len:
-                continue
-            # logits at row p-1 score prompt token p
-            rows = torch.arange(start + first - 1, start + req.prompt_len - 1)
-            lps = torch.log_softmax(self.runner.logits(hidden[rows]), dim=-1)
-            for j, p in enumerate(range(first, req.prompt_len)):
-                entry, top = self._entries(lps[j], req.prompt_ids[p], req.top_logprobs_num)
-                req.input_token_logprobs.append(entry)
-                req.input_top_logprobs.append(top if req.top_logprobs_num else None)
+            try:
+                self._prompt_logprobs(req, hidden, start)
+            except Exception as e:  # this request's own work: it fails, the batch goes on
+                log.exception("prompt logprobs of request %s failed", req.rid)
+                self.fail(req, e)
+
+    def _prompt_logprobs(self, req: Req, hidden: Tensor, start: int) -> None:
+        first = min(req.logprob_start_len, req.prompt_len)
+        if first == 0:
+            req.input_token_logprobs.append((None, req.prompt_ids[0], self._token_text(req.prompt_ids[0])))
+            req.input_top_logprobs.append(None)
+            first = 1
+        if first >= req.prompt_len:
+            return
+        # logits at row p-1 score prompt token p
+        rows = torch.arange(start + first - 1, start + req.prompt_len - 1)
+        lps = torch.log_softmax(self.runner.logits(hidden[rows]), dim=-1)
+        for j, p in enumerate(range(first, req.prompt_len)):
+            entry, top = self._entries(lps[j], req.prompt_ids[p], req.top_logprobs_num)
+            req.input_token_logprobs.append(entry)
+            req.input_top_logprobs.append(top if req.top_logprobs_num else None)
 
     def _append(self, req: Req, token: int, logprobs: Tensor | None) -> None:
+        """Emit one token (and its logprobs) and check for a finish; an error in this request's
+        own work fails it alone."""
+        if req.finished:  # failed earlier in this step
+            return
+        try:
+            self._emit(req, token, logprobs)
+        except Exception as e:
+            log.exception("emitting a token of request %s failed", req.rid)
+            self.fail(req, e)
+
+    def _emit(self, req: Req, token: int, logprobs: Tensor | None) -> None:
         now = time.perf_counter()
         if req.first_token_at is None:
             req.first_token_at = now

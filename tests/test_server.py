@@ -218,6 +218,51 @@ def test_malformed_json_and_oversize_body(server: str) -> None:
     assert httpx.get(f"{server}/health").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # issue 21: each of these ran (or hung) instead of being refused up front
+        ({"text": "a", "return_logprob": True, "top_logprobs_num": 100000,
+          "sampling_params": {"max_new_tokens": 2}}, "top_logprobs_num"),
+        ({"text": ["a", "b"], "stream": True, "sampling_params": {"max_new_tokens": 64}}, "stream"),
+        ({"text": []}, "text"),
+        ({"input_ids": [10**9], "sampling_params": {"max_new_tokens": 2}}, "input_ids"),
+    ],
+)
+def test_bad_generate_requests_are_refused_before_anything_runs(server: str, body: Any, param: str) -> None:
+    t0 = time.perf_counter()
+    r = httpx.post(f"{server}/generate", headers=_headers(), json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert time.perf_counter() - t0 < 1.0
+    assert _kv_used(server) == 0  # nothing was admitted (the streamed batch used to run anyway)
+
+
+def test_a_body_nested_too_deeply_is_a_400(server: str) -> None:
+    deep = b'{"text": "a", "input_ids": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(f"{server}/generate", headers={**_headers(), "content-type": "application/json"},
+                   content=deep, timeout=30)
+    assert r.status_code == 400 and "malformed" in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_request_id_in_flight_cannot_be_reused(server: str) -> None:
+    body = {"text": "Count to fifty.", "rid": "same-rid",
+            "sampling_params": {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}}
+
+    def post() -> httpx.Response:
+        return httpx.post(f"{server}/generate", headers=_headers(), json=body, timeout=60)
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post)
+        time.sleep(0.3)  # the first is in flight
+        second = pool.submit(post)
+        codes = sorted([first.result().status_code, second.result().status_code])
+    assert codes == [200, 400]  # both answered: one served, one refused (it used to hang)
+    assert post().status_code == 200  # free again once answered
+    assert _kv_used(server) == 0
+
+
 def test_api_key_is_enforced(server: str) -> None:
     assert httpx.get(f"{server}/v1/models").status_code == 401
     assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
