@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.engine import MAX_TOP_LOGPROBS
 from specdec.engine_loop import Update
@@ -61,21 +62,59 @@ async def read_body(request: Request, state: ServerState, kind: type[T]) -> T:
         raise ApiError(400, "malformed JSON body: nested too deeply") from e
 
 
+class Guard:
+    """Checks every HTTP request before routing: the API key, the declared body size, and that
+    a POST body is JSON. A plain ASGI middleware: it passes `receive` through untouched, so
+    handlers see the client's disconnect (Starlette's BaseHTTPMiddleware wraps `receive`, and
+    `request.is_disconnected()` behind it never turned true: a non-streaming request ran to its
+    end after its client left).
+
+    Content types: absent, `application/json` or `*+json` (FastAPI's rule since 0.65.2); anything
+    else is a 415, so a web page cannot drive the server with a "simple" cross-origin POST
+    (`text/plain` needs no CORS preflight; JSON does, and the server sends no CORS headers)."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._check(scope)
+        if error is not None:
+            await error_response(error)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Any) -> ApiError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        state = self.state
+        if state.api_key is not None and scope.get("path") not in OPEN_PATHS:
+            if headers.get("authorization") != f"Bearer {state.api_key}":
+                return ApiError(401, "missing or invalid API key (Authorization: Bearer ...)")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
+            return ApiError(413, f"request body exceeds the {state.max_body_bytes}-byte limit")
+        if scope.get("method") == "POST":
+            kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if kind and kind != "application/json" and not kind.endswith("+json"):
+                return ApiError(415, f"the body must be JSON (Content-Type: application/json), not {kind!r}")
+        return None
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="specdec", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if state.api_key is not None and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return error_response(ApiError(401, "missing or invalid API key (Authorization: Bearer ...)"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
-            return error_response(ApiError(413, f"request body exceeds the {state.max_body_bytes}-byte limit"))
-        try:
-            return await call_next(request)
-        except ApiError as e:
-            return error_response(e)
+    app.add_middleware(Guard, state=state)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """The framework's own 404 / 405 in OpenAI's error shape (not `{"detail": ...}`)."""
+        status = int(getattr(exc, "status_code", 500))
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(ApiError(status, what.get(status, str(getattr(exc, "detail", exc)))))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     def handle(fn: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:
@@ -137,7 +176,7 @@ def create_app(state: ServerState) -> FastAPI:
         ("/v1/chat/completions", chat, ["POST"]),
         ("/v1/completions", complete, ["POST"]),
         ("/v1/models", models, ["GET"]),
-        ("/health", health, ["GET"]),
+        ("/health", health, ["GET", "HEAD"]),
         ("/generate", generate, ["POST"]),
         ("/get_server_info", server_info, ["GET"]),
         ("/get_model_info", model_info, ["GET"]),

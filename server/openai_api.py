@@ -80,19 +80,27 @@ def make_request(state: ServerState, ids: list[int], params: SamplingParams, pre
         raise ApiError(400, str(e), "messages" if prefix == "chatcmpl" else "prompt") from e
 
 
+DISCONNECT_CHECK_S = 0.5
+
+
 async def wait_final(state: ServerState, req: Req, queue: asyncio.Queue[Update],
                      is_disconnected: IsDisconnected) -> Update:
-    """Await the final update; a client that goes away aborts its request (KV freed)."""
+    """Await the final update; a client that goes away aborts its request (KV freed). The
+    connection is checked every DISCONNECT_CHECK_S whether or not tokens are arriving (a
+    request producing tokens used to be checked only when it stalled, so it ran to its end)."""
+    next_check = time.monotonic() + DISCONNECT_CHECK_S
     while True:
         try:
-            update = await asyncio.wait_for(queue.get(), timeout=0.5)
+            update = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_S)
+            if update.finished:
+                return update
         except TimeoutError:
+            pass
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + DISCONNECT_CHECK_S
             if await is_disconnected():
                 state.loop.abort(req.rid)
                 raise ApiError(499, "client disconnected") from None
-            continue
-        if update.finished:
-            return update
 
 
 def finish_reason(result: dict[str, Any]) -> tuple[str | None, int | str | None]:

@@ -24,7 +24,9 @@ class ApiError(Exception):
             400: "invalid_request_error",
             401: "authentication_error",
             404: "not_found_error",
+            405: "invalid_request_error",
             413: "request_too_large",
+            415: "invalid_request_error",
         }.get(status, "server_error")
 
 

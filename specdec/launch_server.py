@@ -51,7 +51,8 @@ def serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or engine.model_path.name
     loop = EngineLoop(engine)
     state = ServerState(engine, loop, template, name, args.api_key, args.max_request_bytes,
-                        server_args={k: _plain(v) for k, v in vars(args).items() if k != "func"})
+                        server_args={k: ("<redacted>" if k == "api_key" and v else _plain(v))
+                                     for k, v in vars(args).items() if k != "func"})
     spec = engine.spec_config
     print(f"[specdec] serving {name!r} on http://{args.host}:{args.port} "
           f"(speculative: {spec.algorithm if spec else 'off'}"

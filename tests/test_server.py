@@ -183,6 +183,20 @@ def test_aborted_stream_frees_kv(server: str) -> None:
     assert _kv_used(server) == 0
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/generate"])
+def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, route: str) -> None:
+    body: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 600, "ignore_eos": True}
+        if route.startswith("/v1") else
+        {"text": "Tell a long story.", "sampling_params": {"max_new_tokens": 600, "ignore_eos": True}})
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes its socket
+        httpx.post(f"{server}{route}", headers=_headers(), json=body, timeout=2)
+    t0 = time.monotonic()
+    while _kv_used(server) > 0 and time.monotonic() - t0 < 3:
+        time.sleep(0.1)
+    assert _kv_used(server) == 0, "the request kept running after its client left"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
@@ -263,6 +277,22 @@ def test_a_request_id_in_flight_cannot_be_reused(server: str) -> None:
     assert _kv_used(server) == 0
 
 
+def test_errors_of_the_framework_and_of_content_type_have_openais_shape(server: str) -> None:
+    r = httpx.get(f"{server}/v1/nothing-here", headers=_headers())
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404 and "detail" not in r.json()
+    r = httpx.get(f"{server}/v1/chat/completions", headers=_headers())
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    assert httpx.head(f"{server}/health").status_code == 200
+    # a "simple" cross-origin POST (no CORS preflight) from a web page is refused
+    r = httpx.post(f"{server}/generate", headers={**_headers(), "content-type": "text/plain",
+                                                   "origin": "http://evil.example"},
+                   content=b'{"text": "a", "sampling_params": {"max_new_tokens": 1}}')
+    assert r.status_code == 415 and r.json()["error"]["code"] == 415
+    assert _kv_used(server) == 0
+    info = httpx.get(f"{server}/get_server_info", headers=_headers()).json()
+    assert info["api_key"] == "<redacted>" and API_KEY not in str(info)
+
+
 def test_api_key_is_enforced(server: str) -> None:
     assert httpx.get(f"{server}/v1/models").status_code == 401
     assert httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -300,16 +330,21 @@ def test_sigterm_stops_a_busy_server_and_answers_its_requests() -> None:
         body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000,
                 "stream": True, "ignore_eos": True}
         finish = None
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            for i, line in enumerate(r.iter_lines()):
-                if i == 5:
-                    proc.send_signal(signal.SIGTERM)
-                    t0 = time.monotonic()
-                if '"finish_reason":"abort"' in line.replace(" ", ""):
-                    finish = "abort"
+        with cf.ThreadPoolExecutor(1) as pool:  # a non-streaming request in flight too (issue 21)
+            plain = pool.submit(httpx.post, f"{base}/v1/chat/completions", timeout=60,
+                                json={**body, "stream": False})
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+                for i, line in enumerate(r.iter_lines()):
+                    if i == 5:
+                        proc.send_signal(signal.SIGTERM)
+                        t0 = time.monotonic()
+                    if '"finish_reason":"abort"' in line.replace(" ", ""):
+                        finish = "abort"
+            answer = plain.result(timeout=20)
         proc.wait(timeout=15)
         assert time.monotonic() - t0 < 15
         assert proc.returncode == 0 and finish == "abort"
+        assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "abort"
     finally:
         if proc.poll() is None:
             proc.kill()
