@@ -7,6 +7,7 @@ GET /metrics (Prometheus text, SGLang's metric names).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from specdec.engine import MAX_TOP_LOGPROBS
 from specdec.engine_loop import Update
 from specdec.sampling_params import SamplingParams
 
@@ -31,7 +31,7 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
-from .state import ApiError, ServerState
+from .state import MAX_TOP_LOGPROBS, ApiError, ServerState
 
 T = TypeVar("T")
 log = logging.getLogger("specdec.server")
@@ -46,10 +46,28 @@ def error_response(e: ApiError) -> Response:
     return json_response(ErrorResponse(ErrorInfo(e.message, e.kind, e.param, e.status)), e.status)
 
 
+BODY_READ_TIMEOUT_S = 10.0  # a body must arrive within this (a client declaring more than it sends)
+
+
 async def read_body(request: Request, state: ServerState, kind: type[T]) -> T:
-    body = await request.body()
-    if len(body) > state.max_body_bytes:
-        raise ApiError(413, f"request body of {len(body)} bytes exceeds the {state.max_body_bytes}-byte limit")
+    """The body, checked against the size limit as it streams in (chunked bodies too), within
+    BODY_READ_TIMEOUT_S, decoded into `kind`."""
+    chunks: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > state.max_body_bytes:
+                raise ApiError(413, f"request body exceeds the {state.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout=BODY_READ_TIMEOUT_S)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_READ_TIMEOUT_S:.0f} s") from None
+    body = b"".join(chunks)
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:

@@ -10,7 +10,6 @@ from typing import Any
 
 import msgspec
 
-from specdec.engine import MAX_TOP_LOGPROBS
 from specdec.engine_loop import Update
 from specdec.request import LogprobEntry, Req
 from specdec.sampling_params import SamplingParams
@@ -32,7 +31,7 @@ from .protocol import (
     TopLogprob,
     Usage,
 )
-from .state import ApiError, ServerState
+from .state import MAX_TOP_LOGPROBS, ApiError, ServerState
 
 IsDisconnected = Callable[[], Awaitable[bool]]
 
@@ -44,6 +43,7 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
     """OpenAI fields -> SamplingParams; every invalid value is a 400 naming the field."""
     if body.n != 1:
         raise ApiError(400, "only n = 1 is supported", "n")
+    refuse_unsupported(body)
     if max_new is None:
         max_new = state.engine.context_length - prompt_len
     if max_new <= 0:
@@ -69,8 +69,30 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
     }
     try:
         return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
-    except ValueError as e:
-        raise ApiError(400, str(e)) from e
+    except ValueError as e:  # the message starts with the field's name: name the request's field
+        field = next((k for k in sorted(fields, key=len, reverse=True) if str(e).startswith(k)), None)
+        raise ApiError(400, str(e), "max_tokens" if field == "max_new_tokens" else field) from e
+
+
+def refuse_unsupported(body: Any) -> None:
+    """OpenAI fields this server does not implement yet are refused with a 400 naming them,
+    never ignored (a request asking for tools or a JSON schema must not get plain text)."""
+    if getattr(body, "tools", None):
+        raise ApiError(400, "tool calling is not supported yet: send the request without `tools`", "tools")
+    choice = getattr(body, "tool_choice", None)
+    if choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice needs tools, which are not supported yet", "tool_choice")
+    fmt = getattr(body, "response_format", None)
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported yet (only 'text')",
+                       "response_format")
+    if getattr(body, "logit_bias", None):
+        raise ApiError(400, "logit_bias is not supported yet", "logit_bias")
+    if getattr(body, "suffix", None):
+        raise ApiError(400, "suffix (insertion) is not supported", "suffix")
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != 1:
+        raise ApiError(400, "only best_of = 1 is supported", "best_of")
 
 
 def make_request(state: ServerState, ids: list[int], params: SamplingParams, prefix: str, **kw: Any) -> Req:

@@ -50,6 +50,12 @@ class ChatCompletionRequest(msgspec.Struct):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    # accepted so that they can be refused by name (openai_api.refuse_unsupported), not ignored
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(msgspec.Struct):
@@ -76,6 +82,10 @@ class CompletionRequest(msgspec.Struct):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    # refused by name where set (openai_api.refuse_unsupported)
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
 
 
 class GenerateRequest(msgspec.Struct):

@@ -25,9 +25,16 @@ class ApiError(Exception):
             401: "authentication_error",
             404: "not_found_error",
             405: "invalid_request_error",
+            408: "timeout_error",
             413: "request_too_large",
             415: "invalid_request_error",
         }.get(status, "server_error")
+
+
+# the most top logprobs a request may ask for per token over HTTP (vLLM's --max-logprobs default;
+# OpenAI's chat API allows 20 too): each costs a top-k over the vocabulary and a detokenised
+# entry per token. The offline engine allows up to the vocabulary.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass

@@ -46,10 +46,6 @@ from .spec_decoder import SpecDecoder
 
 log = logging.getLogger("specdec")
 
-# the most top logprobs a request may ask for per token (vLLM's --max-logprobs default; OpenAI's
-# chat API allows 20 too): each costs a top-k over the vocabulary and a detokenised entry
-MAX_TOP_LOGPROBS = 20
-
 Prompt = str | Sequence[str] | None
 InputIds = Sequence[int] | Sequence[Sequence[int]] | None
 
@@ -214,8 +210,8 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the KV cache ({self.max_total_tokens} tokens); raise --max-total-tokens"
             )
-        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}]; "
+        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= vocab:
+            raise ValueError(f"top_logprobs_num must be an integer in [0, {vocab}] (the vocabulary); "
                              f"got {top_logprobs_num!r}")
         from .page_allocator import PageTable
 

@@ -102,10 +102,9 @@ def test_a_failing_forward_fails_its_batch_and_the_queue_goes_on(
     assert engine.allocator.num_free_pages == engine.allocator.num_pages
 
 
-def test_top_logprobs_num_is_capped(target: Checkpoint) -> None:
-    from specdec.engine import MAX_TOP_LOGPROBS
-
+def test_top_logprobs_num_is_bounded_by_the_vocabulary(target: Checkpoint) -> None:
+    """(The server caps it lower, at 20: test_server.py.)"""
     engine = target.engine()
     with pytest.raises(ValueError, match="top_logprobs_num"):
-        engine.make_request([1, 2], SamplingParams.from_dict(GREEDY), True, -1, MAX_TOP_LOGPROBS + 1)
-    engine.make_request([1, 2], SamplingParams.from_dict(GREEDY), True, -1, MAX_TOP_LOGPROBS)
+        engine.make_request([1, 2], SamplingParams.from_dict(GREEDY), True, -1, VOCAB + 1)
+    engine.make_request([1, 2], SamplingParams.from_dict(GREEDY), True, -1, VOCAB)

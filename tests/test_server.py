@@ -210,6 +210,16 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, rou
         ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        # issue 21: refused by name, not silently ignored
+        ({"messages": [{"role": "user", "content": "x"}],
+          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+         "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "min_p": 2}, 400, "min_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 3}, 400, "frequency_penalty"),
+        ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400, "repetition_penalty"),
     ],
 )
 def test_bad_requests_get_errors_and_server_survives(server: str, body: Any, status: int, param: str | None) -> None:
@@ -291,6 +301,42 @@ def test_errors_of_the_framework_and_of_content_type_have_openais_shape(server: 
     assert _kv_used(server) == 0
     info = httpx.get(f"{server}/get_server_info", headers=_headers()).json()
     assert info["api_key"] == "<redacted>" and API_KEY not in str(info)
+
+
+def test_completions_refuse_suffix_and_best_of(server: str) -> None:
+    for extra, param in (({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")):
+        r = httpx.post(f"{server}/v1/completions", headers=_headers(), timeout=30,
+                       json={"prompt": "a", "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    ok = httpx.post(f"{server}/v1/completions", headers=_headers(), timeout=30,
+                    json={"prompt": "a", "max_tokens": 2, "best_of": 1, "suffix": None})
+    assert ok.status_code == 200
+
+
+def test_a_body_that_never_arrives_times_out_and_a_chunked_one_is_size_checked(server: str) -> None:
+    from specdec.server.app import BODY_READ_TIMEOUT_S
+
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=BODY_READ_TIMEOUT_S + 10) as sock:
+        body = b'{"text": "a"}'
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Length: " + str(len(body) + 100).encode() + b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        reply = sock.recv(4096)
+        assert b" 408 " in reply.split(b"\r\n", 1)[0]
+        assert BODY_READ_TIMEOUT_S - 1 < time.monotonic() - t0 < BODY_READ_TIMEOUT_S + 5
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the size is checked as it streams in
+        yield b'{"text": "'
+        for _ in range(10):
+            yield b"a" * (1024 * 1024)
+        yield b'"}'
+
+    r = httpx.post(f"{server}/generate", headers={**_headers(), "content-type": "application/json"},
+                   content=chunks(), timeout=60)
+    assert r.status_code == 413
+    assert httpx.get(f"{server}/health").status_code == 200
 
 
 def test_api_key_is_enforced(server: str) -> None:
