@@ -126,6 +126,11 @@ class SamplingParams:
         """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
 
+    @property
+    def has_penalties(self) -> bool:
+        """True when frequency, presence or repetition penalties change the logits."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SamplingParams:
         """Build from a JSON-style dict such as SGLang's ``sampling_params``.

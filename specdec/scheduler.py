@@ -206,9 +206,9 @@ class Scheduler:
 
     def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
         params = [r.params for r in batch]
-        if all(p.is_greedy for p in params) and not any(_has_penalty(r) for r in batch):
+        if all(p.is_greedy for p in params) and not any(r.params.has_penalties for r in batch):
             return logits.argmax(dim=-1)
-        if any(_has_penalty(r) for r in batch):
+        if any(r.params.has_penalties for r in batch):
             logits = apply_penalties(
                 logits, params, [r.prompt_ids for r in batch], [r.output_ids for r in batch]
             )
@@ -303,8 +303,3 @@ class Scheduler:
         self.metrics.requests_finished += 1
         self.metrics.prompt_tokens += req.prompt_len
         self.metrics.generation_tokens += req.output_len
-
-
-def _has_penalty(req: Req) -> bool:
-    p = req.params
-    return bool(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0)

@@ -219,7 +219,7 @@ class SpecDecoder:
     def _verify_one(self, req: Req, tree: DraftTree, logits: Tensor) -> VerifyResult:
         """logits [N, vocab]: the target's scores after each tree node."""
         p = req.params
-        if p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0:
+        if p.has_penalties:
             # penalties see the output so far plus the node's own path
             outs = [req.output_ids + [tree.tokens[n] for n in path_to(tree, i)[1:]] for i in range(tree.size)]
             logits = apply_penalties(logits, [p] * tree.size, [req.prompt_ids] * tree.size, outs)
@@ -242,5 +242,4 @@ class SpecDecoder:
 
 def _plain_greedy(req: Req) -> bool:
     """Greedy without penalties: verification needs only the argmax of each node's logits."""
-    p = req.params
-    return p.is_greedy and not (p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1.0)
+    return req.params.is_greedy and not req.params.has_penalties
