@@ -53,6 +53,7 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._subs: dict[str, _Subscriber] = {}
         self._live: set[str] = set()  # ids submitted and not yet answered (event-loop side)
+        self._drain_deadline: float | None = None  # set by drain(): stop admitting, finish by then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="specdec-engine", daemon=True)
         self.last_gen_throughput = 0.0
@@ -65,6 +66,17 @@ class EngineLoop:
     def run(self) -> None:
         """Run the loop in the calling thread (the main thread, for speed) until `stop()`."""
         self._run()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown (safe from a signal handler): new and queued requests are answered
+        at once (finish reason abort), running ones may finish for up to `timeout_s`; then the
+        loop stops as `stop()` does, answering what is left."""
+        self._drain_deadline = time.monotonic() + timeout_s
+        self._inbox.put(("wake", None))
 
     def stop(self) -> None:
         """Ask the loop to return after the current step (safe from any thread or a signal
@@ -99,20 +111,30 @@ class EngineLoop:
             if kind == "add":
                 self._subs[payload.req.rid] = payload
                 self.engine.scheduler.add(payload.req)
+                if self.draining:  # shutting down: not admitted
+                    self._abort(payload.req.rid, "server shutting down")
             elif kind == "abort":
-                req = self.engine.scheduler.abort(payload, "client disconnected")
-                if req is not None:
-                    self._publish(req)
+                self._abort(payload, "client disconnected")
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _abort(self, rid: str, message: str) -> None:
+        req = self.engine.scheduler.abort(rid, message)
+        if req is not None:
+            self._publish(req)
 
     def _run(self) -> None:
         self.thread_name = threading.current_thread().name
         scheduler = self.engine.scheduler
         while not self._stop.is_set():
             self._drain(block=not scheduler.has_work())
+            if self._drain_deadline is not None:  # graceful shutdown: nothing new starts
+                for req in list(scheduler.waiting):
+                    self._abort(req.rid, "server shutting down")
+                if not scheduler.running or time.monotonic() >= self._drain_deadline:
+                    break
             if not scheduler.has_work():
                 continue
             t0 = time.perf_counter()

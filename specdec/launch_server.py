@@ -28,6 +28,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="Require `Authorization: Bearer <key>` on every route but /health.")
     g.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                    help="Largest accepted request body; bigger bodies get a 413.")
+    g.add_argument("--graceful-shutdown-timeout", type=float, default=5.0,
+                   help="On SIGTERM/SIGINT: stop admitting, let running requests finish for up to this "
+                   "many seconds, then abort (answer) the rest and exit; a second signal stops at once.")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -41,6 +44,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not args.graceful_shutdown_timeout >= 0:
+        raise ValueError(f"--graceful-shutdown-timeout must be >= 0 seconds, got {args.graceful_shutdown_timeout}")
     kwargs = resolve_speculative_defaults(engine_kwargs(args))
     print(f"[specdec] loading {kwargs.get('model_path') or 'the embedded SmolLM2-135M-Instruct'} ...",
           file=sys.stderr, flush=True)
@@ -67,9 +72,14 @@ def serve(args: argparse.Namespace) -> int:
     http = threading.Thread(target=server.run, name="specdec-http", daemon=True)
 
     def shut_down(signum: int, frame: object) -> None:
-        print(f"[specdec] {signal.Signals(signum).name}: shutting down", file=sys.stderr, flush=True)
-        server.should_exit = True
-        loop.stop()
+        server.should_exit = True  # no new connections
+        if loop.draining:  # a second signal: stop now
+            print(f"[specdec] {signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
+            loop.stop()
+            return
+        print(f"[specdec] {signal.Signals(signum).name}: shutting down (running requests get up to "
+              f"{args.graceful_shutdown_timeout:g} s)", file=sys.stderr, flush=True)
+        loop.drain(args.graceful_shutdown_timeout)
 
     previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
     http.start()

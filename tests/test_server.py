@@ -395,3 +395,47 @@ def test_sigterm_stops_a_busy_server_and_answers_its_requests() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_lets_running_requests_finish_within_the_graceful_timeout() -> None:
+    """--graceful-shutdown-timeout 6: a request that can finish in time ends normally, one that
+    cannot is answered with abort when the time is up, and the process exits 0 soon after."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
+           "--speculative-algorithm", "NONE", "--max-total-tokens", "4096", "--log-level", "warning",
+           "--graceful-shutdown-timeout", "6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+
+        def ask(tokens: int) -> httpx.Response:
+            return httpx.post(f"{base}/generate", timeout=60, json={
+                "text": "Tell a long story.", "sampling_params": {"max_new_tokens": tokens, "ignore_eos": True}})
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            long = pool.submit(ask, 3000)
+            time.sleep(1.0)
+            short = pool.submit(ask, 24)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            short_answer, long_answer = short.result(timeout=30), long.result(timeout=30)
+        proc.wait(timeout=20)
+        waited = time.monotonic() - t0
+        assert proc.returncode == 0
+        assert short_answer.status_code == 200 and long_answer.status_code == 200, (short_answer.text, long_answer.text)
+        assert short_answer.json()["meta_info"]["finish_reason"]["type"] == "length"
+        assert long_answer.json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert 5 < waited < 15  # the long one got its 6 s, then everything stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
