@@ -358,21 +358,27 @@ def test_engine_loop_runs_on_the_main_thread(server: str) -> None:
     assert info["cpu_kernel_isa"] == cpu_kernels.active_isa()
 
 
-def test_sigterm_stops_a_busy_server_and_answers_its_requests() -> None:
+def _own_server(*flags: str) -> tuple[subprocess.Popen[str], str]:
+    """A plain-decoding server of our own (for signal tests), started and healthy."""
     port = _free_port()
     cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
-           "--speculative-algorithm", "NONE", "--max-total-tokens", "4096", "--log-level", "warning"]
+           "--speculative-algorithm", "NONE", "--max-total-tokens", "4096", "--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return proc, base
+
+
+def test_sigterm_stops_a_busy_server_and_answers_its_requests() -> None:
+    proc, base = _own_server()
     try:
-        for _ in range(240):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 3000,
                 "stream": True, "ignore_eos": True}
         finish = None
@@ -400,21 +406,8 @@ def test_sigterm_stops_a_busy_server_and_answers_its_requests() -> None:
 def test_sigterm_lets_running_requests_finish_within_the_graceful_timeout() -> None:
     """--graceful-shutdown-timeout 6: a request that can finish in time ends normally, one that
     cannot is answered with abort when the time is up, and the process exits 0 soon after."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
-           "--speculative-algorithm", "NONE", "--max-total-tokens", "4096", "--log-level", "warning",
-           "--graceful-shutdown-timeout", "6"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    base = f"http://127.0.0.1:{port}"
+    proc, base = _own_server("--graceful-shutdown-timeout", "6")
     try:
-        for _ in range(240):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
 
         def ask(tokens: int) -> httpx.Response:
             return httpx.post(f"{base}/generate", timeout=60, json={
