@@ -110,9 +110,7 @@ class EngineLoop:
             kind, payload = item
             if kind == "add":
                 self._subs[payload.req.rid] = payload
-                self.engine.scheduler.add(payload.req)
-                if self.draining:  # shutting down: not admitted
-                    self._abort(payload.req.rid, "server shutting down")
+                self.engine.scheduler.add(payload.req)  # (while draining, _run answers it at once)
             elif kind == "abort":
                 self._abort(payload, "client disconnected")
             try:
@@ -143,9 +141,7 @@ class EngineLoop:
             except Exception as e:  # keep serving: fail the batch, not the server
                 log.exception("engine step failed")
                 for req in list(scheduler.waiting) + list(scheduler.running):
-                    aborted = scheduler.abort(req.rid, f"internal error: {e}")
-                    if aborted is not None:
-                        self._publish(aborted)
+                    self._abort(req.rid, f"internal error: {e}")
                 continue
             produced = 0
             for req in touched:
@@ -156,9 +152,7 @@ class EngineLoop:
         # stopped: what is still queued or running is answered (aborted), its KV freed
         self._drain(block=False)
         for req in list(scheduler.waiting) + list(scheduler.running):
-            aborted = scheduler.abort(req.rid, "server shutting down")
-            if aborted is not None:
-                self._publish(aborted)
+            self._abort(req.rid, "server shutting down")
 
     def _publish(self, req: Req) -> int:
         sub = self._subs.get(req.rid)
