@@ -534,7 +534,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("offline engine")
     g.add_argument("--model-path", default=None, help="Default: the embedded SmolLM2-135M-Instruct")
     g.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
-    g.add_argument("--quantization", default=None, choices=("w8a16", "w4a16"),
+    g.add_argument("--quantization", default=None, choices=("w8a16", "w8a8_int8", "w4a16"),
                    help="weight-only quantisation of target and draft (default: none)")
     g.add_argument("--max-total-tokens", type=int, default=None)
     g.add_argument("--random-seed", type=int, default=None)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
 from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis
-from specdec.target.llama4 import fast_path, fused_layer_weights
+from specdec.target.llama4 import FusedLayer, fast_path, fused_layer_weights
 
 from .eagle3_config import Eagle3Config
 
@@ -55,9 +55,9 @@ class Eagle3Draft(nn.Module):
         self.d2t = nn.Parameter(torch.zeros(cfg.draft_vocab_size, dtype=torch.long), requires_grad=False)
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
         self.scale = cfg.head_dim**-0.5
-        self._fused: tuple[Tensor, ...] | bool | None = None  # None: not yet decided; False: no
+        self._fused: FusedLayer | bool | None = None  # None: not yet decided; False: no
 
-    def fused_weights(self) -> tuple[Tensor, ...] | None:
+    def fused_weights(self) -> FusedLayer | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` eagle3_layer), or None when the
         layer's weights are not float32 / AVX2-int8/int4 on the CPU."""
         if self._fused is None:
@@ -65,7 +65,7 @@ class Eagle3Draft(nn.Module):
                 (self.input_layernorm.weight, self.hidden_norm.weight), self.qkv, self.o_proj, self.mlp,
                 self.post_attention_layernorm.weight,
             ) or False
-        return self._fused if isinstance(self._fused, tuple) else None
+        return self._fused if isinstance(self._fused, FusedLayer) else None
 
     def share_embedding(self, weight: Tensor) -> None:
         if weight.shape != (self.cfg.vocab_size, self.cfg.hidden_size):
@@ -94,16 +94,16 @@ class Eagle3Draft(nn.Module):
     ) -> DraftOutput:
         """Inference over the paged KV: K/V go to the draft pool, `batch.attn` decides visibility."""
         fast = fast_path(features, batch)
-        weights = self.fused_weights() if fast is not None else None
-        if fast is not None and weights is not None:  # the whole layer in one C++ call
+        fused = self.fused_weights() if fast is not None else None
+        if fast is not None and fused is not None:  # the whole layer in one C++ call
             seq = batch.attn.seqs[0]
             mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
             rope = torch.view_as_real(self.rotary.cis(positions))  # [T, D/2, 2] (cos, sin)
             c = self.cfg
             h = fast.eagle3_layer(
-                self.embed(input_ids).contiguous(), features.contiguous(), rope, *weights, c.rms_norm_eps,
+                self.embed(input_ids).contiguous(), features.contiguous(), rope, *fused.weights, c.rms_norm_eps,
                 c.num_heads, c.num_kv_heads, c.head_dim, batch.kv_k[0], batch.kv_v[0], batch.attn.out_slots,
-                seq.kv_slots, mask, self.scale,
+                seq.kv_slots, mask, self.scale, fused.act_bits,
             )
             return DraftOutput(self.norm(h), h)
 

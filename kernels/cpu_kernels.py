@@ -5,11 +5,12 @@ extension), built on first use with torch's extension loader (gcc + ninja; about
 once per tier on 2 cores, then cached under ~/.cache/torch_extensions as `specdec_cpu_kernels_<tier>`, compiled
 with that tier's flags only, so a build is never loaded on a CPU that lacks its tier):
 
-* `w8_linear(x, w, scale, bias)`: weight-only int8 linear: float32 activations in and out,
-  quantised inside to int16 per block of 32 for integer dot products (`vpmaddwd`); int8
-  weights in the kernel's layout (`pack_w8`, any K: zero columns pad it to a multiple of 32),
-  float32 [N] scales. Reference: `w8_linear_reference` (float64, on the logical weights and the
-  same int16 activations).
+* `w8_linear(x, w, scale, bias, act_bits=16)`: int8-weight linear: float32 activations in and
+  out, quantised inside per block of `act_block(Kp)` k to int16 codes (act_bits 16, w8a16) or
+  int8 codes (act_bits 8, w8a8_int8: one VNNI product per 4 k on avx512/amx) for integer dot
+  products; int8 weights in the tier's layout (`pack_w8`, any K: zero columns pad it to a
+  multiple of 64), float32 [N] scales. Reference: `w8_linear_reference` (float64, on the
+  logical weights and the same activation codes).
 * `w4_linear(x, wq, ws, n, bias)`: weight-only int4 in llama.cpp's Q4_1 arrangement (groups of
   32 along K, float16 scale and low per group), same int16 activations; weights in `pack_w4`'s
   layout. Reference: `w4_linear_reference`.
@@ -226,10 +227,11 @@ def _kernels(what: str) -> ModuleType:
     return kernel
 
 
-def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [M, K] float32, w int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32."""
+def w8_linear(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None, act_bits: int = 16) -> Tensor:
+    """x [M, K] float32, w int8 *packed* (`pack_w8`), scale [N] float32 -> [M, N] float32;
+    activations as int16 (act_bits 16) or int8 (8) codes per block."""
     empty = x.new_empty(0)
-    return _kernels("int8").w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float())
+    return _kernels("int8").w8_linear(x.contiguous(), w, scale, empty if bias is None else bias.float(), act_bits)
 
 
 def top_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -293,36 +295,53 @@ def w4_linear_reference(x: Tensor, wq: Tensor, ws: Tensor, n: int, bias: Tensor 
     return out.float()
 
 
-def quantize_activations_reference(x: Tensor, block: int | None = None) -> tuple[Tensor, Tensor]:
+def act_qmax(act_bits: int) -> float:
+    """The largest activation code: 32767 for int16 codes (act_bits 16), 127 for int8 (8)."""
+    if act_bits not in (8, 16):
+        raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    return 127.0 if act_bits == 8 else 32767.0
+
+
+def quantize_activations_reference(x: Tensor, block: int | None = None, act_bits: int = 16) -> tuple[Tensor, Tensor]:
     """What the integer kernels do to their input first: float32 [M, K] -> int16 codes [M, Kp]
-    and float32 scales [M, Kp/block], q = rint(x * (32767 / amax)) per block of k (default: the
-    int8 kernel's `act_block(Kp)`; a block with amax <= 1e-30 -> codes and scale 0), K padded
-    with zeros to Kp = `padded_k(K)`."""
+    and float32 scales [M, Kp/block], q = rint(x * (qmax / amax)) per block of k with qmax =
+    `act_qmax(act_bits)` (32767, or 127 for int8 codes) (default block: the int8 kernel's
+    `act_block(Kp)`; a block with amax <= 1e-30 -> codes and scale 0), K padded with zeros to
+    Kp = `padded_k(K)`."""
     x = _pad_k(x)
     M, K = x.shape
     block = act_block(K) if block is None else block
+    qmax = torch.tensor(act_qmax(act_bits))
     blocks = x.float().view(M, K // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
-    live = amax > 1e-30  # tinier blocks count as zero (32767 / amax would overflow)
-    inv = torch.where(live, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
-    q = torch.round(blocks * inv).clamp(-32768, 32767).to(torch.int16)
-    return q.view(M, K), torch.where(live, amax / 32767.0, torch.zeros_like(amax)).view(M, K // block)
+    live = amax > 1e-30  # tinier blocks count as zero (qmax / amax would overflow)
+    inv = torch.where(live, qmax / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv).clamp(-qmax, qmax).to(torch.int16)
+    return q.view(M, K), torch.where(live, amax / qmax, torch.zeros_like(amax)).view(M, K // block)
 
 
-def _kernel_activations(x: Tensor, block: int | None = None) -> Tensor:
-    """x [M, K] as the integer kernels see it (int16 codes times block scales), float64."""
-    q, s = quantize_activations_reference(x, block)
+def _kernel_activations(x: Tensor, block: int | None = None, act_bits: int = 16) -> Tensor:
+    """x [M, K] as the integer kernels see it (codes times block scales), float64."""
+    q, s = quantize_activations_reference(x, block, act_bits)
     M, K = x.shape
     Kp = q.shape[1]
     nb = s.shape[1]
     return (q.double().view(M, nb, Kp // nb) * s.double()[..., None]).view(M, Kp)[:, :K]
 
 
-def w8_linear_reference(x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def quantized_activations(x: Tensor, act_bits: int) -> Tensor:
+    """x [M, K] float32 rounded to the codes the int8 kernel multiplies (per block of
+    `act_block(padded_k(K))`), as float32: what a tier without kernels feeds its product."""
+    return _kernel_activations(x, None, act_bits).float()
+
+
+def w8_linear_reference(
+    x: Tensor, w: Tensor, scale: Tensor, bias: Tensor | None = None, act_bits: int = 16
+) -> Tensor:
     """The kernel's product in float64, on the logical int8 weights w [N, K]: activations
-    quantised as the kernel does (`quantize_activations_reference`), then
+    quantised as the kernel does (`quantize_activations_reference`, int16 or int8 codes), then
     sum_b s_b (q_b . w_b) * scale (+ bias), returned as float32."""
-    out = _kernel_activations(x) @ (w.double() * scale.double()[:, None]).T
+    out = _kernel_activations(x, None, act_bits) @ (w.double() * scale.double()[:, None]).T
     if bias is not None:
         out = out + bias.double()
     return out.float()

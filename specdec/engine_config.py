@@ -11,7 +11,7 @@ from .spec_config import SpecConfig
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
-QUANTIZATION_CHOICES = ("w8a16", "w4a16")
+QUANTIZATION_CHOICES = ("w8a16", "w8a8_int8", "w4a16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -21,7 +21,7 @@ class EngineConfig:
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     tokenizer_path: str | None = None
     dtype: str = "auto"
-    quantization: str | None = None  # weight-only: w8a16 | w4a16 (see specdec.target.quant)
+    quantization: str | None = None  # w8a16 | w8a8_int8 | w4a16 (see specdec.target.quant)
     device: str = "auto"  # auto: cuda when a GPU is visible, else cpu
     context_length: int | None = None  # None: the model's max_position_embeddings
     max_total_tokens: int | None = None  # KV slots; None: sized from free memory

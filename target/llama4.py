@@ -8,6 +8,7 @@ MLP of `intermediate_size_mlp` -> residual.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -149,14 +150,14 @@ class DecoderLayer(nn.Module):
             MoE(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg.hidden_size, cfg.intermediate_size_mlp)
         )
 
-        self._fused: tuple[Tensor, ...] | bool | None = None  # None: not yet decided; False: no
+        self._fused: FusedLayer | bool | None = None  # None: not yet decided; False: no
 
-    def fused_weights(self) -> tuple[Tensor, ...] | None:
+    def fused_weights(self) -> FusedLayer | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` decoder_layer), or None when this
         layer is not a plain dense Llama layer with float32 or kernel-packed quantised weights."""
         if self._fused is None:
             self._fused = _fused_weights(self) or False
-        return self._fused if isinstance(self._fused, tuple) else None
+        return self._fused if isinstance(self._fused, FusedLayer) else None
 
     def forward(
         self, x: Tensor, positions: Tensor, rope: Tensor, batch: ForwardBatch
@@ -165,37 +166,53 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
 
-def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """(weight, scale) for the fused kernel: packed int8/int4 + scale, or float32 + empty scale."""
+@dataclass(frozen=True)
+class FusedLayer:
+    """What a one-call CPU layer kernel takes besides its activations: the weights in argument
+    order and the int8 linears' activation codes (16: w8a16 and float/int4 layers, 8: w8a8_int8)."""
+
+    weights: tuple[Tensor, ...]
+    act_bits: int
+
+
+def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor, int | None] | None:
+    """(weight, scale, act_bits) for the fused kernel: packed int8/int4 + scale + the int8
+    activation codes (None for int4), or float32 + empty scale + None."""
     if isinstance(module, Linear):
         if module.bias is not None or module.weight.dtype != torch.float32:
             return None
-        return module.weight, torch.empty(0)
+        return module.weight, torch.empty(0), None
     qw = getattr(module, "qw", None)
     if qw is not None and getattr(module, "bias", None) is None and qw.packed:
-        if qw.scheme == "w4a16" and qw.out_features % cpu_kernels.W4_TILE:
-            return None  # the fused layer reads N from the packed int4 rows: no padding allowed
-        return qw.qweight, qw.scale
+        if qw.scheme == "w4a16":
+            if qw.out_features % cpu_kernels.W4_TILE:
+                return None  # the fused layer reads N from the packed int4 rows: no padding allowed
+            return qw.qweight, qw.scale, None
+        return qw.qweight, qw.scale, qw.act_bits
     return None
 
 
 def fused_layer_weights(
     in_norms: tuple[Tensor, ...], qkv: nn.Module, o_proj: nn.Module, mlp: GatedMLP, post_norm: Tensor
-) -> tuple[Tensor, ...] | None:
+) -> FusedLayer | None:
     """The weights of a one-call CPU layer kernel in its argument order (input norm(s), QKV,
     O, post-attention norm, gate-up, down; each linear as weight + scale), or None when a norm
-    is not float32 on the CPU or a linear has no fused form (`_linear_args`)."""
+    is not float32 on the CPU, a linear has no fused form (`_linear_args`) or the int8 linears
+    disagree on their activation codes."""
     norms = (*in_norms, post_norm)
     if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
         return None
     linears = [_linear_args(m) for m in (qkv, o_proj, mlp.gate_up, mlp.down)]
     if any(lin is None for lin in linears):
         return None
-    q, o, gu, down = (lin for lin in linears if lin is not None)
-    return (*in_norms, *q, *o, post_norm, *gu, *down)
+    bits = {lin[2] for lin in linears if lin is not None and lin[2] is not None}
+    if len(bits) > 1:
+        return None
+    (q, qs, _), (o, os_, _), (gu, gus, _), (down, downs, _) = (lin for lin in linears if lin is not None)
+    return FusedLayer((*in_norms, q, qs, o, os_, post_norm, gu, gus, down, downs), bits.pop() if bits else 16)
 
 
-def _fused_weights(layer: DecoderLayer) -> tuple[Tensor, ...] | None:
+def _fused_weights(layer: DecoderLayer) -> FusedLayer | None:
     a, mlp = layer.attn, layer.feed_forward
     if not a.use_rope or a.qk_norm or a.chunk_size is not None or not isinstance(mlp, GatedMLP):
         return None
@@ -230,16 +247,19 @@ class Llama4ForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
         # every layer's fused-kernel weights, flat, when all layers have them (one C++ call for
         # the whole stack); None: not yet decided, False: no. Reset by quantize_model.
-        self._fused: list[Tensor] | bool | None = None
+        self._fused: FusedLayer | bool | None = None
 
-    def _stack_weights(self) -> list[Tensor] | None:
+    def _stack_weights(self) -> FusedLayer | None:
+        """Every layer's fused weights, flat (decoder_stack's argument), when all layers have
+        them, share their attention shape and their activation codes."""
         if self._fused is None:
             per_layer = [layer.fused_weights() for layer in self.layers if isinstance(layer, DecoderLayer)]
             attn = [layer.attn for layer in self.layers if isinstance(layer, DecoderLayer)]
             same = len({(a.eps, a.num_heads, a.num_kv_heads, a.head_dim, a.scale) for a in attn}) == 1
-            ok = same and len(per_layer) == len(self.layers) and all(w is not None for w in per_layer)
-            self._fused = [t for w in per_layer if w is not None for t in w] if ok else False
-        return self._fused if isinstance(self._fused, list) else None
+            fused = [f for f in per_layer if f is not None]
+            ok = same and len(fused) == len(self.layers) and len({f.act_bits for f in fused}) == 1
+            self._fused = FusedLayer(tuple(t for f in fused for t in f.weights), fused[0].act_bits) if ok else False
+        return self._fused if isinstance(self._fused, FusedLayer) else None
 
     def forward(
         self,
@@ -263,20 +283,21 @@ class Llama4ForCausalLM(nn.Module):
                 a0: Attention = self.layers[0].attn  # type: ignore[assignment]
                 capture = list(batch.capture_layers)
                 out = fast.decoder_stack(
-                    x.contiguous(), rope_real, stack, batch.kv_k, batch.kv_v, a0.eps, a0.num_heads,
+                    x.contiguous(), rope_real, list(stack.weights), batch.kv_k, batch.kv_v, a0.eps, a0.num_heads,
                     a0.num_kv_heads, a0.head_dim, batch.attn.out_slots, seq.kv_slots, mask, a0.scale, capture,
+                    stack.act_bits,
                 )
                 return ModelOutput(self.norm(out[0]), list(out[1:]))
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if i in batch.capture_layers:
                 captured[i] = x  # the input of layer i
-            weights = layer.fused_weights() if fast is not None else None
-            if weights is not None:
+            fused = layer.fused_weights() if fast is not None else None
+            if fused is not None:
                 a: Attention = layer.attn
                 x = fast.decoder_layer(
-                    x.contiguous(), rope_real, *weights, a.eps, a.num_heads, a.num_kv_heads, a.head_dim,
-                    batch.kv_k[i], batch.kv_v[i], batch.attn.out_slots, seq.kv_slots, mask, a.scale,
+                    x.contiguous(), rope_real, *fused.weights, a.eps, a.num_heads, a.num_kv_heads, a.head_dim,
+                    batch.kv_k[i], batch.kv_v[i], batch.attn.out_slots, seq.kv_slots, mask, a.scale, fused.act_bits,
                 )
             else:
                 x = layer(x, positions, rope, batch)

@@ -1,4 +1,4 @@
-"""Weight-only quantisation of a loaded model (`--quantization w8a16 | w4a16`).
+"""Quantisation of a loaded model (`--quantization w8a16 | w8a8_int8 | w4a16`).
 
 Batch-1 decode streams every weight once per token, so fewer weight bytes is the main lever
 on a CPU. After strict loading, every `Linear` (attention, MLP, the draft's fc, the lm_head;
@@ -7,14 +7,20 @@ is replaced by its quantised form; activations, norms, attention and the KV cach
 model dtype.
 
 * w8a16: int8, one symmetric scale per output channel (scale = max|w_row| / 127).
+* w8a8_int8: the same int8 weights; the activations of every int8 linear are quantised to int8
+  codes per row and block of k (192-256) on the fly, so that AVX-512 VNNI multiplies 4 k per
+  instruction and row instead of 2 (multi-row products ~2x faster; docs/KERNELS.md). SGLang's
+  `w8a8_int8` scales activations per token; per block costs half its logprob error here
+  (docs/PERFORMANCE.md).
 * w4a16: int4, groups of 32 along K with a scale and a low value per group (asymmetric;
   llama.cpp's Q4_1 arrangement).
 
-On the CPU both run on specdec's kernels for the active tier (kernels/cpu_isa.py), which take
-float32 activations, quantise them to int16 per block of 32 for integer dot products (finer
-than bf16) and handle any K (the packed weight is padded with zero columns). Without a kernel
-tier (`SPECDEC_CPU_ISA=none`, a CPU without AVX2, another device) the weight stays quantised in
-memory and is dequantised for each product: always correct, never faster. PyTorch's private
+On the CPU they run on specdec's kernels for the active tier (kernels/cpu_isa.py), which take
+float32 activations, quantise them to int16 codes per block (finer than bf16; int8 codes for
+w8a8_int8) for integer dot products and handle any K (the packed weight is padded with zero
+columns). Without a kernel tier (`SPECDEC_CPU_ISA=none`, a CPU without AVX2, another device)
+the weight stays quantised in memory and is dequantised for each product (w8a8_int8's
+activations rounded to the same int8 codes first): always correct, never faster. PyTorch's private
 `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` are not used: the first crashes on
 AVX-512 CPUs for K % 32 != 0.
 
@@ -37,7 +43,8 @@ from .layers import Linear
 
 log = logging.getLogger("specdec")
 
-QUANTIZATION_CHOICES = ("w8a16", "w4a16")
+QUANTIZATION_CHOICES = ("w8a16", "w8a8_int8", "w4a16")
+W8_SCHEMES = ("w8a16", "w8a8_int8")
 W4_GROUP = 32
 
 
@@ -69,7 +76,7 @@ class QuantWeight(nn.Module):
     e.g. "avx2"), or "dequant" (codes as quantised, dequantised per product)."""
 
     qweight: Tensor  # int8 [N8, Kp] (pack_w8) | uint8 [N8, Kp/2] (pack_w4) | int8 / uint8 codes [N, K(p)]
-    scale: Tensor  # float32 [N] (w8a16) | float16 (pack_w4) | float32 [N, Kp/g] (dequant w4)
+    scale: Tensor  # float32 [N] (w8a16, w8a8_int8) | float16 (pack_w4) | float32 [N, Kp/g] (dequant w4)
     zero: Tensor
     _ext: Any
 
@@ -79,12 +86,14 @@ class QuantWeight(nn.Module):
             raise ValueError(f"unknown quantization {scheme!r}; choose one of {QUANTIZATION_CHOICES}")
         self.out_features, self.in_features = weight.shape
         self.scheme = scheme
+        # the int8 linears' activation codes: int8 for w8a8_int8, else int16
+        self.act_bits = 8 if scheme == "w8a8_int8" else 16
         self._ext = cpu_kernels.extension() if weight.device.type == "cpu" else None
         self.kernel = cpu_kernels.active_isa() if self._ext is not None else "dequant"
         self._no_bias = torch.empty(0)
         # zero columns up to a whole group: no effect on the product, any K works
         padded = F.pad(weight, (0, cpu_kernels.padded_k(self.in_features) - self.in_features))
-        if scheme == "w8a16":
+        if scheme in W8_SCHEMES:
             q, scale = quantize_w8(padded)
             self.register_buffer("scale", scale, persistent=False)
             packed = cpu_kernels.pack_w8(q) if self._ext is not None else q
@@ -108,7 +117,7 @@ class QuantWeight(nn.Module):
     def dequantized(self) -> Tensor:
         """The float32 [N, K] weight this module multiplies by (for references and tests)."""
         N, K = self.out_features, self.in_features
-        if self.scheme == "w8a16":
+        if self.scheme in W8_SCHEMES:
             q = cpu_kernels.unpack_w8(self.qweight, N, K) if self.packed else self.qweight[:, :K]
             return q.float() * self.scale[:, None]
         if self.packed:
@@ -119,8 +128,8 @@ class QuantWeight(nn.Module):
 
     def _kernel_linear(self, x: Tensor, bias: Tensor | None) -> Tensor:  # float32 [M, K] contiguous
         b = self._no_bias if bias is None else bias.float()
-        if self.scheme == "w8a16":
-            return self._ext.w8_linear(x, self.qweight, self.scale, b)
+        if self.scheme in W8_SCHEMES:
+            return self._ext.w8_linear(x, self.qweight, self.scale, b, self.act_bits)
         return self._ext.w4_linear(x, self.qweight, self.scale, self.out_features, b)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:  # [..., K] -> [..., N]
@@ -131,6 +140,8 @@ class QuantWeight(nn.Module):
         if self.packed:
             y = self._kernel_linear(x2.float().contiguous(), bias)
             return y.to(x.dtype).view(*lead, self.out_features)
+        if self.act_bits == 8:  # the int8 codes the kernels would multiply
+            x2 = cpu_kernels.quantized_activations(x2.float(), self.act_bits).to(x.dtype)
         y = F.linear(x2, self.dequantized().to(x.dtype), None if bias is None else bias.to(x.dtype))
         return y.view(*lead, self.out_features)
 

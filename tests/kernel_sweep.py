@@ -5,8 +5,8 @@ kernel that crashes fails that test (with the signal) instead of killing the tes
     SPECDEC_CPU_ISA=avx2 python -m tests.kernel_sweep      # prints one JSON line, exit 1 on a miss
 
 Shapes: M 0-64 rows; K and N that are and are not multiples of 8, 16 and 32. A packed tier is
-held to the kernel's own arithmetic (int16 activations per block of 32, `w8_linear_reference` /
-`w4_linear_reference`); `none` (dequantised weight, torch's float32 linear) to the float64
+held to the kernel's own arithmetic (int16 activation codes per block, int8 codes for w8a8_int8,
+`w8_linear_reference` / `w4_linear_reference`); `none` (dequantised weight, torch's float32 linear) to the float64
 product on the same weight. For packed tiers every row of the largest M must also equal that row
 computed alone (bitwise), the property lossless speculation rests on (torch's own float32 linear
 does not promise it: its one-row and many-row paths block the sums differently).
@@ -30,11 +30,12 @@ TOL = 2e-5  # relative to the largest |output|: float32 accumulation against flo
 
 def reference(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     """What the product must be, in float64 (returned as float32 for packed tiers)."""
-    if not qw.packed:
-        return (x.double() @ qw.dequantized().double().T).float()
-    if qw.scheme == "w8a16":
+    if not qw.packed:  # w8a8_int8 multiplies the int8 activation codes, as the kernels do
+        xin = ck.quantized_activations(x, 8) if qw.act_bits == 8 else x
+        return (xin.double() @ qw.dequantized().double().T).float()
+    if qw.scheme in ("w8a16", "w8a8_int8"):
         q = ck.unpack_w8(qw.qweight, qw.out_features, qw.in_features)
-        return ck.w8_linear_reference(x, q, qw.scale)
+        return ck.w8_linear_reference(x, q, qw.scale, act_bits=qw.act_bits)
     return ck.w4_linear_reference(x, qw.qweight, qw.scale, qw.out_features)
 
 
@@ -42,7 +43,7 @@ def sweep() -> dict[str, object]:
     torch.set_num_threads(1)
     failures: list[str] = []
     checked = 0
-    for scheme in ("w8a16", "w4a16"):
+    for scheme in ("w8a16", "w8a8_int8", "w4a16"):
         for K in KS:
             for N in NS:
                 g = torch.Generator().manual_seed(K * 1000 + N)

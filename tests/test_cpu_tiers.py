@@ -137,8 +137,9 @@ def test_a_forced_tier_this_machine_cannot_run_stops_the_cli_with_one_line() -> 
 
 
 def test_every_tier_computes_the_same_int8_product_bitwise() -> None:
-    """The int8 kernels of all tiers (and the AMX and VNNI paths of the amx tier, M >= 4 and < 4)
-    compute exact int32 block sums and the same float steps: equal results, bit for bit."""
+    """The int8 kernels of all tiers (and the AMX and VNNI paths of the amx tier, M >= 4 and < 4;
+    int16 and int8 activation codes) compute exact int32 block sums and the same float steps:
+    equal results, bit for bit."""
     tiers = [isa for isa in cpu_isa.supported_isas() if isa in cpu_kernels.W8_TILE]
     if len(tiers) < 2:
         pytest.skip(f"this machine runs only {tiers}")
@@ -149,6 +150,7 @@ def test_every_tier_computes_the_same_int8_product_bitwise() -> None:
         scale, bias = torch.rand(N, generator=g) * 0.01, torch.randn(N, generator=g)
         for M in (1, 3, 4, 16, 17, 40):
             x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 4
-            ys = {isa: m.w8_linear(x, cpu_kernels.pack_w8(w, isa), scale, bias) for isa, m in modules.items()}
-            first = ys[tiers[0]]
-            assert all(torch.equal(first, y) for y in ys.values()), (N, K, M)
+            for bits in (16, 8):  # w8a16's int16 and w8a8_int8's int8 activation codes
+                ys = {isa: m.w8_linear(x, cpu_kernels.pack_w8(w, isa), scale, bias, bits) for isa, m in modules.items()}
+                first = ys[tiers[0]]
+                assert all(torch.equal(first, y) for y in ys.values()), (N, K, M, bits)

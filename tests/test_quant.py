@@ -1,4 +1,4 @@
-"""Weight-only quantisation (--quantization w8a16 | w4a16): error bounds of the codes, every
+"""Quantisation (--quantization w8a16 | w8a8_int8 | w4a16): error bounds of the codes, every
 kernel path against its dequantised weight, and the engine end to end on a tiny Llama 4 with
 MoE (greedy speculative output equals the quantised model's own greedy output)."""
 
@@ -40,7 +40,7 @@ def test_w4_codes_are_within_half_a_step() -> None:
 # float32 linear; K = 48 is not a multiple of the kernels' block of 32 (padded with zero columns)
 KERNEL = cpu_kernels.active_isa() if cpu_kernels.extension() is not None else "dequant"
 TOL = 1e-4 if KERNEL != "dequant" else 1e-5  # relative, against x @ dequantized.T in float64
-PATHS = [(scheme, K, KERNEL, TOL) for scheme in ("w8a16", "w4a16") for K in (64, 48, 40)]
+PATHS = [(scheme, K, KERNEL, TOL) for scheme in ("w8a16", "w8a8_int8", "w4a16") for K in (64, 48, 40)]
 
 
 @pytest.mark.parametrize(("scheme", "K", "kernel", "tol"), PATHS)
@@ -51,13 +51,18 @@ def test_quantized_matmul_matches_its_dequantized_weight(scheme: str, K: int, ke
     w, x, bias = torch.randn(48, K, generator=g), torch.randn(rows, K, generator=g), torch.randn(48, generator=g)
     qw = QuantWeight(w, scheme)
     assert qw.kernel == kernel
-    ref = x.double() @ qw.dequantized().double().T + bias.double()
+    # w8a8_int8 multiplies the int8 codes of x (per block), on every path
+    xin = cpu_kernels.quantized_activations(x, 8) if scheme == "w8a8_int8" else x
+    ref = xin.double() @ qw.dequantized().double().T + bias.double()
     y = qw(x, bias)
     assert y.dtype == torch.float32 and y.shape == (rows, 48)
     assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
     # and the dequantised weight is close to the original (the quantisation error itself)
     rel = ((qw.dequantized() - w).norm() / w.norm()).item()
-    assert rel < (0.01 if qw.scheme == "w8a16" else 0.12)
+    assert rel < (0.01 if qw.scheme != "w4a16" else 0.12)
+    if scheme == "w8a8_int8":  # the int8 activation codes: within half a step of amax / 127 per block
+        step = x.abs().amax(1, keepdim=True) / 127  # one block per row here (K <= 64)
+        assert bool(((xin - x).abs() <= step / 2 + 1e-7).all())
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,7 @@ def _prompt_logprobs(engine: Any, prompt: list[int]) -> torch.Tensor:
     return torch.tensor([lp for lp, _, _ in out["meta_info"]["input_token_logprobs"][1:]])
 
 
-@pytest.mark.parametrize(("scheme", "max_mean_diff"), [("w8a16", 0.02), ("w4a16", 0.25)])
+@pytest.mark.parametrize(("scheme", "max_mean_diff"), [("w8a16", 0.02), ("w8a8_int8", 0.05), ("w4a16", 0.25)])
 def test_engine_quantized_is_close_and_speculation_stays_lossless(
     target: Checkpoint, tmp_path: Path, scheme: str, max_mean_diff: float
 ) -> None:

@@ -20,11 +20,15 @@ inline int64_t act_block(int64_t Kp) {
 }
 
 // quantise.cpp: one row of K floats (K % block == 0, block % 16 == 0) -> int16 codes
-// q = rint(x * 32767 / amax) with one scale s = amax / 32767 per block (and, when `sums` is not
+// q = rint(x * qmax / amax) with one scale s = amax / qmax per block (and, when `sums` is not
 // null, the block's sum of codes); quantise_rows does M rows of x [M, K] into q [M, Kp],
-// s [M, Kp / block], the tail of a row with K < Kp quantised as if padded with zeros
-void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums);
-void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums);
+// s [M, Kp / block], the tail of a row with K < Kp quantised as if padded with zeros.
+// qmax = act_qmax(act_bits): 32767 (int16 codes, w8a16 / w4a16) or 127 (int8 codes, w8a8_int8)
+inline float act_qmax(int64_t act_bits) { return act_bits == 8 ? 127.0f : 32767.0f; }
+void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums,
+                  float qmax = 32767.0f);
+void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums,
+                   float qmax = 32767.0f);
 
 // quantise.cpp: the int8 kernel's input checks (either tier's layout, `tile` channels per tile)
 struct W8Shape {
@@ -32,12 +36,13 @@ struct W8Shape {
   bool has_bias;
 };
 W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
-                      int64_t tile);
+                      int64_t tile, int64_t act_bits);
 
 // w8_linear*.cpp: y = x (w * scale)^T + bias; x float32 [M, K], w int8 [N_t, Kp] in the tier's
-// pack_w8 layout (N_t = N rounded up to the tier's tile of channels)
+// pack_w8 layout (N_t = N rounded up to the tier's tile of channels); act_bits 16 (w8a16: int16
+// activation codes) or 8 (w8a8_int8: int8 codes, one VNNI product per 4 k on avx512/amx)
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const at::Tensor& bias);
+                     const at::Tensor& bias, int64_t act_bits);
 
 // w4_linear.cpp: y = x w^T + bias with w[n, k] = scale[n, g] * q[n, k] + low[n, g] (g = k / 32,
 // q in 0..15); wq uint8 [N8, Kp/2] and ws float16 [N8/8, Kp/32, 2, 8] in pack_w4 layout
@@ -63,7 +68,7 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
                          double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
-                         double scale);
+                         double scale, int64_t act_bits);
 // the EAGLE3 draft layer: attention input [rms_norm(emb, in_norm) | rms_norm(feat, hidden_norm)],
 // residual feat; returns the pre-norm hidden [T, hidden]
 at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
@@ -73,14 +78,14 @@ at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at:
                         const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                        const at::Tensor& mask, double scale);
+                        const at::Tensor& mask, double scale, int64_t act_bits);
 
 // all layers of a dense Llama (10 weights per layer as decoder_layer takes them, in order) in
-// one call; returns {final hidden, the input of layer i for each i in capture (i == L: the
+// one call (act_bits: as w8_linear's, for every int8 linear); returns {final hidden, the input of layer i for each i in capture (i == L: the
 // final hidden)}
 std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rope, const std::vector<at::Tensor>& weights,
                                       const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                                       double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                       const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
-                                      double scale, const std::vector<int64_t>& capture);
+                                      double scale, const std::vector<int64_t>& capture, int64_t act_bits);
 

@@ -10,7 +10,7 @@
 //   x  += (silu(g) * u) W_down^T  with [g | u] = rms_norm(x) W_gu^T
 //
 // Each linear is int8 (pack_w8 + float scale), int4 (pack_w4 + float16 scales) or float32
-// (scale empty).
+// (scale empty); act_bits is the int8 linears' activation codes (16: w8a16, 8: w8a8_int8).
 
 #include "cpu_kernels.h"
 #include "simd.h"
@@ -25,9 +25,12 @@ namespace {
 
 // w: int8 (pack_w8, scale float32 [N]), uint8 (pack_w4, scale = its float16 scales, N = rows)
 // or float32 (scale empty)
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  if (w.scalar_type() == at::kByte) return w4_linear(x, w, scale, w.size(0), x.new_empty({0}));
-  if (scale.numel() > 0) return w8_linear(x, w, scale, x.new_empty({0}));
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t act_bits) {
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(act_bits == 16, "decoder_layer: int4 weights take int16 activation codes (act_bits 16)");
+    return w4_linear(x, w, scale, w.size(0), x.new_empty({0}));
+  }
+  if (scale.numel() > 0) return w8_linear(x, w, scale, x.new_empty({0}), act_bits);
   return at::linear(x, w);
 }
 
@@ -58,7 +61,7 @@ at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor
                       const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
                       const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                      const at::Tensor& mask, double scale) {
+                      const at::Tensor& mask, double scale, int64_t act_bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decoder_layer: x must be a contiguous float32 [T, hidden] tensor");
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.size(0) == x.size(0) &&
@@ -70,7 +73,7 @@ at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor
   const int64_t q_size = H * D, kv_size = Hkv * D;
   const int64_t S = k_cache.size(0);
 
-  at::Tensor qkv = linear(h, qkv_w, qkv_s);  // [T, q + 2 kv]
+  at::Tensor qkv = linear(h, qkv_w, qkv_s, act_bits);  // [T, q + 2 kv]
   TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "decoder_layer: qkv width does not match heads");
   at::Tensor q = at::empty({T, H, D}, x.options());
   float* qp = q.data_ptr<float>();
@@ -95,14 +98,14 @@ at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor
     std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, vc + slot * kv_size);
   }
   at::Tensor attn = paged_attention(q, k_cache, v_cache, kv_slots, mask, scale);  // [T, H, D]
-  at::Tensor out = x + linear(attn.view({T, q_size}), o_w, o_s);
-  at::Tensor gu = linear(rms_norm(out, post_norm, eps), gu_w, gu_s);  // [T, 2 I]
+  at::Tensor out = x + linear(attn.view({T, q_size}), o_w, o_s, act_bits);
+  at::Tensor gu = linear(rms_norm(out, post_norm, eps), gu_w, gu_s, act_bits);  // [T, 2 I]
   const int64_t I = gu.size(1) / 2;
   at::Tensor act = at::empty({T, I}, x.options());
   const float* gp = gu.data_ptr<float>();
   float* ap = act.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) silu_mul(gp + t * 2 * I, gp + t * 2 * I + I, ap + t * I, I);
-  out.add_(linear(act, down_w, down_s));
+  out.add_(linear(act, down_w, down_s, act_bits));
   return out;
 }
 
@@ -115,10 +118,10 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
                          double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
-                         double scale) {
+                         double scale, int64_t act_bits) {
   return layer_body(rms_norm(x, in_norm, eps), x, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
                     down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask,
-                    scale);
+                    scale, act_bits);
 }
 
 at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
@@ -128,21 +131,21 @@ at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at:
                         const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                        const at::Tensor& mask, double scale) {
+                        const at::Tensor& mask, double scale, int64_t act_bits) {
   TORCH_CHECK(emb.dim() == 2 && feat.dim() == 2 && emb.sizes() == feat.sizes() &&
                   emb.scalar_type() == at::kFloat && feat.scalar_type() == at::kFloat &&
                   emb.is_contiguous() && feat.is_contiguous(),
               "eagle3_layer: emb and features must be contiguous float32 [T, hidden] tensors");
   at::Tensor h = at::cat({rms_norm(emb, in_norm, eps), rms_norm(feat, hidden_norm, eps)}, 1);  // [T, 2 hidden]
   return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
-                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask, scale);
+                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask, scale, act_bits);
 }
 
 std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rope, const std::vector<at::Tensor>& weights,
                                       const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
                                       double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                       const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
-                                      double scale, const std::vector<int64_t>& capture) {
+                                      double scale, const std::vector<int64_t>& capture, int64_t act_bits) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * L && static_cast<int64_t>(v_caches.size()) == L,
               "decoder_stack: need 10 weights and one K and V cache per layer");
@@ -153,7 +156,7 @@ std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rop
       if (capture[c] == i) out[1 + c] = h;
     const at::Tensor* w = weights.data() + 10 * i;
     h = decoder_layer(h, rope, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], eps, num_heads,
-                      num_kv_heads, head_dim, k_caches[i], v_caches[i], out_slots, kv_slots, mask, scale);
+                      num_kv_heads, head_dim, k_caches[i], v_caches[i], out_slots, kv_slots, mask, scale, act_bits);
   }
   out[0] = h;
   for (size_t c = 0; c < capture.size(); ++c)

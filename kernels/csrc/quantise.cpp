@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <vector>
 
-void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums) {
+void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums, float qmax) {
   for (int64_t b = 0; b < K; b += block) {
     __m256 amax = _mm256_setzero_ps();
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -18,10 +18,10 @@ void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
     const float mx = _mm_cvtss_f32(m4);
-    // blocks below 1e-30 (32767 / amax would overflow float for amax < ~1e-34) count as zero
+    // blocks below 1e-30 (qmax / amax would overflow float for amax < ~1e-34) count as zero
     const bool zero = !(mx > 1e-30f);
-    const float inv = zero ? 0.0f : 32767.0f / mx;
-    s[b / block] = zero ? 0.0f : mx / 32767.0f;
+    const float inv = zero ? 0.0f : qmax / mx;
+    s[b / block] = zero ? 0.0f : mx / qmax;
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int64_t k = b; k < b + block; k += 16) {
       const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
@@ -38,7 +38,8 @@ void quantise_row(const float* x, int64_t K, int64_t block, int16_t* q, float* s
   }
 }
 
-void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums) {
+void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t* q, float* s, int32_t* sums,
+                   float qmax) {
   const int64_t Kp = padded_k(K), nb = Kp / block;
   std::vector<float> tail(K == Kp ? 0 : Kp, 0.0f);
   for (int64_t m = 0; m < M; ++m) {
@@ -47,12 +48,12 @@ void quantise_rows(const float* x, int64_t M, int64_t K, int64_t block, int16_t*
       std::copy(row, row + K, tail.begin());
       row = tail.data();
     }
-    quantise_row(row, Kp, block, q + m * Kp, s + m * nb, sums == nullptr ? nullptr : sums + m * nb);
+    quantise_row(row, Kp, block, q + m * Kp, s + m * nb, sums == nullptr ? nullptr : sums + m * nb, qmax);
   }
 }
 
 W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& bias,
-                      int64_t tile) {
+                      int64_t tile, int64_t act_bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "w8_linear: x must be a contiguous float32 [M, K] tensor");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
@@ -66,5 +67,6 @@ W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const bool has_bias = bias.numel() > 0;
   TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
               "w8_linear: bias must be float32 [N] or empty");
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "w8_linear: act_bits must be 8 or 16, got ", act_bits);
   return {M, K, N, has_bias};
 }

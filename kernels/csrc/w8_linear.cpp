@@ -1,7 +1,8 @@
-// Weight-only int8 linear for small row counts: the AVX2 tier (the avx512 and amx tiers build
+// Int8-weight linear for small row counts: the AVX2 tier (the avx512 and amx tiers build
 // w8_linear_avx512.cpp instead, with the same arithmetic and so the same results).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]  (+ bias[n])
+//   act_bits 16 (w8a16): activation codes int16; 8 (w8a8_int8): codes in -127..127
 //
 //   x     [M, K] float32, contiguous (M is small: 1 for decode, up to ~64 for verification)
 //   w     [N8, Kp] int8 in pack_w8's layout (N8 = N rounded up to 8, Kp = K rounded up to 32,
@@ -94,8 +95,8 @@ void rows_kernel(int64_t M, const int16_t* xq, const float* xs, int64_t K, int64
 }  // namespace
 
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const at::Tensor& bias) {
-  const W8Shape sh = check_w8_args(x, w, scale, bias, TILE);
+                     const at::Tensor& bias, int64_t act_bits) {
+  const W8Shape sh = check_w8_args(x, w, scale, bias, TILE, act_bits);
   const int64_t M = sh.M, K = sh.Kp, N = sh.N;
   const bool has_bias = sh.has_bias;
   auto y = at::empty({M, N}, x.options());
@@ -109,7 +110,10 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int64_t block = act_block(K);
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / block));
-  quantise_rows(xp, M, x.size(1), block, xq.data(), xs.data(), nullptr);
+  // int8 codes (w8a8_int8) are int16 codes in -127..127 here: the same exact block sums as the
+  // avx512 tier's one-byte VNNI path, at w8a16's speed (a one-byte vpmaddubsw path would need
+  // another weight layout; not written)
+  quantise_rows(xp, M, x.size(1), block, xq.data(), xs.data(), nullptr, act_qmax(act_bits));
 
   const int64_t tiles = w.size(0) / TILE;
   for_tile_pairs<TILE>(M, N, tiles, sp, bp, yp, [&](int64_t t0, int64_t nt, float* buf) {

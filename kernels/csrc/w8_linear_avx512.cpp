@@ -18,6 +18,9 @@
 //     sum (hi + 128) w - 128 sum w  and  sum lo w, with sum w from the same instruction on ones;
 //   * AMX (amx tier, M >= kAmxMinRows = 3): TDPBSSD (hi, signed) and TDPBUSD (lo, unsigned) into two
 //     int32 accumulator tiles per 16 rows and 16 channels, 64 k per instruction.
+// With act_bits = 8 (w8a8_int8) the codes are already bytes (-127..127): VNNI computes
+// sum (q + 128) w - 128 sum w, one instruction per row and 4 k instead of two, at every row count
+// (the amx tier takes this path too: an AMX int8-activation path is not written).
 // Reference: `w8_linear_reference` in kernels/cpu_kernels.py (the tier's `act_block`).
 
 #include "cpu_kernels.h"
@@ -68,8 +71,11 @@ inline __m512i bcast4(const uint8_t* p) {
 }
 
 // MT rows x NT adjacent tiles with VNNI: out[m][t*16 + j] = sum_b s[m][b] * (block b's int32 sum)
+// pf: the next tile pair's weights (2 x 16 x K bytes), prefetched into L2 while this pair computes
+// (one 64-byte line per tile and 4 k, as fast as this pair is read), null: no prefetch
 template <int MT, int NT>
-inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w, float* out, int64_t ldo) {
+inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w, float* out, int64_t ldo,
+                      const int8_t* pf) {
   const int64_t nb = K / block;
   const int64_t tile_bytes = TILE * K;
   const __m512i ones = _mm512_set1_epi8(1);
@@ -82,6 +88,10 @@ inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w,
     for (int m = 0; m < MT; ++m)
       for (int t = 0; t < NT; ++t) ahi[m][t] = alo[m][t] = _mm512_setzero_si512();
     for (int64_t k = b * block; k < (b + 1) * block; k += 4) {
+      if (pf != nullptr) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + k * TILE), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + tile_bytes + k * TILE), _MM_HINT_T1);
+      }
       __m512i wv[NT];
       for (int t = 0; t < NT; ++t) {
         wv[t] = _mm512_loadu_si512(w + t * tile_bytes + k * TILE);
@@ -108,14 +118,71 @@ inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w,
     for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + m * ldo + t * TILE, facc[m][t]);
 }
 
+// all M rows against NT adjacent tiles in groups of up to 3 rows; the first group prefetches the
+// next pair `pf` (null at the thread's last pair)
 template <int NT>
-void vnni_rows(int64_t M, const Codes& x, int64_t K, int64_t block, const int8_t* w, float* buf, int64_t ldo) {
+void vnni_rows(int64_t M, const Codes& x, int64_t K, int64_t block, const int8_t* w, float* buf, int64_t ldo,
+               const int8_t* pf) {
   const int64_t nb = K / block;
   auto at = [&](int64_t m) { return Codes{x.hi + m * K, x.hs + m * K, x.lo + m * K, x.s + m * nb}; };
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) vnni_tile<3, NT>(at(m), K, block, w, buf + m * ldo, ldo);
-  if (M - m == 2) vnni_tile<2, NT>(at(m), K, block, w, buf + m * ldo, ldo);
-  if (M - m == 1) vnni_tile<1, NT>(at(m), K, block, w, buf + m * ldo, ldo);
+  for (; m + 3 <= M; m += 3, pf = nullptr) vnni_tile<3, NT>(at(m), K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 2) vnni_tile<2, NT>(at(m), K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 1) vnni_tile<1, NT>(at(m), K, block, w, buf + m * ldo, ldo, pf);
+}
+
+// act_bits = 8: u [M, K] = q + 128 as bytes. MT rows x NT tiles, as vnni_tile with one product per row.
+template <int MT, int NT>
+inline void vnni8_tile(const uint8_t* u, const float* xs, int64_t K, int64_t block, const int8_t* w, float* out,
+                       int64_t ldo, const int8_t* pf) {
+  const int64_t nb = K / block;
+  const int64_t tile_bytes = TILE * K;
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512 facc[MT][NT];
+  for (int m = 0; m < MT; ++m)
+    for (int t = 0; t < NT; ++t) facc[m][t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acc[MT][NT], wsum[NT];
+    for (int t = 0; t < NT; ++t) wsum[t] = _mm512_setzero_si512();
+    for (int m = 0; m < MT; ++m)
+      for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_si512();
+    for (int64_t k = b * block; k < (b + 1) * block; k += 4) {
+      if (pf != nullptr) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + k * TILE), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + tile_bytes + k * TILE), _MM_HINT_T1);
+      }
+      __m512i wv[NT];
+      for (int t = 0; t < NT; ++t) {
+        wv[t] = _mm512_loadu_si512(w + t * tile_bytes + k * TILE);
+        wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv[t]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512i a = bcast4(u + m * K + k);
+        for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_dpbusd_epi32(acc[m][t], a, wv[t]);
+      }
+    }
+    for (int t = 0; t < NT; ++t) wsum[t] = _mm512_slli_epi32(wsum[t], 7);  // 128 sum w
+    for (int m = 0; m < MT; ++m) {
+      const __m512 s = _mm512_set1_ps(xs[m * nb + b]);
+      for (int t = 0; t < NT; ++t)
+        facc[m][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][t], wsum[t])), s, facc[m][t]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + m * ldo + t * TILE, facc[m][t]);
+}
+
+// act_bits = 8: all M rows in groups of up to 4 (fewer accumulators than the int16 path)
+template <int NT>
+void vnni8_rows(int64_t M, const uint8_t* u, const float* xs, int64_t K, int64_t block, const int8_t* w, float* buf,
+                int64_t ldo, const int8_t* pf) {
+  const int64_t nb = K / block;
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4, pf = nullptr)
+    vnni8_tile<4, NT>(u + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 3) vnni8_tile<3, NT>(u + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 2) vnni8_tile<2, NT>(u + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
+  if (M - m == 1) vnni8_tile<1, NT>(u + m * K, xs + m * nb, K, block, w, buf + m * ldo, ldo, pf);
 }
 
 #if defined(SPECDEC_ISA_AMX)
@@ -184,8 +251,8 @@ void amx_rows(int rows, const Codes& x, int64_t K, int64_t block, const int8_t* 
 }  // namespace
 
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                     const at::Tensor& bias) {
-  const W8Shape sh = check_w8_args(x, w, scale, bias, TILE);
+                     const at::Tensor& bias, int64_t act_bits) {
+  const W8Shape sh = check_w8_args(x, w, scale, bias, TILE, act_bits);
   const int64_t M = sh.M, K = sh.Kp, N = sh.N;
   const bool has_bias = sh.has_bias;
   auto y = at::empty({M, N}, x.options());
@@ -195,13 +262,26 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const int64_t block = act_block(K), nb = K / block;
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * nb);
-  quantise_rows(x.data_ptr<float>(), M, x.size(1), block, xq.data(), xs.data(), nullptr);
+  quantise_rows(x.data_ptr<float>(), M, x.size(1), block, xq.data(), xs.data(), nullptr, act_qmax(act_bits));
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const int64_t tiles = w.size(0) / TILE;
+  if (act_bits == 8) {
+    std::vector<uint8_t> u(M * K);  // q + 128: the codes are in -127..127
+    for (int64_t i = 0; i < M * K; ++i) u[i] = static_cast<uint8_t>(xq[i] + 128);
+    for_tile_pairs<TILE>(M, N, tiles, scale.data_ptr<float>(), bp, y.data_ptr<float>(),
+                         [&](int64_t t0, int64_t nt, float* buf) {
+      const int8_t* wt = wp + t0 * TILE * K;
+      const int8_t* pf = t0 + 4 <= tiles ? wt + 2 * TILE * K : nullptr;
+      if (nt == 2) vnni8_rows<2>(M, u.data(), xs.data(), K, block, wt, buf, 2 * TILE, pf);
+      else vnni8_rows<1>(M, u.data(), xs.data(), K, block, wt, buf, 2 * TILE, pf);
+    });
+    return y;
+  }
   std::vector<uint8_t> hi_u(M * K), hi_s(M * K), lo(M * K);
   split_codes(xq.data(), M * K, hi_u.data(), hi_s.data(), lo.data());
   const Codes codes{hi_u.data(), hi_s.data(), lo.data(), xs.data()};
 
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  for_tile_pairs<TILE>(M, N, w.size(0) / TILE, scale.data_ptr<float>(), bp, y.data_ptr<float>(),
+  for_tile_pairs<TILE>(M, N, tiles, scale.data_ptr<float>(), bp, y.data_ptr<float>(),
                        [&](int64_t t0, int64_t nt, float* buf) {
     const int8_t* wt = wp + t0 * TILE * K;
 #if defined(SPECDEC_ISA_AMX)
@@ -217,8 +297,9 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       return;
     }
 #endif
-    if (nt == 2) vnni_rows<2>(M, codes, K, block, wt, buf, 2 * TILE);
-    else vnni_rows<1>(M, codes, K, block, wt, buf, 2 * TILE);
+    const int8_t* pf = t0 + 4 <= tiles ? wt + 2 * TILE * K : nullptr;  // the next pair, when it is full
+    if (nt == 2) vnni_rows<2>(M, codes, K, block, wt, buf, 2 * TILE, pf);
+    else vnni_rows<1>(M, codes, K, block, wt, buf, 2 * TILE, pf);
   });
   return y;
 }
