@@ -169,9 +169,12 @@ def padded_k(k: int) -> int:
     return -(-k // K_ALIGN) * K_ALIGN
 
 
-def act_block(kp: int) -> int:
-    """k per activation scale of the int8 kernel for packed width `kp`: the largest of 256, 192,
-    128, 64 that divides it (csrc/cpu_kernels.h: act_block)."""
+def act_block(kp: int, act_bits: int = 16) -> int:
+    """k per activation scale of the int8 kernel for packed width `kp`: for int16 codes the
+    largest of 256, 192, 128, 64 that divides it, for int8 codes (act_bits 8) 64
+    (csrc/cpu_kernels.h: act_block)."""
+    if act_bits == 8:
+        return K_ALIGN
     return next(b for b in (256, 192, 128, K_ALIGN) if kp % b == 0)
 
 
@@ -306,11 +309,11 @@ def quantize_activations_reference(x: Tensor, block: int | None = None, act_bits
     """What the integer kernels do to their input first: float32 [M, K] -> int16 codes [M, Kp]
     and float32 scales [M, Kp/block], q = rint(x * (qmax / amax)) per block of k with qmax =
     `act_qmax(act_bits)` (32767, or 127 for int8 codes) (default block: the int8 kernel's
-    `act_block(Kp)`; a block with amax <= 1e-30 -> codes and scale 0), K padded with zeros to
+    `act_block(Kp, act_bits)`; a block with amax <= 1e-30 -> codes and scale 0), K padded with zeros to
     Kp = `padded_k(K)`."""
     x = _pad_k(x)
     M, K = x.shape
-    block = act_block(K) if block is None else block
+    block = act_block(K, act_bits) if block is None else block
     qmax = torch.tensor(act_qmax(act_bits))
     blocks = x.float().view(M, K // block, block)
     amax = blocks.abs().amax(-1, keepdim=True)
@@ -331,7 +334,7 @@ def _kernel_activations(x: Tensor, block: int | None = None, act_bits: int = 16)
 
 def quantized_activations(x: Tensor, act_bits: int) -> Tensor:
     """x [M, K] float32 rounded to the codes the int8 kernel multiplies (per block of
-    `act_block(padded_k(K))`), as float32: what a tier without kernels feeds its product."""
+    `act_block(padded_k(K), act_bits)`), as float32: what a tier without kernels feeds its product."""
     return _kernel_activations(x, None, act_bits).float()
 
 

@@ -8,10 +8,10 @@ model dtype.
 
 * w8a16: int8, one symmetric scale per output channel (scale = max|w_row| / 127).
 * w8a8_int8: the same int8 weights; the activations of every int8 linear are quantised to int8
-  codes per row and block of k (192-256) on the fly, so that AVX-512 VNNI multiplies 4 k per
-  instruction and row instead of 2 (multi-row products ~2x faster; docs/KERNELS.md). SGLang's
-  `w8a8_int8` scales activations per token; per block costs half its logprob error here
-  (docs/PERFORMANCE.md).
+  codes per row and block of 64 k on the fly, so that AVX-512 VNNI multiplies 4 k per
+  instruction and row instead of 2 (multi-row products ~1.6x faster; docs/KERNELS.md). SGLang's
+  `w8a8_int8` scales activations per token; blocks of 64 have less than half its logprob error
+  on the bundled model (docs/PERFORMANCE.md).
 * w4a16: int4, groups of 32 along K with a scale and a low value per group (asymmetric;
   llama.cpp's Q4_1 arrangement).
 

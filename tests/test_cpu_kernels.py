@@ -65,7 +65,7 @@ def test_w8_linear_activation_rounding_is_small(act_bits: int) -> None:
     wd = w.double() * scale.double()[:, None]
     exact = x.double() @ wd.T
     y = ck.w8_linear(x, ck.pack_w8(w), scale, act_bits=act_bits)
-    block, qmax = ck.act_block(576), ck.act_qmax(act_bits)
+    block, qmax = ck.act_block(576, act_bits), ck.act_qmax(act_bits)
     step = x.abs().view(3, -1, block).amax(-1).double().repeat_interleave(block, 1) / qmax  # [3, 576]
     bound = (step / 2) @ wd.abs().T + 1e-6 * exact.abs().max()
     assert bool(((y.double() - exact).abs() <= bound).all())

@@ -107,7 +107,7 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
 
-  const int64_t block = act_block(K);
+  const int64_t block = act_block(K, act_bits);
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / block));
   // int8 codes (w8a8_int8) are int16 codes in -127..127 here: the same exact block sums as the

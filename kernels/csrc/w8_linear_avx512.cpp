@@ -259,7 +259,7 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   if (M == 0 || N == 0) return y;
   const int8_t* wp = w.data_ptr<int8_t>();
 
-  const int64_t block = act_block(K), nb = K / block;
+  const int64_t block = act_block(K, act_bits), nb = K / block;
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * nb);
   quantise_rows(x.data_ptr<float>(), M, x.size(1), block, xq.data(), xs.data(), nullptr, act_qmax(act_bits));
