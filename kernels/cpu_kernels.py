@@ -51,12 +51,14 @@ from .cpu_isa import IsaUnavailable
 log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
-_COMMON = (CSRC / "bind.cpp", CSRC / "quantise.cpp", CSRC / "w4_linear.cpp", CSRC / "cpu_ops.cpp",
-           CSRC / "decoder_layer.cpp", CSRC / "top_logprobs.cpp")
-# each tier's build: the common sources and its int8 kernel (the amx build's macro adds AMX tiles)
-SOURCES = {"avx2": (*_COMMON, CSRC / "w8_linear.cpp"),
-           "avx512": (*_COMMON, CSRC / "w8_linear_avx512.cpp"),
-           "amx": (*_COMMON, CSRC / "w8_linear_avx512.cpp")}
+_COMMON = (CSRC / "bind.cpp", CSRC / "quantise.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp",
+           CSRC / "top_logprobs.cpp")
+# each tier's build: the common sources and its int8 and int4 kernels (the amx build's macro adds
+# AMX tiles to the int8 one)
+_AVX512 = (*_COMMON, CSRC / "w8_linear_avx512.cpp", CSRC / "w4_linear_avx512.cpp")
+SOURCES = {"avx2": (*_COMMON, CSRC / "w8_linear.cpp", CSRC / "w4_linear.cpp"),
+           "avx512": _AVX512,
+           "amx": _AVX512}
 HEADERS = (CSRC / "cpu_kernels.h", CSRC / "simd.h", CSRC / "tile_driver.h")
 DISABLE_ENV = cpu_isa.DISABLE_ENV
 NO_MASK = torch.empty(0, dtype=torch.bool)  # `mask` argument meaning "causal by index"
@@ -159,9 +161,9 @@ def unsupported_reason() -> str | None:
 
 K_ALIGN = 64  # packed weights are zero-padded along K to a multiple of this (csrc/cpu_kernels.h)
 W4_GROUP = 32  # k per scale of the int4 weights, and per activation scale of the int4 kernel
-# output channels per tile of each tier's int8 layout; the int4 layout has tiles of 8 everywhere
+# output channels per tile of each tier's int8 and int4 layouts
 W8_TILE = {"avx2": 8, "avx512": 16, "amx": 16}
-W4_TILE = 8
+W4_TILE = {"avx2": 8, "avx512": 16, "amx": 16}
 
 
 def padded_k(k: int) -> int:
@@ -195,6 +197,14 @@ def w8_tile(isa: str | None = None) -> int:
     if isa not in W8_TILE:
         raise ValueError(f"tier {isa!r} has no packed int8 layout")
     return W8_TILE[isa]
+
+
+def w4_tile(isa: str | None = None) -> int:
+    """Output channels per tile of the int4 layout of `isa` (default: the active tier)."""
+    isa = active_isa() if isa is None else isa
+    if isa not in W4_TILE:
+        raise ValueError(f"tier {isa!r} has no packed int4 layout")
+    return W4_TILE[isa]
 
 
 def pack_w8(w: Tensor, isa: str | None = None) -> Tensor:
@@ -253,33 +263,38 @@ def top_logprobs_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals, idx
 
 
-def pack_w4(q: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+def pack_w4(q: Tensor, scale: Tensor, low: Tensor, isa: str | None = None) -> tuple[Tensor, Tensor]:
     """Codes q [N, K] in 0..15 with w = scale * q + low per group of 32 along K (scale, low
-    [N, K/32], K % 32 == 0: pad the weight before quantising) -> the kernel's (wq uint8
-    [N8, K/2], ws float16 [N8/8, K/32, 2, 8]). Per tile of 8 channels and 4 k: 16 bytes, low
-    nibbles the (k, k+1) pair group of `pack_w8`'s layout, high nibbles the (k+2, k+3) group."""
+    [N, K/32], K % 64 == 0: pad the weight before quantising) -> tier `isa`'s (default: the
+    active tier's) int4 layout: wq uint8 [Nt, K/2], ws float16 [Nt/t, K/32, 2, t] with t =
+    `w4_tile(isa)` channels per tile (8 on avx2, 16 on avx512/amx) and Nt = N rounded up to t.
+    Per tile and 4 k: 2t bytes, byte 2c + j = q[c, k + j] | q[c, k + 2 + j] << 4 (j = 0, 1): on
+    avx2 the low nibbles are `pack_w8`'s (k, k+1) pair group and the high ones the (k+2, k+3)
+    group; on avx512 one zero-extension gives `vpdpwssd` the pairs of 16 channels."""
     N, K = q.shape
     if K % K_ALIGN:
         raise ValueError(f"int4 codes must be {K_ALIGN}-aligned along K, got K={K} (pad the weight first)")
-    pairs = pack_w8(q.to(torch.int8), "avx2").view(torch.uint8)  # [N8, K]
-    n8 = pairs.shape[0]
-    groups = pairs.view(n8 // W4_TILE, K // 4, 2, 16)  # per 4 k: the (k, k+1) and (k+2, k+3) groups
-    wq = (groups[:, :, 0] | (groups[:, :, 1] << 4)).contiguous().view(n8, K // 2)
+    tile = w4_tile(isa)
+    qt = _pad_n(q.to(torch.uint8), tile)
+    nt = qt.shape[0]
+    qv = qt.view(nt // tile, tile, K // 4, 2, 2)  # [tiles, c, k/4, (k | k+2), j]
+    byte = qv[:, :, :, 0, :] | (qv[:, :, :, 1, :] << 4)  # [tiles, c, k/4, j]
+    wq = byte.permute(0, 2, 1, 3).contiguous().view(nt, K // 2)
     sl = torch.stack([scale.float(), low.float()])  # [2, N, K/32]
-    if n8 != N:
-        sl = torch.cat([sl, sl.new_zeros(2, n8 - N, K // W4_GROUP)], dim=1)
-    ws = sl.view(2, n8 // W4_TILE, W4_TILE, K // W4_GROUP).permute(1, 3, 0, 2).to(torch.float16).contiguous()
+    if nt != N:
+        sl = torch.cat([sl, sl.new_zeros(2, nt - N, K // W4_GROUP)], dim=1)
+    ws = sl.view(2, nt // tile, tile, K // W4_GROUP).permute(1, 3, 0, 2).to(torch.float16).contiguous()
     return wq, ws
 
 
-def unpack_w4(wq: Tensor, ws: Tensor, n: int, k: int | None = None) -> Tensor:
-    """The float32 [n, k] weight the kernel multiplies by: scale * q + low (float16 scales)."""
-    n8, half_k = wq.shape
+def unpack_w4(wq: Tensor, ws: Tensor, n: int, k: int | None = None, isa: str | None = None) -> Tensor:
+    """The float32 [n, k] weight tier `isa`'s kernel multiplies by: scale * q + low (float16 scales)."""
+    tile = w4_tile(isa)
+    nt, half_k = wq.shape
     K = half_k * 2
-    groups = torch.stack([(wq & 0x0F).view(n8 // W4_TILE, K // 4, 16),
-                          (wq >> 4).view(n8 // W4_TILE, K // 4, 16)], dim=2)  # [tiles, K/4, 2, 16]
-    q = unpack_w8(groups.reshape(n8, K).view(torch.int8), n, isa="avx2").float()
-    sl = ws.float().permute(2, 0, 3, 1).reshape(2, n8, K // W4_GROUP)[:, :n]  # [2, n, K/32]
+    byte = wq.view(nt // tile, K // 4, tile, 2).permute(0, 2, 1, 3)  # [tiles, c, k/4, j]
+    q = torch.stack([byte & 0x0F, byte >> 4], dim=3).reshape(nt, K)[:n].float()  # [n, K]: (k | k+2), j
+    sl = ws.float().permute(2, 0, 3, 1).reshape(2, nt, K // W4_GROUP)[:, :n]  # [2, n, K/32]
     w = q * sl[0].repeat_interleave(W4_GROUP, 1) + sl[1].repeat_interleave(W4_GROUP, 1)
     return w[:, : K if k is None else k]
 

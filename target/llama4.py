@@ -185,7 +185,7 @@ def _linear_args(module: nn.Module) -> tuple[Tensor, Tensor, int | None] | None:
     qw = getattr(module, "qw", None)
     if qw is not None and getattr(module, "bias", None) is None and qw.packed:
         if qw.scheme == "w4a16":
-            if qw.out_features % cpu_kernels.W4_TILE:
+            if qw.out_features % cpu_kernels.w4_tile(qw.kernel):
                 return None  # the fused layer reads N from the packed int4 rows: no padding allowed
             return qw.qweight, qw.scale, None
         return qw.qweight, qw.scale, qw.act_bits

@@ -121,7 +121,7 @@ class QuantWeight(nn.Module):
             q = cpu_kernels.unpack_w8(self.qweight, N, K) if self.packed else self.qweight[:, :K]
             return q.float() * self.scale[:, None]
         if self.packed:
-            return cpu_kernels.unpack_w4(self.qweight, self.scale, N, K)
+            return cpu_kernels.unpack_w4(self.qweight, self.scale, N, K, isa=self.kernel)
         Kp = self.qweight.shape[1]
         q = self.qweight.float().view(N, Kp // W4_GROUP, W4_GROUP)
         return ((q - 8.0) * self.scale[..., None] + self.zero[..., None]).view(N, Kp)[:, :K]

@@ -106,6 +106,8 @@ def _w4(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     # the logical weight: scale * q + low with float16 scale and low
     expect = q.float() * scale.half().float().repeat_interleave(32, 1) + low.half().float().repeat_interleave(32, 1)
     assert torch.equal(ck.unpack_w4(wq, ws, N), expect)
+    for isa in ck.W4_TILE:  # every tier's layout round-trips, whichever tier runs
+        assert torch.equal(ck.unpack_w4(*ck.pack_w4(q, scale, low, isa), N, isa=isa), expect)
     return wq, ws
 
 
@@ -113,7 +115,7 @@ def _w4(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(("N", "K"), [(8, 64), (13, 128), (960, 576), (576, 1536)])
 def test_w4_linear(M: int, N: int, K: int) -> None:
     wq, ws = _w4(N, K, seed=N + K)
-    assert wq.shape == (-(-N // 8) * 8, K // 2)
+    assert wq.shape == (-(-N // ck.w4_tile()) * ck.w4_tile(), K // 2)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     b = torch.randn(N)
     _close(ck.w4_linear(x, wq, ws, N, b), ck.w4_linear_reference(x, wq, ws, N, b))

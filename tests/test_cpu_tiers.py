@@ -154,3 +154,24 @@ def test_every_tier_computes_the_same_int8_product_bitwise() -> None:
                 ys = {isa: m.w8_linear(x, cpu_kernels.pack_w8(w, isa), scale, bias, bits) for isa, m in modules.items()}
                 first = ys[tiers[0]]
                 assert all(torch.equal(first, y) for y in ys.values()), (N, K, M, bits)
+
+
+def test_every_tier_computes_the_same_int4_product_bitwise() -> None:
+    """The int4 kernels of all tiers (AVX2's vpmaddwd over tiles of 8 channels, AVX-512's vpdpwssd
+    over tiles of 16) take exact int32 group sums and the same float steps: equal results, bit
+    for bit, on each tier's own layout of the same codes."""
+    tiers = [isa for isa in cpu_isa.supported_isas() if isa in cpu_kernels.W4_TILE]
+    if len(tiers) < 2:
+        pytest.skip(f"this machine runs only {tiers}")
+    modules = {isa: cpu_kernels.build(isa) for isa in tiers}
+    g = torch.Generator().manual_seed(1)
+    for N, K in [(960, 576), (576, 1536), (33, 128), (7, 64)]:
+        q = torch.randint(0, 16, (N, K), generator=g)
+        scale, low = torch.rand(N, K // 32, generator=g) * 0.02, -torch.rand(N, K // 32, generator=g) * 0.15
+        packed = {isa: cpu_kernels.pack_w4(q, scale, low, isa) for isa in tiers}
+        bias = torch.randn(N, generator=g)
+        for M in (1, 3, 4, 5, 16, 17):
+            x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 4
+            ys = {isa: m.w4_linear(x, *packed[isa], N, bias) for isa, m in modules.items()}
+            first = ys[tiers[0]]
+            assert all(torch.equal(first, y) for y in ys.values()), (N, K, M)

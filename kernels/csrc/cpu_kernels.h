@@ -47,8 +47,14 @@ W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                      const at::Tensor& bias, int64_t act_bits);
 
-// w4_linear.cpp: y = x w^T + bias with w[n, k] = scale[n, g] * q[n, k] + low[n, g] (g = k / 32,
-// q in 0..15); wq uint8 [N8, Kp/2] and ws float16 [N8/8, Kp/32, 2, 8] in pack_w4 layout
+// quantise.cpp: the int4 kernel's input checks (either tier's layout, `tile` channels per tile);
+// returns {M, Kp, N, has_bias}
+W8Shape check_w4_args(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t N,
+                      const at::Tensor& bias, int64_t tile);
+
+// w4_linear*.cpp: y = x w^T + bias with w[n, k] = scale[n, g] * q[n, k] + low[n, g] (g = k / 32,
+// q in 0..15); wq uint8 [N_t, Kp/2] and ws float16 [N_t/t, Kp/32, 2, t] in the tier's pack_w4
+// layout (t = 8 channels per tile on avx2, 16 on avx512/amx; N_t = N rounded up to t)
 at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t N,
                      const at::Tensor& bias);
 

@@ -1,4 +1,4 @@
-// What the integer linear kernels of every tier share: the input checks of the int8 kernel, and
+// What the integer linear kernels of every tier share: the input checks of the int8 and int4 kernels, and
 // the activation side: rows of float32 x quantised to int16 codes with one float scale per
 // block of k (reference: quantize_activations_reference in kernels/cpu_kernels.py).
 
@@ -68,5 +68,24 @@ W8Shape check_w8_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
               "w8_linear: bias must be float32 [N] or empty");
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "w8_linear: act_bits must be 8 or 16, got ", act_bits);
+  return {M, K, N, has_bias};
+}
+
+W8Shape check_w4_args(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t N,
+                      const at::Tensor& bias, int64_t tile) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "w4_linear: x must be a contiguous float32 [M, K] tensor");
+  const int64_t M = x.size(0), K = padded_k(x.size(1));
+  const int64_t nt = (N + tile - 1) / tile * tile;
+  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.is_contiguous() && wq.dim() == 2 && wq.size(0) == nt &&
+                  wq.size(1) == K / 2,
+              "w4_linear: wq must be a contiguous uint8 [", nt, ", ", K / 2, "] tensor in pack_w4 layout (x has K=",
+              K, ")");
+  TORCH_CHECK(ws.scalar_type() == at::kHalf && ws.is_contiguous() && ws.numel() == nt / tile * (K / kW4Group) * 2 * tile,
+              "w4_linear: ws must be contiguous float16 [N", tile, "/", tile, ", K/32, 2, ", tile,
+              "] scales in pack_w4 layout");
+  const bool has_bias = bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
+              "w4_linear: bias must be float32 [N] or empty");
   return {M, K, N, has_bias};
 }

@@ -1,4 +1,5 @@
-// Weight-only int4 linear for small row counts on x86 CPUs with AVX2 + F16C (every tier).
+// Weight-only int4 linear for small row counts: the AVX2 tier (the avx512 and amx tiers build
+// w4_linear_avx512.cpp instead, with the same arithmetic and so the same results).
 //
 //   y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n]),  w[n, k] = scale[n, g] * q[n, k] + low[n, g]
 //   (g = k / 32, q in 0..15: llama.cpp's Q4_1 arrangement, 4 bits + two float16 per 32 weights)
@@ -102,19 +103,9 @@ void rows4(int64_t M, const Rows& x, int64_t K, const uint8_t* wq, const at::Hal
 
 at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& ws, int64_t N,
                      const at::Tensor& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "w4_linear: x must be a contiguous float32 [M, K] tensor");
-  const int64_t M = x.size(0), K = padded_k(x.size(1));
-  const int64_t n8 = (N + TILE - 1) / TILE * TILE;
-  TORCH_CHECK(wq.scalar_type() == at::kByte && wq.is_contiguous() && wq.dim() == 2 && wq.size(0) == n8 &&
-                  wq.size(1) == K / 2,
-              "w4_linear: wq must be a contiguous uint8 [", n8, ", ", K / 2, "] tensor in pack_w4 layout (x has K=",
-              K, ")");
-  TORCH_CHECK(ws.scalar_type() == at::kHalf && ws.is_contiguous() && ws.numel() == n8 / TILE * (K / BLOCK) * 2 * TILE,
-              "w4_linear: ws must be contiguous float16 [N8/8, K/32, 2, 8] scales in pack_w4 layout");
-  const bool has_bias = bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == N),
-              "w4_linear: bias must be float32 [N] or empty");
+  const W8Shape sh = check_w4_args(x, wq, ws, N, bias, TILE);
+  const int64_t M = sh.M, K = sh.Kp, n8 = wq.size(0);
+  const bool has_bias = sh.has_bias;
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const float* xp = x.data_ptr<float>();
