@@ -79,6 +79,22 @@ inline __m512i bcast4(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// 4 k of NT adjacent tiles: their 64-byte weight vectors into wv, and sum w added into wsum (VNNI
+// on ones); the next pair's matching lines prefetched into L2 first (pf null: none)
+template <int NT>
+inline void load_weights(const int8_t* w, int64_t tile_bytes, int64_t k, const int8_t* pf, __m512i* wv,
+                         __m512i* wsum) {
+  if (pf != nullptr) {
+    _mm_prefetch(reinterpret_cast<const char*>(pf + k * TILE), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(pf + tile_bytes + k * TILE), _MM_HINT_T1);
+  }
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int t = 0; t < NT; ++t) {
+    wv[t] = _mm512_loadu_si512(w + t * tile_bytes + k * TILE);
+    wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv[t]);
+  }
+}
+
 // MT rows x NT adjacent tiles with VNNI: out[m][t*16 + j] = sum_b s[m][b] * (block b's int32 sum)
 // pf: the next tile pair's weights (2 x 16 x K bytes), prefetched into L2 while this pair computes
 // (one 64-byte line per tile and 4 k, as fast as this pair is read), null: no prefetch
@@ -87,7 +103,6 @@ inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w,
                       const int8_t* pf) {
   const int64_t nb = K / block;
   const int64_t tile_bytes = TILE * K;
-  const __m512i ones = _mm512_set1_epi8(1);
   __m512 facc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int t = 0; t < NT; ++t) facc[m][t] = _mm512_setzero_ps();
@@ -97,15 +112,8 @@ inline void vnni_tile(const Codes& x, int64_t K, int64_t block, const int8_t* w,
     for (int m = 0; m < MT; ++m)
       for (int t = 0; t < NT; ++t) ahi[m][t] = alo[m][t] = _mm512_setzero_si512();
     for (int64_t k = b * block; k < (b + 1) * block; k += 4) {
-      if (pf != nullptr) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + k * TILE), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(pf + tile_bytes + k * TILE), _MM_HINT_T1);
-      }
       __m512i wv[NT];
-      for (int t = 0; t < NT; ++t) {
-        wv[t] = _mm512_loadu_si512(w + t * tile_bytes + k * TILE);
-        wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv[t]);
-      }
+      load_weights<NT>(w, tile_bytes, k, pf, wv, wsum);
       for (int m = 0; m < MT; ++m) {
         const __m512i h = bcast4(x.hi + m * K + k), l = bcast4(x.lo + m * K + k);
         for (int t = 0; t < NT; ++t) {
@@ -146,7 +154,6 @@ inline void vnni8_tile(const uint8_t* u, const float* xs, int64_t K, int64_t blo
                        int64_t ldo, const int8_t* pf) {
   const int64_t nb = K / block;
   const int64_t tile_bytes = TILE * K;
-  const __m512i ones = _mm512_set1_epi8(1);
   __m512 facc[MT][NT];
   for (int m = 0; m < MT; ++m)
     for (int t = 0; t < NT; ++t) facc[m][t] = _mm512_setzero_ps();
@@ -156,15 +163,8 @@ inline void vnni8_tile(const uint8_t* u, const float* xs, int64_t K, int64_t blo
     for (int m = 0; m < MT; ++m)
       for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_si512();
     for (int64_t k = b * block; k < (b + 1) * block; k += 4) {
-      if (pf != nullptr) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + k * TILE), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(pf + tile_bytes + k * TILE), _MM_HINT_T1);
-      }
       __m512i wv[NT];
-      for (int t = 0; t < NT; ++t) {
-        wv[t] = _mm512_loadu_si512(w + t * tile_bytes + k * TILE);
-        wsum[t] = _mm512_dpbusd_epi32(wsum[t], ones, wv[t]);
-      }
+      load_weights<NT>(w, tile_bytes, k, pf, wv, wsum);
       for (int m = 0; m < MT; ++m) {
         const __m512i a = bcast4(u + m * K + k);
         for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_dpbusd_epi32(acc[m][t], a, wv[t]);
