@@ -20,7 +20,7 @@ import sys
 import torch
 
 from specdec.kernels import cpu_kernels as ck
-from specdec.target.quant import QuantWeight
+from specdec.target.quant import QUANTIZATION_CHOICES, W8_SCHEMES, QuantWeight
 
 MS = tuple(range(0, 65))
 KS = (8, 16, 24, 32, 40, 48, 64, 72, 100, 576)
@@ -33,7 +33,7 @@ def reference(qw: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     if not qw.packed:  # w8a8_int8 multiplies the int8 activation codes, as the kernels do
         xin = ck.quantized_activations(x, 8) if qw.act_bits == 8 else x
         return (xin.double() @ qw.dequantized().double().T).float()
-    if qw.scheme in ("w8a16", "w8a8_int8"):
+    if qw.scheme in W8_SCHEMES:
         q = ck.unpack_w8(qw.qweight, qw.out_features, qw.in_features)
         return ck.w8_linear_reference(x, q, qw.scale, act_bits=qw.act_bits)
     return ck.w4_linear_reference(x, qw.qweight, qw.scale, qw.out_features)
@@ -43,7 +43,7 @@ def sweep() -> dict[str, object]:
     torch.set_num_threads(1)
     failures: list[str] = []
     checked = 0
-    for scheme in ("w8a16", "w8a8_int8", "w4a16"):
+    for scheme in QUANTIZATION_CHOICES:
         for K in KS:
             for N in NS:
                 g = torch.Generator().manual_seed(K * 1000 + N)
