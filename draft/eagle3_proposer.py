@@ -75,6 +75,7 @@ class Eagle3Proposer(Proposer):
         self.device = pool.k[0].device
         hot = torch.arange(draft.cfg.draft_vocab_size, device=self.device)
         self.hot_ids = draft.to_target_ids(hot).cpu()  # [Vd]; tree building runs on the CPU
+        self._hot_bits: tuple[Tensor, Tensor] | None = None  # structured outputs: (word, bit) per draft id
 
     def _batch(self, seqs: list[SeqAttnMeta], out_slots: list[Tensor]) -> ForwardBatch:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
@@ -120,6 +121,23 @@ class Eagle3Proposer(Proposer):
         full[self.hot_ids] = processed_probs(draft_logits[None], [req.params])[0]
         return full
 
+    def _grammar_masked(self, req: Req, path: list[int], draft_logits: Tensor) -> Tensor:
+        """Draft logits [Vd] after the root plus `path`, with the tokens the request's grammar
+        refuses there at -inf (unchanged without a grammar, or where it allows no draft token:
+        such a node's children are refused in verification anyway)."""
+        if req.grammar is None:
+            return draft_logits
+        mask = req.grammar.bitmask_after(path)
+        if mask is None:
+            return draft_logits
+        if self._hot_bits is None:  # where each draft token's target id sits in a bitmask
+            self._hot_bits = (self.hot_ids >> 5, (self.hot_ids & 31).to(torch.int32))
+        words, bits = self._hot_bits
+        allowed = ((mask[0, words] >> bits) & 1).bool()  # [Vd]
+        if not bool(allowed.any()):
+            return draft_logits
+        return draft_logits.masked_fill(~allowed, float("-inf"))
+
     def _copy_chain(self, req: Req, budget: int) -> tuple[list[int], int]:
         """`--speculative-ngram-merge`: the continuation of the request's final n-gram found
         earlier in its own prompt and output (up to `budget` tokens), and the matched n."""
@@ -140,7 +158,7 @@ class Eagle3Proposer(Proposer):
         greedy = [r.params.is_greedy for r in reqs]
         # the roots' children of every greedy request in one log-softmax + top-k
         kmax = max((sh.topk for sh, g in zip(shapes, greedy, strict=True) if g), default=0)
-        roots = [r.spec_state.logits for r, g in zip(reqs, greedy, strict=True) if g]
+        roots = [self._grammar_masked(r, [], r.spec_state.logits) for r, g in zip(reqs, greedy, strict=True) if g]
         root_kids = iter(zip(*top_children(torch.stack(roots), kmax, self.hot_ids), strict=True)) if roots else None
         for req, shape, is_greedy, (chain, n) in zip(reqs, shapes, greedy, chains, strict=True):
             assert shape.speculates and shape.fits(self.spec.envelope), shape
@@ -157,7 +175,7 @@ class Eagle3Proposer(Proposer):
                 reserve = min(len(chain), (shape.num_draft_tokens - 1) // 2) if n >= MIN_SAMPLED_COPY_MATCH else 0
                 sb = SampledTreeBuilder(root, shape.num_steps, shape.topk, shape.num_draft_tokens - 1 - reserve,
                                         self.vocab_size, req.generator)
-                sb.add_children(0, self._target_probs(req, state.logits))
+                sb.add_children(0, self._target_probs(req, self._grammar_masked(req, [], state.logits)))
                 builders.append(sb)
                 frontier.append(sb.expandable(1))
             hidden.append({-1 if is_greedy else 0: state.hidden})  # the root's key
@@ -169,6 +187,10 @@ class Eagle3Proposer(Proposer):
             if not jobs:
                 break
             out_hidden, logits = self._forward_nodes(reqs, jobs)
+            for j, job in enumerate(jobs):  # structured outputs: draft only what the grammar allows
+                if reqs[job.req].grammar is not None:
+                    logits[j] = self._grammar_masked(reqs[job.req], _path_tokens(builders[job.req], job.node),
+                                                     logits[j])
             rows = [j for j, job in enumerate(jobs) if greedy[job.req]]
             kids = iter(zip(*top_children(logits[rows], kmax, self.hot_ids), strict=True)) if rows else None
             per_req_new: list[list[int]] = [[] for _ in reqs]
@@ -252,3 +274,17 @@ class Eagle3Proposer(Proposer):
         positions = torch.cat([s.q_positions for s in seqs])
         out = self.draft(ids.to(self.device), feats, positions.to(self.device), self._batch(seqs, out_slots))
         return out.hidden, self.draft.draft_logits(out.logits_hidden).cpu()
+
+
+def _path_tokens(b: GreedyTreeBuilder | SampledTreeBuilder, node: int) -> list[int]:
+    """The draft tokens from below the root down to `node`, both builders' bookkeeping."""
+    path: list[int] = []
+    if isinstance(b, GreedyTreeBuilder):
+        while node != -1:
+            path.append(b.cands[node].token)
+            node = b.cands[node].parent
+    else:
+        while node > 0:
+            path.append(b.tokens[node])
+            node = b.parents[node]
+    return path[::-1]

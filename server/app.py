@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.engine_loop import Update
+from specdec.grammar import GRAMMAR_FIELDS
 from specdec.sampling_params import SamplingParams
 
 from .metrics_text import prometheus_text
@@ -241,6 +242,8 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
                                     body.top_logprobs_num, rid=body.rid if single and body.rid else None)
                 for ids in batch]
     except ValueError as e:
+        if str(e).startswith(GRAMMAR_FIELDS):  # json_schema / regex / ebnf did not compile
+            raise ApiError(400, str(e), "sampling_params") from e
         raise ApiError(400, str(e), "text" if body.text is not None else "input_ids") from e
     try:
         queues = [state.loop.submit(r) for r in reqs]

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from specdec.engine_loop import Update
+from specdec.grammar import GRAMMAR_FIELDS
 from specdec.request import LogprobEntry, Req
 from specdec.sampling_params import SamplingParams
 
@@ -66,12 +67,36 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
         "seed": body.seed,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
+        "json_schema": response_schema(getattr(body, "response_format", None)),
     }
     try:
         return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
     except ValueError as e:  # the message starts with the field's name: name the request's field
         field = next((k for k in sorted(fields, key=len, reverse=True) if str(e).startswith(k)), None)
-        raise ApiError(400, str(e), "max_tokens" if field == "max_new_tokens" else field) from e
+        raise ApiError(400, str(e), {"max_new_tokens": "max_tokens", "json_schema": "response_format"}.get(field or "", field)) from e
+
+
+def response_schema(fmt: Any) -> str | None:
+    """OpenAI's response_format -> the json_schema sampling parameter (text: None). json_object
+    is any JSON object, as SGLang maps it."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise ApiError(400, "response_format must be an object", "response_format")
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format json_schema needs json_schema.schema, a JSON Schema object",
+                           "response_format")
+        return msgspec.json.encode(schema).decode()
+    raise ApiError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                   "response_format")
 
 
 def refuse_unsupported(body: Any) -> None:
@@ -82,10 +107,6 @@ def refuse_unsupported(body: Any) -> None:
     choice = getattr(body, "tool_choice", None)
     if choice not in (None, "none", "auto"):
         raise ApiError(400, "tool_choice needs tools, which are not supported yet", "tool_choice")
-    fmt = getattr(body, "response_format", None)
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise ApiError(400, f"response_format {fmt.get('type')!r} is not supported yet (only 'text')",
-                       "response_format")
     if getattr(body, "logit_bias", None):
         raise ApiError(400, "logit_bias is not supported yet", "logit_bias")
     if getattr(body, "suffix", None):
@@ -99,6 +120,8 @@ def make_request(state: ServerState, ids: list[int], params: SamplingParams, pre
     try:
         return state.engine.make_request(ids, params, rid=f"{prefix}-{uuid.uuid4().hex}", **kw)
     except ValueError as e:
+        if str(e).startswith(GRAMMAR_FIELDS):  # the schema / grammar did not compile
+            raise ApiError(400, str(e), "response_format") from e
         raise ApiError(400, str(e), "messages" if prefix == "chatcmpl" else "prompt") from e
 
 

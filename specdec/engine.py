@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ from specdec.target.loader import load_model
 from specdec.target.quant import quantize_model
 
 from .engine_config import EngineConfig
+from .grammar import GrammarBackend, RequestGrammar, grammar_spec
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator, available_memory_bytes, max_tokens_for_budget
@@ -112,6 +114,8 @@ class Engine:
             self.spec,
         )
         self._ids = itertools.count()
+        self._grammar: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()
         log.info("KV cache: %d tokens in pages of %d; context length %d",
                  self.max_total_tokens, page_size, self.context_length)
         if self.spec is not None and self.spec.spec.adaptive:
@@ -213,6 +217,7 @@ class Engine:
         if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= vocab:
             raise ValueError(f"top_logprobs_num must be an integer in [0, {vocab}] (the vocabulary); "
                              f"got {top_logprobs_num!r}")
+        grammar = self._request_grammar(params)
         from .page_allocator import PageTable
 
         return Req(
@@ -224,7 +229,23 @@ class Engine:
             return_logprob=return_logprob,
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
+            grammar=grammar,
         )
+
+    def grammar_backend(self) -> GrammarBackend:
+        """The structured-output backend, built on first use (it reads the whole vocabulary)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.tokenizer is None:
+                    raise ValueError("json_schema / regex / ebnf need the tokenizer: this engine was "
+                                     "started with skip_tokenizer_init")
+                self._grammar = GrammarBackend(self.tokenizer, self.model_config.vocab_size,
+                                               list(self.eos_token_ids))
+            return self._grammar
+
+    def _request_grammar(self, params: SamplingParams) -> RequestGrammar | None:
+        spec = grammar_spec(params)
+        return None if spec is None else self.grammar_backend().matcher(spec)
 
     def _normalise(
         self, prompt: Prompt, input_ids: InputIds, sampling_params: Any

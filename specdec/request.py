@@ -65,6 +65,8 @@ class Req:
     accept_stats: AcceptStats | None = None
     draft_pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     ngram_index: Any = None  # draft.ngram_merge.NgramIndex over all_ids (--speculative-ngram-merge)
+    # structured outputs: the grammar state over output_ids (specdec.grammar.RequestGrammar)
+    grammar: Any = None
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ when generation stops (token budget, stop strings, stop token ids, EOS).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -50,6 +51,10 @@ class SamplingParams:
         ignore_eos: Keep generating after the EOS token.
         seed: Seed of the request's private RNG (None = drawn from the global RNG).
         skip_special_tokens: Omit special tokens when detokenizing.
+        json_schema: Constrain the output to JSON matching this schema (a JSON object as text).
+        regex: Constrain the output to this regular expression.
+        ebnf: Constrain the output to this EBNF grammar (SGLang's / xgrammar's dialect, root
+            rule ``root``). At most one of the three; see specdec/grammar.py.
     """
 
     max_new_tokens: int = 128
@@ -65,6 +70,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -120,11 +128,29 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        given = [name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None]
+        for name in given:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} both constrain the output: pass at most one")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema must be a JSON object as a string: {e}") from e
+            if not isinstance(schema, dict):
+                raise ValueError("json_schema must be a JSON object as a string")
 
     @property
     def is_greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
+
+    @property
+    def constrained(self) -> bool:
+        """True when a grammar (json_schema, regex or ebnf) constrains the output."""
+        return self.json_schema is not None or self.regex is not None or self.ebnf is not None
 
     @property
     def has_penalties(self) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .grammar import apply_bitmask
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
@@ -206,6 +207,7 @@ class Scheduler:
 
     def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
         params = [r.params for r in batch]
+        logits = grammar_masked(batch, logits)
         if all(p.is_greedy for p in params) and not any(r.params.has_penalties for r in batch):
             return logits.argmax(dim=-1)
         if any(r.params.has_penalties for r in batch):
@@ -272,6 +274,8 @@ class Scheduler:
         if req.params.max_new_tokens == 0:
             self._finish(req, {"type": "length", "length": 0}, now)
             return
+        if req.grammar is not None and not req.grammar.accept(token):
+            raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
         req.output_ids.append(token)
         if req.return_logprob and logprobs is not None:
             entry, top = self._entries(logprobs, token, req.top_logprobs_num)
@@ -281,6 +285,8 @@ class Scheduler:
 
     def _check_finished(self, req: Req, token: int, now: float) -> None:
         p = req.params
+        if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token
+            return self._finish(req, {"type": "stop", "matched": token}, now)
         if not p.ignore_eos and token in self.eos_token_ids:
             return self._finish(req, {"type": "stop", "matched": token}, now)
         if token in p.stop_token_ids:
@@ -303,3 +309,15 @@ class Scheduler:
         self.metrics.requests_finished += 1
         self.metrics.prompt_tokens += req.prompt_len
         self.metrics.generation_tokens += req.output_len
+
+
+def grammar_masked(batch: Sequence[Req], logits: Tensor) -> Tensor:
+    """`logits` [B, V] with each constrained request's row masked to what its grammar allows
+    next (a copy when any row is constrained; the raw logits stay for logprobs)."""
+    rows = [i for i, r in enumerate(batch) if r.grammar is not None]
+    if not rows:
+        return logits
+    masks = torch.cat([batch[i].grammar.next_bitmask() for i in rows])  # [R, W]
+    out = logits.clone()
+    out[rows] = apply_bitmask(logits[rows], masks)
+    return out

@@ -26,12 +26,13 @@ from torch import Tensor
 from specdec.draft.proposer import Proposer
 
 from .accept_stats import AcceptStats, expected_accepted
+from .grammar import apply_bitmask
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .request import Req
 from .sampler import apply_penalties, processed_probs
 from .spec_config import SpecConfig
-from .tree import DraftTree, depths, path_to
+from .tree import DraftTree, depths, path_to, prune_tree
 from .tree_chooser import OnlineCosts, choose_shapes
 from .tree_shape import TreeShape, candidate_shapes
 from .verify import VerifyResult, verify_greedy, verify_stochastic
@@ -158,9 +159,12 @@ class SpecDecoder:
         shapes = [r.spec_shape or self.spec.envelope for r in reqs]
         accepted_total = 0
         trees: list[DraftTree] = []
+        masks: list[Tensor | None] = []  # constrained requests: the grammar's mask at every node
         for r in reqs:
             assert r.draft_tree is not None, f"request {r.rid} has no draft tree"
-            trees.append(r.draft_tree)
+            tree, mask = constrain_tree(r, r.draft_tree)
+            trees.append(tree)
+            masks.append(mask)
         out = self.runner.verify_trees(reqs, trees, self.capture_layers)
         logits = self.runner.logits(out.hidden)  # [sum N, vocab]
         want_lp = any(r.return_logprob for r in reqs)
@@ -172,12 +176,12 @@ class SpecDecoder:
         next_reqs: list[Req] = []
         starts: list[int] = []
         feats: list[Tensor | None] = []
-        for req, tree, q0 in zip(reqs, trees, out.q_starts, strict=True):
+        for req, tree, mask, q0 in zip(reqs, trees, masks, out.q_starts, strict=True):
             rows = slice(q0, q0 + tree.size)
             if argmax is not None and _plain_greedy(req):
                 result = verify_greedy(tree, argmax[rows])
             else:
-                result = self._verify_one(req, tree, logits[rows])
+                result = self._verify_one(req, tree, logits[rows], mask)
             path = [0, *result.accepted]
             c = req.num_cached
             self._commit_kv(req, c, path)
@@ -216,13 +220,16 @@ class SpecDecoder:
             drafted = [r.spec_shape or self.spec.envelope for r in next_reqs]
             self.costs.observe(shapes, drafted, float(accepted_total), 1000.0 * (time.perf_counter() - t0))
 
-    def _verify_one(self, req: Req, tree: DraftTree, logits: Tensor) -> VerifyResult:
-        """logits [N, vocab]: the target's scores after each tree node."""
+    def _verify_one(self, req: Req, tree: DraftTree, logits: Tensor, mask: Tensor | None = None) -> VerifyResult:
+        """logits [N, vocab]: the target's scores after each tree node; mask [N, W]: the
+        grammar's bitmask after each node (constrained requests)."""
         p = req.params
         if p.has_penalties:
             # penalties see the output so far plus the node's own path
             outs = [req.output_ids + [tree.tokens[n] for n in path_to(tree, i)[1:]] for i in range(tree.size)]
             logits = apply_penalties(logits, [p] * tree.size, [req.prompt_ids] * tree.size, outs)
+        if mask is not None:
+            logits = apply_bitmask(logits, mask)
         if p.is_greedy:
             return verify_greedy(tree, logits.argmax(dim=-1).tolist())
         probs = processed_probs(logits, [p] * tree.size)
@@ -241,5 +248,19 @@ class SpecDecoder:
 
 
 def _plain_greedy(req: Req) -> bool:
-    """Greedy without penalties: verification needs only the argmax of each node's logits."""
-    return req.params.is_greedy and not req.params.has_penalties
+    """Greedy without penalties or grammar: verification needs only each node's raw argmax."""
+    return req.params.is_greedy and not req.params.has_penalties and req.grammar is None
+
+
+def constrain_tree(req: Req, tree: DraftTree) -> tuple[DraftTree, Tensor | None]:
+    """A constrained request's tree and the grammar's mask at each of its nodes; nodes the
+    grammar refuses are pruned where the children are fixed candidates (see specdec/grammar.py:
+    lossless either way, pruning only saves their verify rows)."""
+    if req.grammar is None:
+        return tree, None
+    mask = req.grammar.tree_bitmask(tree)  # [N, W]
+    keep = req.grammar.valid_nodes(tree, mask)
+    if all(keep) or tree.draft_probs is not None:
+        return tree, mask
+    kept = [i for i, k in enumerate(keep) if k]
+    return prune_tree(tree, keep), mask[kept]

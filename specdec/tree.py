@@ -96,6 +96,42 @@ def path_to(tree: DraftTree, node: int) -> list[int]:
     return path[::-1]
 
 
+def first_child_next_sibling(tree: DraftTree) -> tuple[Tensor, Tensor]:
+    """The tree as two [N] int64 link arrays (SGLang's retrieve_next_token / _sibling):
+    node i's first child and its next sibling in node order, -1 where there is none."""
+    first = [-1] * tree.size
+    sibling = [-1] * tree.size
+    last_child = [-1] * tree.size
+    for i in range(1, tree.size):
+        p = tree.parents[i]
+        if first[p] == -1:
+            first[p] = i
+        else:
+            sibling[last_child[p]] = i
+        last_child[p] = i
+    return torch.tensor(first, dtype=torch.long), torch.tensor(sibling, dtype=torch.long)
+
+
+def prune_tree(tree: DraftTree, keep: Sequence[bool]) -> DraftTree:
+    """The subtree of kept nodes (root always kept; a node whose parent goes goes too), in the
+    same order. Only for trees of fixed candidates (`draft_probs` None): dropping a *sampled*
+    child would change its later siblings' residual distributions."""
+    if tree.draft_probs is not None:
+        raise ValueError("prune_tree takes trees of fixed candidates (draft_probs None)")
+    if len(keep) != tree.size:
+        raise ValueError(f"keep has {len(keep)} entries for a tree of {tree.size} nodes")
+    index = {0: 0}
+    tokens = [tree.tokens[0]]
+    parents = [-1]
+    for i in range(1, tree.size):
+        p = tree.parents[i]
+        if keep[i] and p in index:
+            index[i] = len(tokens)
+            tokens.append(tree.tokens[i])
+            parents.append(index[p])
+    return DraftTree(tuple(tokens), tuple(parents))
+
+
 # ---- building trees from draft scores -----------------------------------------------------
 
 

@@ -89,14 +89,17 @@ def verify_stochastic(
             if px >= threshold_single or (qx > 0 and u * threshold_acc <= px / qx):
                 chosen = c  # p(x) >= q(x): always accepted (ratio >= 1 > u)
                 break
-            # rejected: move to the residual distributions
+            # rejected: move to the residual distributions. Where nothing would be left (p one-hot
+            # on x, or p == q, up to rounding: a grammar that forces one token does this) the
+            # rejection had probability ~0 and p stays as it was rather than turning all-zero
             if q is None:
-                p[x] = 0.0
+                if float(p.sum()) - px > 0:
+                    p[x] = 0.0
             else:
                 residual = torch.clamp(p - q, min=0.0)
                 if float(residual.sum()) > 0:
                     p = residual
-                else:  # p == q up to rounding: the rejection had probability ~0
+                elif float(p.sum()) - px > 0:
                     p[x] = 0.0
                 q[x] = 0.0
                 total_q = float(q.sum())

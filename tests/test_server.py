@@ -214,8 +214,14 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, rou
         ({"messages": [{"role": "user", "content": "x"}],
           "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
-        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "structural_tag"}}, 400,
          "response_format"),
+        # structured outputs: a schema that does not compile, or no schema, is a 400 naming the field
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
+          "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "nope"}}}},
+         400, "response_format"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
+          "response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, 400, "response_format"),
         ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, 400, "logit_bias"),
         ({"messages": [{"role": "user", "content": "x"}], "min_p": 2}, 400, "min_p"),
         ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 3}, 400, "frequency_penalty"),
@@ -251,6 +257,9 @@ def test_malformed_json_and_oversize_body(server: str) -> None:
         ({"text": ["a", "b"], "stream": True, "sampling_params": {"max_new_tokens": 64}}, "stream"),
         ({"text": []}, "text"),
         ({"input_ids": [10**9], "sampling_params": {"max_new_tokens": 2}}, "input_ids"),
+        ({"text": "a", "sampling_params": {"regex": "(unclosed"}}, "sampling_params"),
+        ({"text": "a", "sampling_params": {"ebnf": "root ::= missing_rule"}}, "sampling_params"),
+        ({"text": "a", "sampling_params": {"regex": "a+", "json_schema": "{}"}}, "sampling_params"),
     ],
 )
 def test_bad_generate_requests_are_refused_before_anything_runs(server: str, body: Any, param: str) -> None:
@@ -432,3 +441,36 @@ def test_sigterm_lets_running_requests_finish_within_the_graceful_timeout() -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_structured_outputs_over_http(server: str) -> None:
+    """response_format json_schema (chat, streamed too) and json_object, /generate's regex: the
+    output follows the constraint (this server speculates with NGRAM) and no KV is left."""
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    body = {"messages": [{"role": "user", "content": "Name a big city and its population, as JSON."}],
+            "max_tokens": 60, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}}
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(), json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=_headers(),
+                      json={**body, "stream": True}, timeout=120) as s:
+        parts = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                 for line in s.iter_lines() if line.startswith("data: {") and '"choices":[{' in line]
+    assert "".join(parts) == choice["message"]["content"]
+    r = httpx.post(f"{server}/v1/chat/completions", headers=_headers(), timeout=120,
+                   json={**body, "response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(r.json()["choices"][0]["message"]["content"]), dict)
+    r = httpx.post(f"{server}/generate", headers=_headers(), timeout=120,
+                   json={"text": "Is the sky blue?", "sampling_params": {"max_new_tokens": 30, "temperature": 0,
+                                                                        "regex": "(yes|no)[.]"}})
+    assert r.status_code == 200 and r.json()["text"] in ("yes.", "no."), r.text
+    assert _kv_used(server) == 0
