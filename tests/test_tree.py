@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specdec.tree import (
     Candidate,
     DraftTree,
     children,
     depths,
+    first_child_next_sibling,
     path_to,
     positions,
+    prune_tree,
     static_rank_tree,
     tree_from_candidates,
     tree_mask,
@@ -112,3 +116,34 @@ def test_draft_probs_rows_travel_with_tree() -> None:
     probs = torch.rand(3, 5)
     t = DraftTree((1, 2, 3), (-1, 0, 0), probs)
     assert t.draft_probs is probs
+
+
+# ---- link arrays and pruning (structured outputs), as properties over random trees -------------
+
+
+@st.composite
+def _trees_and_keeps(draw: st.DrawFn) -> tuple[DraftTree, list[bool]]:
+    n = draw(st.integers(1, 24))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    tokens = draw(st.lists(st.integers(0, 99), min_size=n, max_size=n))
+    keep = [True, *draw(st.lists(st.booleans(), min_size=n - 1, max_size=n - 1))]
+    return DraftTree(tuple(tokens), tuple(parents)), keep
+
+
+@settings(max_examples=200, deadline=None)
+@given(_trees_and_keeps())
+def test_links_and_pruning_properties(case: tuple[DraftTree, list[bool]]) -> None:
+    tree, keep = case
+    first, sibling = first_child_next_sibling(tree)
+    # walking first-child / next-sibling links visits each node's children in node order
+    for node in range(tree.size):
+        kids, c = [], int(first[node])
+        while c != -1:
+            kids.append(c)
+            c = int(sibling[c])
+        assert kids == [i for i in range(1, tree.size) if tree.parents[i] == node]
+    pruned = prune_tree(tree, keep)
+    survivors = [i for i in range(tree.size) if all(keep[a] for a in path_to(tree, i))]
+    assert pruned.tokens == tuple(tree.tokens[i] for i in survivors)
+    index = {old: new for new, old in enumerate(survivors)}
+    assert pruned.parents == tuple(-1 if i == 0 else index[tree.parents[i]] for i in survivors)
