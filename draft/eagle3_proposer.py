@@ -156,6 +156,7 @@ class Eagle3Proposer(Proposer):
         scratch: list[dict[int, tuple[int, list[int]]]] = []
         frontier: list[list[int]] = []
         greedy = [r.params.is_greedy for r in reqs]
+        constrained = any(r.grammar is not None for r in reqs)
         # the roots' children of every greedy request in one log-softmax + top-k
         kmax = max((sh.topk for sh, g in zip(shapes, greedy, strict=True) if g), default=0)
         roots = [self._grammar_masked(r, [], r.spec_state.logits) for r, g in zip(reqs, greedy, strict=True) if g]
@@ -187,8 +188,8 @@ class Eagle3Proposer(Proposer):
             if not jobs:
                 break
             out_hidden, logits = self._forward_nodes(reqs, jobs)
-            for j, job in enumerate(jobs):  # structured outputs: draft only what the grammar allows
-                if reqs[job.req].grammar is not None:
+            for j, job in enumerate(jobs if constrained else ()):  # structured outputs: draft only
+                if reqs[job.req].grammar is not None:  # what the grammar allows
                     logits[j] = self._grammar_masked(reqs[job.req], _path_tokens(builders[job.req], job.node),
                                                      logits[j])
             rows = [j for j, job in enumerate(jobs) if greedy[job.req]]

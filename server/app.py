@@ -18,8 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.engine_loop import Update
-from specdec.grammar import GRAMMAR_FIELDS
-from specdec.sampling_params import SamplingParams
+from specdec.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 from .metrics_text import prometheus_text
 from .openai_api import DONE, chat_completions, completions, sse, wait_final

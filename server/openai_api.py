@@ -11,9 +11,8 @@ from typing import Any
 import msgspec
 
 from specdec.engine_loop import Update
-from specdec.grammar import GRAMMAR_FIELDS
 from specdec.request import LogprobEntry, Req
-from specdec.sampling_params import SamplingParams
+from specdec.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 from .protocol import (
     AssistantMessage,

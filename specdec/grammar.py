@@ -33,22 +33,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .sampling_params import GRAMMAR_FIELDS, SamplingParams
 from .tree import DraftTree, first_child_next_sibling
 
 __all__ = ["GRAMMAR_FIELDS", "GrammarBackend", "GrammarSpec", "RequestGrammar", "apply_bitmask"]
-
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
-"""SamplingParams fields that constrain the output (SGLang's names); at most one per request."""
-
 
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:
     kind: str  # one of GRAMMAR_FIELDS
     source: str  # the schema (JSON text), the regex or the EBNF grammar
-
-
-def bitmask_words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
 
 
 _BITS = torch.arange(32, dtype=torch.int32)  # [32]
@@ -109,8 +102,7 @@ class RequestGrammar:
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self.matcher = matcher
-        self.vocab_size = vocab_size
-        self.words = bitmask_words(vocab_size)
+        self.words = (vocab_size + 31) // 32  # int32 words of a bitmask row
 
     @property
     def terminated(self) -> bool:
@@ -133,11 +125,9 @@ class RequestGrammar:
         0, is the last emitted token, already accepted). Rows of nodes the grammar refuses
         (or below them) and of nodes after the stop token allow everything: they are never
         used, and a row with no allowed token would turn into NaNs."""
-        mask = torch.full((tree.size, self.words), -1, dtype=torch.int32)
         if tree.size == 1:
-            if not self.terminated:
-                self.matcher.fill_next_token_bitmask(mask, 0)
-            return mask
+            return self.next_bitmask()
+        mask = torch.full((tree.size, self.words), -1, dtype=torch.int32)
         first, sibling = first_child_next_sibling(tree)
         tokens = torch.tensor(tree.tokens, dtype=torch.long)
         if not self.terminated:
@@ -178,7 +168,7 @@ class RequestGrammar:
         return keep
 
 
-def grammar_spec(params: Any) -> GrammarSpec | None:
+def grammar_spec(params: SamplingParams) -> GrammarSpec | None:
     """The grammar a SamplingParams asks for, or None (validated there: at most one)."""
     for kind in GRAMMAR_FIELDS:
         source = getattr(params, kind, None)

@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["GREEDY_TEMPERATURE_EPS", "SamplingParams"]
+__all__ = ["GRAMMAR_FIELDS", "GREEDY_TEMPERATURE_EPS", "SamplingParams"]
+
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+"""Fields that constrain the output (SGLang's names; specdec/grammar.py); at most one per request."""
 
 GREEDY_TEMPERATURE_EPS = 1e-6
 """Temperatures below this are treated as greedy (as SGLang does); dividing
@@ -128,7 +131,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        given = [name for name in ("json_schema", "regex", "ebnf") if getattr(self, name) is not None]
+        given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
         for name in given:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -146,11 +149,6 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
-
-    @property
-    def constrained(self) -> bool:
-        """True when a grammar (json_schema, regex or ebnf) constrains the output."""
-        return self.json_schema is not None or self.regex is not None or self.ebnf is not None
 
     @property
     def has_penalties(self) -> bool:
