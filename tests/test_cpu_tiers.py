@@ -137,7 +137,7 @@ def test_a_forced_tier_this_machine_cannot_run_stops_the_cli_with_one_line() -> 
 
 
 def test_every_tier_computes_the_same_int8_product_bitwise() -> None:
-    """The int8 kernels of all tiers (and the AMX and VNNI paths of the amx tier, M >= 4 and < 4;
+    """The int8 kernels of all tiers (and the AMX and VNNI paths of the amx tier, M >= 3 and < 3;
     int16 and int8 activation codes) compute exact int32 block sums and the same float steps:
     equal results, bit for bit."""
     tiers = [isa for isa in cpu_isa.supported_isas() if isa in cpu_kernels.W8_TILE]

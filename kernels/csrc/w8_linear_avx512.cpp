@@ -19,8 +19,8 @@
 //   * AMX (amx tier, M >= kAmxMinRows = 3): TDPBSSD (hi, signed) and TDPBUSD (lo, unsigned) into two
 //     int32 accumulator tiles per 16 rows and 16 channels, 64 k per instruction.
 // With act_bits = 8 (w8a8_int8) the codes are already bytes (-127..127): VNNI computes
-// sum (q + 128) w - 128 sum w, one instruction per row and 4 k instead of two, at every row count
-// (the amx tier takes this path too: an AMX int8-activation path is not written).
+// sum (q + 128) w - 128 sum w, one instruction per row and 4 k instead of two; AMX (M >= 3) one
+// TDPBSSD per 64 k (a block), signed codes times signed weights.
 // Reference: `w8_linear_reference` in kernels/cpu_kernels.py (the tier's `act_block`).
 
 #include "cpu_kernels.h"
@@ -39,13 +39,14 @@ constexpr int64_t TILE = 16;  // output channels per tile
 constexpr int64_t kAmxMinRows = 3;  // fewer rows: VNNI is faster (measured on a 2-core Xeon)
 
 struct Codes {
-  const uint8_t* hi;  // [M, Kp] (q >> 8) + 128 (VNNI) or q >> 8 as int8 (AMX), see split_codes
-  const uint8_t* hs;  // [M, Kp] q >> 8 as int8
-  const uint8_t* lo;  // [M, Kp] q & 255
+  const uint8_t* hi;  // [M, Kp] VNNI's unsigned operand: (q >> 8) + 128, or q + 128 for int8 codes
+  const uint8_t* hs;  // [M, Kp] AMX's signed operand: q >> 8 as int8, or the int8 codes q
+  const uint8_t* lo;  // [M, Kp] q & 255 (int16 codes only)
   const float* s;     // [M, Kp / block]
 };
 
-// hi (+128 for VNNI's unsigned operand), hi (signed), lo bytes of int16 codes, 32 at a time
+// hi (+128 for VNNI's unsigned operand; skipped when hi_u is null), hi (signed), lo bytes of
+// int16 codes, 32 at a time
 void split_codes(const int16_t* q, int64_t n, uint8_t* hi_u, uint8_t* hi_s, uint8_t* lo) {
   const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
   int64_t i = 0;
@@ -53,23 +54,24 @@ void split_codes(const int16_t* q, int64_t n, uint8_t* hi_u, uint8_t* hi_s, uint
     const __m512i v = _mm512_loadu_si512(q + i);
     const __m256i h = _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_s + i), h);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_u + i), _mm256_xor_si256(h, bias));
+    if (hi_u != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi_u + i), _mm256_xor_si256(h, bias));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm512_cvtepi16_epi8(v));
   }
   for (; i < n; ++i) {
     const int h = q[i] >> 8;
     hi_s[i] = static_cast<uint8_t>(h);
-    hi_u[i] = static_cast<uint8_t>(h + 128);
+    if (hi_u != nullptr) hi_u[i] = static_cast<uint8_t>(h + 128);
     lo[i] = static_cast<uint8_t>(q[i] & 0xFF);
   }
 }
 
-// int8 codes (-127..127, stored as int16) -> q + 128 as unsigned bytes, 32 at a time (n % 32 == 0)
-void offset_codes(const int16_t* q, int64_t n, uint8_t* u) {
-  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+// int8 codes (-127..127, stored as int16) -> bytes, 32 at a time (n % 32 == 0): q + 128 as
+// unsigned bytes (VNNI's operand, offset) or q as signed bytes (AMX's)
+void byte_codes(const int16_t* q, int64_t n, uint8_t* out, bool offset) {
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(offset ? 0x80 : 0));
   for (int64_t i = 0; i < n; i += 32) {
     const __m256i b = _mm512_cvtepi16_epi8(_mm512_loadu_si512(q + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + i), _mm256_xor_si256(b, bias));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_xor_si256(b, bias));
   }
 }
 
@@ -203,51 +205,74 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-void configure_tiles(int rows) {
-  TileConfig cfg;
-  for (int t : {0, 1}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
-  for (int t : {2, 3}) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-  for (int t : {4, 5, 6, 7}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
-  _tile_loadconfig(&cfg);
-}
+// The tile configuration for `rows` A/C rows, loaded for as long as the object lives (one
+// thread's run of tile pairs: loading it costs as much as a small pair's arithmetic); rows 0: none
+class AmxTiles {
+ public:
+  explicit AmxTiles(int rows) : on_(rows > 0) {
+    if (!on_) return;
+    TileConfig cfg;
+    for (int t : {0, 1}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
+    for (int t : {2, 3}) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    for (int t : {4, 5, 6, 7}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
+    _tile_loadconfig(&cfg);
+  }
+  ~AmxTiles() {
+    if (on_) _tile_release();
+  }
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
 
-// rows m0 .. m0 + rows - 1 (rows <= 16) x NT (1 or 2) tiles; tiles configured for `rows`
-template <int NT>
-void amx_rows(int rows, const Codes& x, int64_t K, int64_t block, const int8_t* w, float* out, int64_t ldo) {
+ private:
+  bool on_;
+};
+
+// rows m0 .. m0 + rows - 1 (rows <= 16) x NT (1 or 2) tiles, the tiles configured for `rows` or more
+// (the codes then hold zero rows up to the configured count, computed and dropped);
+// pf: the next tile pair's weights, prefetched into L2 while this pair computes (null: none)
+// kInt8 (act_bits 8): x.hs holds the int8 codes themselves and x.lo is unused (one product per 64 k)
+template <int NT, bool kInt8>
+void amx_rows(int rows, const Codes& x, int64_t K, int64_t block, const int8_t* w, float* out, int64_t ldo,
+              const int8_t* pf) {
   const int64_t nb = K / block;
   const int64_t tile_bytes = TILE * K;
   alignas(64) int32_t chi[2][16 * TILE], clo[2][16 * TILE];
   alignas(64) float facc[16][2 * TILE] = {};
   for (int64_t b = 0; b < nb; ++b) {
     _tile_zero(4);
-    _tile_zero(5);
+    if (!kInt8) _tile_zero(5);
     if (NT == 2) {
       _tile_zero(6);
-      _tile_zero(7);
+      if (!kInt8) _tile_zero(7);
     }
     for (int64_t k = b * block; k < (b + 1) * block; k += 64) {
+      if (pf != nullptr)  // 64 k of each next tile: 16 lines apiece
+        for (int64_t line = 0; line < 16 * 64; line += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(pf + k * TILE + line), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(pf + tile_bytes + k * TILE + line), _MM_HINT_T1);
+        }
       _tile_loadd(0, x.hs + k, K);
-      _tile_loadd(1, x.lo + k, K);
+      if (!kInt8) _tile_loadd(1, x.lo + k, K);
       _tile_loadd(2, w + k * TILE, 64);
       _tile_dpbssd(4, 0, 2);
-      _tile_dpbusd(5, 1, 2);
+      if (!kInt8) _tile_dpbusd(5, 1, 2);
       if (NT == 2) {
         _tile_loadd(3, w + tile_bytes + k * TILE, 64);
         _tile_dpbssd(6, 0, 3);
-        _tile_dpbusd(7, 1, 3);
+        if (!kInt8) _tile_dpbusd(7, 1, 3);
       }
     }
     _tile_stored(4, chi[0], TILE * 4);
-    _tile_stored(5, clo[0], TILE * 4);
+    if (!kInt8) _tile_stored(5, clo[0], TILE * 4);
     if (NT == 2) {
       _tile_stored(6, chi[1], TILE * 4);
-      _tile_stored(7, clo[1], TILE * 4);
+      if (!kInt8) _tile_stored(7, clo[1], TILE * 4);
     }
     for (int m = 0; m < rows; ++m) {
       const __m512 s = _mm512_set1_ps(x.s[m * nb + b]);
       for (int t = 0; t < NT; ++t) {
-        const __m512i hi = _mm512_load_si512(chi[t] + m * TILE), lo = _mm512_load_si512(clo[t] + m * TILE);
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+        const __m512i hi = _mm512_load_si512(chi[t] + m * TILE);
+        const __m512i sum = kInt8 ? hi : _mm512_add_epi32(_mm512_slli_epi32(hi, 8), _mm512_load_si512(clo[t] + m * TILE));
         float* acc = facc[m] + t * TILE;
         _mm512_store_ps(acc, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, _mm512_load_ps(acc)));
       }
@@ -274,41 +299,50 @@ at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   quantise_rows(x.data_ptr<float>(), M, x.size(1), block, xq.data(), xs.data(), nullptr, act_qmax(act_bits));
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const int64_t tiles = w.size(0) / TILE;
-  if (act_bits == 8) {
-    std::vector<uint8_t> u(M * K);  // q + 128 (the codes are in -127..127): the low byte, top bit flipped
-    offset_codes(xq.data(), M * K, u.data());
-    for_tile_pairs<TILE>(M, N, tiles, scale.data_ptr<float>(), bp, y.data_ptr<float>(),
-                         [&](int64_t t0, int64_t nt, float* buf) {
-      const int8_t* wt = wp + t0 * TILE * K;
-      const int8_t* pf = t0 + 4 <= tiles ? wt + 2 * TILE * K : nullptr;
-      if (nt == 2) vnni8_rows<2>(M, u.data(), xs.data(), K, block, wt, buf, 2 * TILE, pf);
-      else vnni8_rows<1>(M, u.data(), xs.data(), K, block, wt, buf, 2 * TILE, pf);
-    });
-    return y;
-  }
-  std::vector<uint8_t> hi_u(M * K), hi_s(M * K), lo(M * K);
-  split_codes(xq.data(), M * K, hi_u.data(), hi_s.data(), lo.data());
-  const Codes codes{hi_u.data(), hi_s.data(), lo.data(), xs.data()};
+  const bool int8 = act_bits == 8;
+#if defined(SPECDEC_ISA_AMX)
+  const bool amx = M >= kAmxMinRows;
+#else
+  const bool amx = false;
+#endif
+  // AMX tiles are configured once for min(M, 16) rows; above 16 rows the codes get zero rows up
+  // to a multiple of 16, so that every 16-row chunk uses the same configuration
+  const int64_t Mp = amx && M > 16 ? (M + 15) / 16 * 16 : M;
+  // the codes as bytes: int16 split into hi (+128 for VNNI; signed for AMX) and lo, or the int8
+  // codes offset by 128 (VNNI) or signed (AMX) in hs
+  std::vector<uint8_t> hi_u(int8 || amx ? 0 : M * K), hs(Mp * K, 0), lo(int8 ? 0 : Mp * K, 0);
+  if (int8) byte_codes(xq.data(), M * K, hs.data(), !amx);
+  else split_codes(xq.data(), M * K, amx ? nullptr : hi_u.data(), hs.data(), lo.data());
+  const Codes codes{int8 ? hs.data() : hi_u.data(), hs.data(), lo.data(), xs.data()};
 
   for_tile_pairs<TILE>(M, N, tiles, scale.data_ptr<float>(), bp, y.data_ptr<float>(),
                        [&](int64_t t0, int64_t nt, float* buf) {
     const int8_t* wt = wp + t0 * TILE * K;
+    const int8_t* pf = t0 + 4 <= tiles ? wt + 2 * TILE * K : nullptr;  // the next pair, when it is full
 #if defined(SPECDEC_ISA_AMX)
-    if (M >= kAmxMinRows) {
-      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    if (amx) {
+      for (int64_t m0 = 0; m0 < M; m0 += 16, pf = nullptr) {  // the first 16 rows prefetch
         const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
-        configure_tiles(rows);
-        const Codes at{nullptr, codes.hs + m0 * K, codes.lo + m0 * K, codes.s + m0 * nb};
-        if (nt == 2) amx_rows<2>(rows, at, K, block, wt, buf + m0 * 2 * TILE, 2 * TILE);
-        else amx_rows<1>(rows, at, K, block, wt, buf + m0 * 2 * TILE, 2 * TILE);
+        const Codes at{nullptr, codes.hs + m0 * K, int8 ? nullptr : codes.lo + m0 * K, codes.s + m0 * nb};
+        float* o = buf + m0 * 2 * TILE;
+        if (int8 && nt == 2) amx_rows<2, true>(rows, at, K, block, wt, o, 2 * TILE, pf);
+        else if (int8) amx_rows<1, true>(rows, at, K, block, wt, o, 2 * TILE, pf);
+        else if (nt == 2) amx_rows<2, false>(rows, at, K, block, wt, o, 2 * TILE, pf);
+        else amx_rows<1, false>(rows, at, K, block, wt, o, 2 * TILE, pf);
       }
-      _tile_release();
       return;
     }
 #endif
-    const int8_t* pf = t0 + 4 <= tiles ? wt + 2 * TILE * K : nullptr;  // the next pair, when it is full
-    if (nt == 2) vnni_rows<2>(M, codes, K, block, wt, buf, 2 * TILE, pf);
+    if (int8 && nt == 2) vnni8_rows<2>(M, codes.hi, xs.data(), K, block, wt, buf, 2 * TILE, pf);
+    else if (int8) vnni8_rows<1>(M, codes.hi, xs.data(), K, block, wt, buf, 2 * TILE, pf);
+    else if (nt == 2) vnni_rows<2>(M, codes, K, block, wt, buf, 2 * TILE, pf);
     else vnni_rows<1>(M, codes, K, block, wt, buf, 2 * TILE, pf);
+  }, [&] {
+#if defined(SPECDEC_ISA_AMX)
+    return AmxTiles(amx ? static_cast<int>(std::min<int64_t>(M, 16)) : 0);
+#else
+    return NoScope{};
+#endif
   });
   return y;
 }
