@@ -215,6 +215,9 @@ class AmxTiles {
     for (int t : {0, 1}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
     for (int t : {2, 3}) cfg.colsb[t] = 64, cfg.rows[t] = 16;
     for (int t : {4, 5, 6, 7}) cfg.colsb[t] = 64, cfg.rows[t] = static_cast<uint8_t>(rows);
+    // the compiler must see cfg's stores as used: a standalone test of this code built with
+    // gcc -O3 dropped them (a zeroed configuration: SIGILL at the first tile instruction)
+    asm volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
   }
   ~AmxTiles() {
