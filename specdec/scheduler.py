@@ -26,6 +26,7 @@ from .page_allocator import PageAllocator
 from .request import LogprobEntry, Req
 from .sampler import apply_penalties, processed_probs, sample
 from .spec_decoder import SpecDecoder
+from .stop_strings import first_stop
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +293,9 @@ class Scheduler:
         if token in p.stop_token_ids:
             return self._finish(req, {"type": "stop", "matched": token}, now)
         if p.stop and self.detokenize is not None:
-            text = self.detokenize(req.output_ids, p.skip_special_tokens)
-            for s in p.stop:
-                if s in text:
-                    return self._finish(req, {"type": "stop", "matched": s}, now)
+            matched = first_stop(req.output_ids, p.stop, self.detokenize, p.skip_special_tokens)
+            if matched is not None:
+                return self._finish(req, {"type": "stop", "matched": matched}, now)
         if req.output_len >= p.max_new_tokens:
             return self._finish(req, {"type": "length", "length": p.max_new_tokens}, now)
         if req.seq_len >= self.limits.context_length:
