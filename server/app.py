@@ -260,17 +260,18 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
 async def _native_stream(state: ServerState, rid: str, queue: Any) -> AsyncIterator[bytes]:
     """Each chunk carries the cumulative text and output ids, as SGLang streams them."""
     ids: list[int] = []
+    text = ""
     finished = False
     try:
         while True:
             update: Update = await queue.get()
             ids.extend(update.new_ids)
+            text += update.new_text
             if update.finished:
                 finished = True
                 yield sse(update.result)
                 yield DONE
                 return
-            text = state.engine.detokenize(ids, True) if state.engine.tokenizer is not None else ""
             yield sse({"text": text, "output_ids": ids, "meta_info": {"id": rid, "completion_tokens": len(ids)}})
     finally:
         if not finished:

@@ -181,35 +181,32 @@ DONE = b"data: [DONE]\n\n"
 
 
 class TextStreamer:
-    """Incremental detokenization that never sends a partial UTF-8 character or the start
-    of a stop string (held back until it is known not to be one)."""
+    """A stream's text deltas: the engine's incremental text (complete UTF-8 characters only,
+    specdec/detokenizer.py), less any end that may be the start of a stop string (held back
+    until it is known not to be one). Nothing here decodes: the cost per delta does not grow
+    with the output."""
 
-    def __init__(self, state: ServerState, params: SamplingParams) -> None:
-        self.state = state
-        self.params = params
-        self.ids: list[int] = []
-        self.sent = ""
+    def __init__(self, params: SamplingParams) -> None:
+        self.stops = params.stop
+        self.held = ""
+        self.sent_chars = 0
 
-    def push(self, new_ids: Sequence[int]) -> str:
-        self.ids.extend(new_ids)
-        text = self.state.engine.detokenize(self.ids, self.params.skip_special_tokens)
-        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD
+    def push(self, new_text: str) -> str:
+        text = self.held + new_text
         hold = 0
-        for stop in self.params.stop:
-            for k in range(min(len(stop) - 1, len(safe)), 0, -1):
-                if safe.endswith(stop[:k]):  # might be the start of a stop string
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):  # might be the start of a stop string
                     hold = max(hold, k)
                     break
-        safe = safe[: len(safe) - hold]
-        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
-            return ""
-        delta = safe[len(self.sent):]
-        self.sent = safe
-        return delta
+        out, self.held = text[: len(text) - hold], text[len(text) - hold:]
+        self.sent_chars += len(out)
+        return out
 
     def finish(self, final_text: str) -> str:
-        delta = final_text[len(self.sent):] if final_text.startswith(self.sent) else ""
-        self.sent = final_text
+        """The rest of the request's final text (stop string cut off, held bytes flushed)."""
+        delta = final_text[self.sent_chars:]
+        self.sent_chars = len(final_text)
         return delta
 
 
@@ -268,7 +265,7 @@ def _content_text(content: Any) -> str:
 async def _chat_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update], params: SamplingParams,
                        created: int, include_usage: bool, want_logprobs: bool) -> AsyncIterator[bytes]:
     model = state.served_model_name
-    streamer = TextStreamer(state, params)
+    streamer = TextStreamer(params)
     finished = False
 
     def chunk(delta: DeltaMessage, reason: str | None = None, lps: ChoiceLogprobs | None = None,
@@ -295,7 +292,7 @@ async def _chat_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update
                                                   spec_metadata(result["meta_info"])))
                 yield DONE
                 return
-            delta = streamer.push(update.new_ids)
+            delta = streamer.push(update.new_text)
             if delta or (lps and lps.content):
                 yield chunk(DeltaMessage(content=delta), None, lps)
     finally:
@@ -387,7 +384,7 @@ async def completions(state: ServerState, body: CompletionRequest,
 async def _completion_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update], params: SamplingParams,
                              created: int, echo: bool, include_usage: bool) -> AsyncIterator[bytes]:
     model = state.served_model_name
-    streamer = TextStreamer(state, params)
+    streamer = TextStreamer(params)
     finished = False
 
     def chunk(text: str, reason: str | None = None, metadata: dict[str, Any] | None = None) -> bytes:
@@ -409,7 +406,7 @@ async def _completion_stream(state: ServerState, req: Req, queue: asyncio.Queue[
                     yield sse(CompletionResponse(req.rid, created, model, [], usage_of(result)))
                 yield DONE
                 return
-            delta = streamer.push(update.new_ids)
+            delta = streamer.push(update.new_text)
             if delta:
                 yield chunk(delta)
     finally:

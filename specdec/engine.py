@@ -324,7 +324,7 @@ class Engine:
         """SGLang's response dict for a request (finished or in flight)."""
         text = ""
         if self.tokenizer is not None:
-            text = self.detokenize(req.output_ids, req.params.skip_special_tokens)
+            text = req.detok.final_text() if req.detok is not None else ""
             reason = req.finish_reason or {}
             if isinstance(reason.get("matched"), str):
                 text = text[: text.find(reason["matched"])]

@@ -35,6 +35,7 @@ class Update:
     new_ids: tuple[int, ...]
     new_logprobs: tuple[LogprobEntry, ...]
     new_top_logprobs: tuple[list[LogprobEntry], ...]
+    new_text: str  # the text these tokens made final (the request's IncrementalDetokenizer)
     finished: bool
     result: dict[str, Any] | None  # Engine.result() once finished
 
@@ -45,6 +46,7 @@ class _Subscriber:
     queue: asyncio.Queue[Update]
     req: Req
     sent: int = 0
+    sent_chars: int = 0
 
 
 class EngineLoop:
@@ -162,10 +164,13 @@ class EngineLoop:
         lps = req.output_token_logprobs[sub.sent:] if req.return_logprob else []
         tops = req.output_top_logprobs[sub.sent:] if req.return_logprob and req.top_logprobs_num else []
         sub.sent = req.output_len
+        text = req.detok.text if req.detok is not None else ""
+        new_text = text[sub.sent_chars:]
+        sub.sent_chars = len(text)
         result = self.engine.result(req) if req.finished else None
         if req.finished:
             del self._subs[req.rid]
-        update = Update(req.rid, tuple(new), tuple(lps), tuple(tops), req.finished, result)
+        update = Update(req.rid, tuple(new), tuple(lps), tuple(tops), new_text, req.finished, result)
         sub.loop.call_soon_threadsafe(sub.queue.put_nowait, update)
         if req.finished:  # the id is free again once its last update is on the event loop
             sub.loop.call_soon_threadsafe(self._live.discard, req.rid)

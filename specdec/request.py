@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .accept_stats import AcceptStats
+from .detokenizer import IncrementalDetokenizer
 from .page_allocator import PageTable
 from .sampling_params import SamplingParams
 from .tree import DraftTree
@@ -67,6 +68,8 @@ class Req:
     ngram_index: Any = None  # draft.ngram_merge.NgramIndex over all_ids (--speculative-ngram-merge)
     # structured outputs: the grammar state over output_ids (specdec.grammar.RequestGrammar)
     grammar: Any = None
+    # the output's text, decoded a token at a time (specdec.detokenizer; None without a tokenizer)
+    detok: IncrementalDetokenizer | None = None
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __post_init__(self) -> None:

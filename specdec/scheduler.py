@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .detokenizer import IncrementalDetokenizer
 from .grammar import apply_bitmask
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
@@ -278,13 +279,19 @@ class Scheduler:
         if req.grammar is not None and not req.grammar.accept(token):
             raise RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
         req.output_ids.append(token)
+        new_len = 0
+        if self.detokenize is not None:  # the request's text, grown by what this token made final
+            if req.detok is None:
+                detokenize, skip = self.detokenize, req.params.skip_special_tokens
+                req.detok = IncrementalDetokenizer(lambda ids: detokenize(ids, skip))
+            new_len = len(req.detok.push(token))
         if req.return_logprob and logprobs is not None:
             entry, top = self._entries(logprobs, token, req.top_logprobs_num)
             req.output_token_logprobs.append(entry)
             req.output_top_logprobs.append(top)
-        self._check_finished(req, token, now)
+        self._check_finished(req, token, new_len, now)
 
-    def _check_finished(self, req: Req, token: int, now: float) -> None:
+    def _check_finished(self, req: Req, token: int, new_len: int, now: float) -> None:
         p = req.params
         if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token
             return self._finish(req, {"type": "stop", "matched": token}, now)
@@ -292,8 +299,8 @@ class Scheduler:
             return self._finish(req, {"type": "stop", "matched": token}, now)
         if token in p.stop_token_ids:
             return self._finish(req, {"type": "stop", "matched": token}, now)
-        if p.stop and self.detokenize is not None:
-            matched = first_stop(req.output_ids, p.stop, self.detokenize, p.skip_special_tokens)
+        if p.stop and req.detok is not None:
+            matched = first_stop(req.detok.text, new_len, p.stop)
             if matched is not None:
                 return self._finish(req, {"type": "stop", "matched": matched}, now)
         if req.output_len >= p.max_new_tokens:

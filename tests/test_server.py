@@ -118,6 +118,21 @@ def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
     assert reasons in (["stop"], ["length"])
 
 
+def test_a_stream_with_a_stop_string_adds_up_to_the_plain_answer(client: openai.OpenAI) -> None:
+    """Stream deltas come from the request's incremental text (no re-decode); a stop string's
+    start is held back and never sent, and the deltas add up to the non-streamed answer."""
+    kw: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "prompt": "Write a list of ten fruits:\n1.",
+                          "max_tokens": 48, "temperature": 0}
+    full = client.completions.create(**kw).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 4]
+    assert stop.strip()
+    plain = client.completions.create(**kw, stop=[stop]).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=[stop], stream=True)
+                       if c.choices)
+    assert plain.finish_reason == "stop" and plain.text == full[: full.find(stop)]
+    assert streamed == plain.text
+
+
 def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
                                   max_tokens=5, temperature=0, echo=True, logprobs=2)
