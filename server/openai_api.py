@@ -14,6 +14,7 @@ from specdec.engine_loop import Update
 from specdec.request import LogprobEntry, Req
 from specdec.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
+from .fanout import best_indices, check_counts, merged, share_prompt, sibling_params
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -41,8 +42,6 @@ IsDisconnected = Callable[[], Awaitable[bool]]
 
 def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_len: int) -> SamplingParams:
     """OpenAI fields -> SamplingParams; every invalid value is a 400 naming the field."""
-    if body.n != 1:
-        raise ApiError(400, "only n = 1 is supported", "n")
     refuse_unsupported(body)
     if max_new is None:
         max_new = state.engine.context_length - prompt_len
@@ -67,6 +66,7 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "json_schema": response_schema(getattr(body, "response_format", None)),
+        "logit_bias": body.logit_bias or None,
     }
     try:
         return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
@@ -106,32 +106,47 @@ def refuse_unsupported(body: Any) -> None:
     choice = getattr(body, "tool_choice", None)
     if choice not in (None, "none", "auto"):
         raise ApiError(400, "tool_choice needs tools, which are not supported yet", "tool_choice")
-    if getattr(body, "logit_bias", None):
-        raise ApiError(400, "logit_bias is not supported yet", "logit_bias")
     if getattr(body, "suffix", None):
-        raise ApiError(400, "suffix (insertion) is not supported", "suffix")
-    best_of = getattr(body, "best_of", None)
-    if best_of is not None and best_of != 1:
-        raise ApiError(400, "only best_of = 1 is supported", "best_of")
+        raise ApiError(400, "suffix (insertion) is not supported: this server's models have no "
+                       "fill-in-the-middle format", "suffix")
 
 
-def make_request(state: ServerState, ids: list[int], params: SamplingParams, prefix: str, **kw: Any) -> Req:
+def make_requests(state: ServerState, ids: list[int], params: SamplingParams, rid: str, count: int,
+                  **kw: Any) -> list[Req]:
+    """`count` sibling requests of one prompt (n / best_of), sharing its KV (server/fanout.py);
+    a single request keeps the id `rid`, siblings are `rid-0`, `rid-1`, ..."""
+    reqs = []
     try:
-        return state.engine.make_request(ids, params, rid=f"{prefix}-{uuid.uuid4().hex}", **kw)
+        for i, p in enumerate(sibling_params(params, count)):
+            reqs.append(state.engine.make_request(ids, p, rid=rid if count == 1 else f"{rid}-{i}", **kw))
     except ValueError as e:
         if str(e).startswith(GRAMMAR_FIELDS):  # the schema / grammar did not compile
             raise ApiError(400, str(e), "response_format") from e
-        raise ApiError(400, str(e), "messages" if prefix == "chatcmpl" else "prompt") from e
+        if str(e).startswith("logit_bias"):
+            raise ApiError(400, str(e), "logit_bias") from e
+        raise ApiError(400, str(e), "messages" if rid.startswith("chatcmpl") else "prompt") from e
+    share_prompt(reqs)
+    return reqs
+
+
+def submit_all(state: ServerState, reqs: Sequence[Req]) -> list[asyncio.Queue[Update]]:
+    return [state.loop.submit(r) for r in reqs]
+
+
+def abort_all(state: ServerState, reqs: Sequence[Req]) -> None:
+    for r in reqs:
+        state.loop.abort(r.rid)  # (a no-op for one that has finished)
 
 
 DISCONNECT_CHECK_S = 0.5
 
 
 async def wait_final(state: ServerState, req: Req, queue: asyncio.Queue[Update],
-                     is_disconnected: IsDisconnected) -> Update:
-    """Await the final update; a client that goes away aborts its request (KV freed). The
-    connection is checked every DISCONNECT_CHECK_S whether or not tokens are arriving (a
-    request producing tokens used to be checked only when it stalled, so it ran to its end)."""
+                     is_disconnected: IsDisconnected, siblings: Sequence[Req] = ()) -> Update:
+    """Await the final update; a client that goes away aborts its request and `siblings` (the
+    other requests of its HTTP request; KV freed). The connection is checked every
+    DISCONNECT_CHECK_S whether or not tokens are arriving (a request producing tokens used to
+    be checked only when it stalled, so it ran to its end)."""
     next_check = time.monotonic() + DISCONNECT_CHECK_S
     while True:
         try:
@@ -144,7 +159,24 @@ async def wait_final(state: ServerState, req: Req, queue: asyncio.Queue[Update],
             next_check = time.monotonic() + DISCONNECT_CHECK_S
             if await is_disconnected():
                 state.loop.abort(req.rid)
+                abort_all(state, siblings)
                 raise ApiError(499, "client disconnected") from None
+
+
+async def wait_all(state: ServerState, reqs: Sequence[Req], queues: Sequence[asyncio.Queue[Update]],
+                   is_disconnected: IsDisconnected) -> list[dict[str, Any]]:
+    """Every request's result (they run together); a client that leaves aborts them all, and
+    so does any error on the way."""
+    results = []
+    try:
+        for req, q in zip(reqs, queues, strict=True):
+            update = await wait_final(state, req, q, is_disconnected, reqs)
+            assert update.result is not None
+            results.append(update.result)
+    except BaseException:
+        abort_all(state, reqs)
+        raise
+    return results
 
 
 def finish_reason(result: dict[str, Any]) -> tuple[str | None, int | str | None]:
@@ -220,6 +252,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest,
         raise ApiError(400, "messages must contain at least one message", "messages")
     if state.chat_template is None:
         raise ApiError(400, "this server has no chat template; start it with --chat-template", "messages")
+    count = check_counts(body.n, None, body.stream)
     messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
     try:
         prompt = state.chat_template.render(messages, add_generation_prompt=True)
@@ -229,24 +262,33 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest,
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
     params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens, len(ids))
-    req = make_request(state, ids, params, "chatcmpl", return_logprob=body.logprobs,
-                       top_logprobs_num=(body.top_logprobs or 0) if body.logprobs else 0)
-    queue = state.loop.submit(req)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    reqs = make_requests(state, ids, params, rid, count, return_logprob=body.logprobs,
+                         top_logprobs_num=(body.top_logprobs or 0) if body.logprobs else 0)
+    queues = submit_all(state, reqs)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _chat_stream(state, req, queue, params, created, include_usage, body.logprobs)
-    update = await wait_final(state, req, queue, is_disconnected)
-    result = update.result
-    assert result is not None
-    meta = result["meta_info"]
-    kind, matched = finish_reason(result)
-    logprobs = None
-    if body.logprobs:
-        logprobs = chat_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs", []))
-    choice = ChatChoice(0, AssistantMessage("assistant", result["text"]), logprobs, kind, matched)
-    return ChatCompletionResponse(req.rid, created, state.served_model_name, [choice], usage_of(result),
-                                  spec_metadata(meta))
+        return _chat_stream(state, rid, reqs, queues, params, created, include_usage, body.logprobs)
+    results = await wait_all(state, reqs, queues, is_disconnected)
+    choices = []
+    for i, result in enumerate(results):
+        meta = result["meta_info"]
+        kind, matched = finish_reason(result)
+        logprobs = None
+        if body.logprobs:
+            logprobs = chat_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs", []))
+        choices.append(ChatChoice(i, AssistantMessage("assistant", result["text"]), logprobs, kind, matched))
+    return ChatCompletionResponse(rid, created, state.served_model_name, choices, usage_sum(results, len(results)),
+                                  spec_metadata(results[0]["meta_info"]))
+
+
+def usage_sum(results: Sequence[dict[str, Any]], per_prompt: int) -> Usage:
+    """Usage over the returned choices, `per_prompt` consecutive ones per prompt (as vLLM counts
+    it): each prompt once, every returned choice's tokens."""
+    prompt_tokens = sum(r["meta_info"]["prompt_tokens"] for r in results[::per_prompt])
+    completion = sum(r["meta_info"]["completion_tokens"] for r in results)
+    return Usage(prompt_tokens, completion, prompt_tokens + completion)
 
 
 def _content_text(content: Any) -> str:
@@ -262,42 +304,44 @@ def _content_text(content: Any) -> str:
     return "\n".join(parts)
 
 
-async def _chat_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update], params: SamplingParams,
-                       created: int, include_usage: bool, want_logprobs: bool) -> AsyncIterator[bytes]:
+async def _chat_stream(state: ServerState, rid: str, reqs: Sequence[Req], queues: Sequence[asyncio.Queue[Update]],
+                       params: SamplingParams, created: int, include_usage: bool,
+                       want_logprobs: bool) -> AsyncIterator[bytes]:
+    """Each choice's deltas as they come (chunks carry the choice's index); usage once all end."""
     model = state.served_model_name
-    streamer = TextStreamer(params)
-    finished = False
+    streamers = [TextStreamer(params) for _ in reqs]
+    results: list[dict[str, Any]] = []
 
-    def chunk(delta: DeltaMessage, reason: str | None = None, lps: ChoiceLogprobs | None = None,
+    def chunk(i: int, delta: DeltaMessage, reason: str | None = None, lps: ChoiceLogprobs | None = None,
               metadata: dict[str, Any] | None = None) -> bytes:
-        return sse(ChatCompletionChunk(req.rid, created, model, [ChatChunkChoice(0, delta, lps, reason)],
+        return sse(ChatCompletionChunk(rid, created, model, [ChatChunkChoice(i, delta, lps, reason)],
                                        None, metadata))
 
     try:
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        while True:
-            update = await queue.get()
+        for i in range(len(reqs)):
+            yield chunk(i, DeltaMessage(role="assistant", content=""))
+        async for i, update in merged(queues):
             lps = chat_logprobs(update.new_logprobs, update.new_top_logprobs) if want_logprobs else None
-            if update.finished:
-                finished = True
-                result = update.result
-                assert result is not None
-                delta = streamer.finish(result["text"])
+            if not update.finished:
+                delta = streamers[i].push(update.new_text)
                 if delta or (lps and lps.content):
-                    yield chunk(DeltaMessage(content=delta), None, lps)
-                kind, _ = finish_reason(result)
-                yield chunk(DeltaMessage(), kind, None, spec_metadata(result["meta_info"]))
-                if include_usage:
-                    yield sse(ChatCompletionChunk(req.rid, created, model, [], usage_of(result),
-                                                  spec_metadata(result["meta_info"])))
-                yield DONE
-                return
-            delta = streamer.push(update.new_text)
+                    yield chunk(i, DeltaMessage(content=delta), None, lps)
+                continue
+            result = update.result
+            assert result is not None
+            results.append(result)
+            delta = streamers[i].finish(result["text"])
             if delta or (lps and lps.content):
-                yield chunk(DeltaMessage(content=delta), None, lps)
+                yield chunk(i, DeltaMessage(content=delta), None, lps)
+            kind, _ = finish_reason(result)
+            yield chunk(i, DeltaMessage(), kind, None, spec_metadata(result["meta_info"]))
+        if include_usage:
+            yield sse(ChatCompletionChunk(rid, created, model, [], usage_sum(results, len(results)),
+                                          spec_metadata(results[0]["meta_info"])))
+        yield DONE
     finally:
-        if not finished:
-            state.loop.abort(req.rid)
+        if len(results) < len(reqs):  # the client left (or the stream failed): abort the rest
+            abort_all(state, reqs)
 
 
 # ---- completions ----------------------------------------------------------------------------------
@@ -340,28 +384,31 @@ async def completions(state: ServerState, body: CompletionRequest,
     all_ids = _prompts(state, body.prompt)
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+    count = check_counts(body.n, body.best_of, body.stream)  # requests per prompt
     want_lp = body.logprobs is not None
-    reqs = []
-    for ids in all_ids:
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    reqs: list[Req] = []
+    params = SamplingParams()
+    for k, ids in enumerate(all_ids):
         params = sampling_params(state, body, body.max_tokens, len(ids))
-        reqs.append((make_request(state, ids, params, "cmpl", return_logprob=want_lp,
-                                  logprob_start_len=0 if (body.echo and want_lp) else -1,
-                                  top_logprobs_num=body.logprobs or 0), params))
+        reqs += make_requests(state, ids, params, rid if len(all_ids) == 1 else f"{rid}-p{k}", count,
+                              return_logprob=want_lp or count > body.n,  # best_of ranks by logprob
+                              logprob_start_len=0 if (body.echo and want_lp) else -1,
+                              top_logprobs_num=body.logprobs or 0)
+    queues = submit_all(state, reqs)
     created = int(time.time())
-    if body.stream:
-        if len(reqs) != 1:
-            raise ApiError(400, "streaming takes a single prompt", "prompt")
-        req, params = reqs[0]
+    if body.stream:  # (count == n here)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _completion_stream(state, req, state.loop.submit(req), params, created, body.echo, include_usage)
-    queues = [state.loop.submit(r) for r, _ in reqs]
+        return _completion_stream(state, rid, reqs, queues, params, created, body.echo, include_usage, body.n)
+    results = await wait_all(state, reqs, queues, is_disconnected)
+    chosen: list[int] = []
+    for k in range(len(all_ids)):  # best_of: the n most likely candidates of each prompt
+        group = results[k * count:(k + 1) * count]
+        picks = best_indices(group, body.n) if count > body.n else range(body.n)
+        chosen += [k * count + j for j in picks]
     choices = []
-    prompt_tokens = completion_tokens = 0
-    meta_all: dict[str, Any] | None = None
-    for i, ((req, _params), q) in enumerate(zip(reqs, queues, strict=True)):
-        update = await wait_final(state, req, q, is_disconnected)
-        result = update.result
-        assert result is not None
+    for i, c in enumerate(chosen):
+        req, result = reqs[c], results[c]
         meta = result["meta_info"]
         prompt_text = state.engine.detokenize(req.prompt_ids, False) if body.echo else ""
         logprobs = None
@@ -374,41 +421,42 @@ async def completions(state: ServerState, body: CompletionRequest,
             logprobs = completion_logprobs(state, entries, tops, 0)
         kind, matched = finish_reason(result)
         choices.append(CompletionChoice(i, prompt_text + result["text"], logprobs, kind, matched))
-        prompt_tokens += meta["prompt_tokens"]
-        completion_tokens += meta["completion_tokens"]
-        meta_all = spec_metadata(meta)
-    usage = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
-    return CompletionResponse(reqs[0][0].rid, created, state.served_model_name, choices, usage, meta_all)
+    picked = [results[c] for c in chosen]
+    return CompletionResponse(rid, created, state.served_model_name, choices, usage_sum(picked, body.n),
+                              spec_metadata(picked[0]["meta_info"]))
 
 
-async def _completion_stream(state: ServerState, req: Req, queue: asyncio.Queue[Update], params: SamplingParams,
-                             created: int, echo: bool, include_usage: bool) -> AsyncIterator[bytes]:
+async def _completion_stream(state: ServerState, rid: str, reqs: Sequence[Req], queues: Sequence[asyncio.Queue[Update]],
+                             params: SamplingParams, created: int, echo: bool, include_usage: bool,
+                             per_prompt: int) -> AsyncIterator[bytes]:
+    """Each choice's text deltas as they come (choice index = prompt * n + j, OpenAI's order)."""
     model = state.served_model_name
-    streamer = TextStreamer(params)
-    finished = False
+    streamers = [TextStreamer(params) for _ in reqs]
+    results: list[dict[str, Any] | None] = [None] * len(reqs)
 
-    def chunk(text: str, reason: str | None = None, metadata: dict[str, Any] | None = None) -> bytes:
-        return sse(CompletionResponse(req.rid, created, model, [CompletionChoice(0, text, None, reason)],
+    def chunk(i: int, text: str, reason: str | None = None, metadata: dict[str, Any] | None = None) -> bytes:
+        return sse(CompletionResponse(rid, created, model, [CompletionChoice(i, text, None, reason)],
                                       None, metadata))
 
     try:
         if echo:
-            yield chunk(state.engine.detokenize(req.prompt_ids, False))
-        while True:
-            update = await queue.get()
-            if update.finished:
-                finished = True
-                result = update.result
-                assert result is not None
-                kind, _ = finish_reason(result)
-                yield chunk(streamer.finish(result["text"]), kind, spec_metadata(result["meta_info"]))
-                if include_usage:
-                    yield sse(CompletionResponse(req.rid, created, model, [], usage_of(result)))
-                yield DONE
-                return
-            delta = streamer.push(update.new_text)
-            if delta:
-                yield chunk(delta)
+            for i, req in enumerate(reqs):
+                yield chunk(i, state.engine.detokenize(req.prompt_ids, False))
+        async for i, update in merged(queues):
+            if not update.finished:
+                delta = streamers[i].push(update.new_text)
+                if delta:
+                    yield chunk(i, delta)
+                continue
+            result = update.result
+            assert result is not None
+            results[i] = result
+            kind, _ = finish_reason(result)
+            yield chunk(i, streamers[i].finish(result["text"]), kind, spec_metadata(result["meta_info"]))
+        if include_usage:
+            done = [r for r in results if r is not None]
+            yield sse(CompletionResponse(rid, created, model, [], usage_sum(done, per_prompt)))
+        yield DONE
     finally:
-        if not finished:
-            state.loop.abort(req.rid)
+        if any(r is None for r in results):  # the client left (or the stream failed): abort the rest
+            abort_all(state, reqs)

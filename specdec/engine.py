@@ -214,6 +214,9 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                 f"the KV cache ({self.max_total_tokens} tokens); raise --max-total-tokens"
             )
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias names token ids outside [0, {vocab}): {bad[:5]}")
         if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= vocab:
             raise ValueError(f"top_logprobs_num must be an integer in [0, {vocab}] (the vocabulary); "
                              f"got {top_logprobs_num!r}")
@@ -333,7 +336,7 @@ class Engine:
             "id": req.rid,
             "prompt_tokens": req.prompt_len,
             "completion_tokens": req.output_len,
-            "cached_tokens": 0,
+            "cached_tokens": req.cached_tokens,
             "finish_reason": req.finish_reason,
             "e2e_latency": end - req.created_at,
         }

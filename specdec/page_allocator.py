@@ -211,6 +211,20 @@ class PageTable:
         self._num_tokens = num_tokens
         return True
 
+    def share_prefix(self, source: PageTable, num_pages: int) -> None:
+        """Start this (empty) table with the first `num_pages` pages of `source`, shared (their
+        reference counts go up; each owner frees its reference). Only whole pages that no owner
+        writes again may be shared: the caller shares a prompt's full pages, never the page a
+        request goes on writing."""
+        if self.pages or self._num_tokens:
+            raise ValueError("share_prefix needs an empty page table")
+        if not 0 <= num_pages <= len(source.pages) or num_pages * self.page_size > source.num_tokens:
+            raise ValueError(f"cannot share {num_pages} pages of a table holding {len(source.pages)}")
+        pages = source.pages[:num_pages]
+        self.allocator.incref(pages)
+        self.pages = list(pages)
+        self._num_tokens = num_pages * self.page_size
+
     def truncate(self, num_tokens: int) -> None:
         """Shrink to positions ``[0, num_tokens)``, freeing pages no longer needed."""
         if not 0 <= num_tokens <= self._num_tokens:

@@ -68,6 +68,10 @@ class Req:
     ngram_index: Any = None  # draft.ngram_merge.NgramIndex over all_ids (--speculative-ngram-merge)
     # structured outputs: the grammar state over output_ids (specdec.grammar.RequestGrammar)
     grammar: Any = None
+    # parallel sampling (n > 1, best_of): the sibling whose prompt KV this request shares, and
+    # how many prompt tokens it took from there instead of computing them (SGLang's cached_tokens)
+    prefix_source: Req | None = None
+    cached_tokens: int = 0
     # the output's text, decoded a token at a time (specdec.detokenizer; None without a tokenizer)
     detok: IncrementalDetokenizer | None = None
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))

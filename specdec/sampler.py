@@ -47,8 +47,9 @@ def apply_penalties(
     Order (as in vLLM): first the HF-style repetition penalty over every token in
     the row's prompt and output (positive logits divided by the penalty, negative
     ones multiplied), then the OpenAI-style penalties over output tokens only:
-    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
-    Rows without penalties are copied unchanged.
+    ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``, then each
+    ``logit_bias`` entry is added to its token's logit (OpenAI's order: the bias comes last).
+    Rows without any are copied unchanged.
     """
     _check_batch(logits, params)
     if len(prompt_ids) != len(params) or len(output_ids) != len(params):
@@ -75,6 +76,9 @@ def apply_penalties(
                 out[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
                     out.dtype
                 )
+        if p.logit_bias:
+            biased = _ids_tensor([t for t, _ in p.logit_bias], vocab_size, out.device)  # [n]
+            out[row, biased] += torch.tensor([b for _, b in p.logit_bias], dtype=out.dtype, device=out.device)
     return out
 
 

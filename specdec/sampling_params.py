@@ -58,6 +58,9 @@ class SamplingParams:
         regex: Constrain the output to this regular expression.
         ebnf: Constrain the output to this EBNF grammar (SGLang's / xgrammar's dialect, root
             rule ``root``). At most one of the three; see specdec/grammar.py.
+        logit_bias: ``(token_id, bias)`` pairs added to those tokens' logits before sampling
+            (OpenAI semantics: bias in [-100, 100]; -100 in effect bans a token, 100 forces it).
+            ``from_dict`` also takes OpenAI's ``{"token_id": bias}`` mapping.
     """
 
     max_new_tokens: int = 128
@@ -76,6 +79,7 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -131,6 +135,19 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.logit_bias, (tuple, list)):
+            raise ValueError(f"logit_bias must be (token_id, bias) pairs, got {type(self.logit_bias).__name__}")
+        pairs = []
+        for pair in self.logit_bias:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"logit_bias entries must be (token_id, bias) pairs, got {pair!r}")
+            tid, bias = pair
+            if not _is_int(tid) or tid < 0:
+                raise ValueError(f"logit_bias token ids must be integers >= 0, got {tid!r}")
+            if not _is_number(bias) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tid}")
+            pairs.append((tid, float(bias)))
+        object.__setattr__(self, "logit_bias", tuple(sorted(dict(pairs).items())))
         given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
         for name in given:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -151,9 +168,11 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
 
     @property
-    def has_penalties(self) -> bool:
-        """True when frequency, presence or repetition penalties change the logits."""
-        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+    def adjusts_logits(self) -> bool:
+        """True when penalties (frequency, presence, repetition) or a logit bias change the
+        logits (`sampler.apply_penalties`), so that the raw argmax is not the greedy token."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> SamplingParams:
@@ -177,6 +196,15 @@ class SamplingParams:
             kwargs["stop"] = (stop,)
         elif isinstance(stop, list):
             kwargs["stop"] = tuple(stop)
+        bias = kwargs.get("logit_bias")
+        if isinstance(bias, Mapping):  # OpenAI's {"token_id": bias}
+            pairs = []
+            for k, v in bias.items():
+                try:
+                    pairs.append((int(k), v))
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
+            kwargs["logit_bias"] = tuple(pairs)
         stop_token_ids = kwargs.get("stop_token_ids")
         if isinstance(stop_token_ids, list):
             kwargs["stop_token_ids"] = tuple(stop_token_ids)

@@ -143,15 +143,42 @@ class Scheduler:
         budget = self.limits.max_prefill_tokens
         while self.waiting and len(self.running) + len(batch) < self.limits.max_running_requests:
             req = self.waiting[0]
+            src = req.prefix_source
+            if src is not None and req.num_cached == 0:
+                if any(r is src for r in batch):
+                    break  # its sibling computes the shared prompt in this step: wait one step
+                self._share_prefix(req, src)
             need = req.seq_len - req.num_cached
             if batch and need > budget:
+                req.release_kv()  # (a shared prefix is taken again when it is admitted)
                 break
             if not req.page_table.reserve(req.seq_len + self._extra_slots):
+                req.release_kv()
                 break  # out of pages: wait until running requests free some
             self.waiting.popleft()
             batch.append(req)
             budget -= need
         return batch
+
+    def _share_prefix(self, req: Req, src: Req) -> None:
+        """Start `req` on the whole KV pages of the prompt it shares with `src` (n > 1 /
+        best_of siblings), if `src` has computed them: target and draft K/V of a prompt
+        position depend on the prompt alone, except the draft's at its last position (it pairs
+        with the first sampled token), so the pages before that one are shared and `req`
+        prefills only the rest. The draft's K/V must be there: positions the draft has not
+        consumed yet (adaptive speculation skipped it) are not shared."""
+        req.cached_tokens = 0
+        if src.finished or src.prompt_ids != req.prompt_ids or src.num_cached < src.prompt_len:
+            return
+        page_size = self.allocator.page_size
+        limit = req.prompt_len - 1  # positions whose K/V depend on the prompt alone
+        for start, _ in src.draft_pending:
+            limit = min(limit, start)
+        pages = min(limit, src.page_table.num_tokens) // page_size
+        if pages == 0:
+            return
+        req.page_table.share_prefix(src.page_table, pages)
+        req.num_cached = req.cached_tokens = pages * page_size
 
     def _reserve_decode_slots(self) -> None:
         i = 0
@@ -210,9 +237,9 @@ class Scheduler:
     def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
         params = [r.params for r in batch]
         logits = grammar_masked(batch, logits)
-        if all(p.is_greedy for p in params) and not any(r.params.has_penalties for r in batch):
+        if all(p.is_greedy for p in params) and not any(r.params.adjusts_logits for r in batch):
             return logits.argmax(dim=-1)
-        if any(r.params.has_penalties for r in batch):
+        if any(r.params.adjusts_logits for r in batch):
             logits = apply_penalties(
                 logits, params, [r.prompt_ids for r in batch], [r.output_ids for r in batch]
             )

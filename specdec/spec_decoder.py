@@ -224,7 +224,7 @@ class SpecDecoder:
         """logits [N, vocab]: the target's scores after each tree node; mask [N, W]: the
         grammar's bitmask after each node (constrained requests)."""
         p = req.params
-        if p.has_penalties:
+        if p.adjusts_logits:
             # penalties see the output so far plus the node's own path
             outs = [req.output_ids + [tree.tokens[n] for n in path_to(tree, i)[1:]] for i in range(tree.size)]
             logits = apply_penalties(logits, [p] * tree.size, [req.prompt_ids] * tree.size, outs)
@@ -249,7 +249,7 @@ class SpecDecoder:
 
 def _plain_greedy(req: Req) -> bool:
     """Greedy without penalties or grammar: verification needs only each node's raw argmax."""
-    return req.params.is_greedy and not req.params.has_penalties and req.grammar is None
+    return req.params.is_greedy and not req.params.adjusts_logits and req.grammar is None
 
 
 def constrain_tree(req: Req, tree: DraftTree) -> tuple[DraftTree, Tensor | None]:

@@ -70,6 +70,26 @@ def test_eagle3_greedy_equals_plain_decoding(base: Any, head: Path, tree: tuple[
     assert engine.allocator.num_free_pages == engine.allocator.num_pages
 
 
+def test_eagle3_greedy_with_logit_bias_and_penalties_equals_plain_decoding(base: Any, head: Path) -> None:
+    """The bias and penalties change the target's logits at every verified node as plain decoding
+    does (the draft proposes without them; verification keeps the output exact)."""
+    engine = specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning",
+                            speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head),
+                            speculative_num_steps=5, speculative_eagle_topk=4, speculative_num_draft_tokens=8,
+                            speculative_adaptive="off")
+    ids = [_chat(engine, q) for q in QUESTIONS]
+    ref0 = base.generate(input_ids=ids[0], sampling_params={"temperature": 0, "max_new_tokens": 8})
+    bias = {str(t): -100 for t in ref0["output_ids"][:3]}  # ban the first plain tokens
+    bias[str(engine.encode(" water")[0])] = 4.0
+    params = {"temperature": 0, "max_new_tokens": 32, "logit_bias": bias, "frequency_penalty": 0.5}
+    outs = engine.generate(input_ids=ids, sampling_params=params)
+    refs = base.generate(input_ids=ids, sampling_params=params)
+    assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in refs]
+    assert outs[0]["output_ids"][:3] != ref0["output_ids"][:3]
+    banned = set(ref0["output_ids"][:3]) - {engine.encode(" water")[0]}
+    assert not banned & set(outs[0]["output_ids"])
+
+
 def test_shipped_head_accepts_more_than_two_tokens_per_step() -> None:
     """The trained head's headline figure on held-out GSM8K-style prompts (never trained on):
     greedy, default tree (5, 4, 8), float32; accept length = emitted tokens / verify steps."""

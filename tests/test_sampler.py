@@ -58,6 +58,10 @@ def test_defaults_match_sglang() -> None:
         ({"stop_token_ids": (-1,)}, "stop_token_ids"),
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"seed": 1.5}, "seed"),
+        ({"logit_bias": ((3, 101.0),)}, "logit_bias"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+        ({"logit_bias": ((1, float("nan")),)}, "logit_bias"),
+        ({"logit_bias": ((1,),)}, "logit_bias"),
     ],
 )
 def test_validation_errors_name_the_field(kwargs: dict[str, object], field: str) -> None:
@@ -137,6 +141,20 @@ def test_penalties_combined_and_per_row() -> None:
     out = apply_penalties(logits, params, prompt_ids=[[2], [2]], output_ids=[[0, 0], [0, 0]])
     # row 0: token 0: 2/2 - 1*2 - 0.5 = -1.5; token 2 (prompt only): -1*2 = -2.
     assert out.tolist() == [[-1.5, 1.0, -2.0], [2.0, 1.0, -1.0]]
+
+
+def test_logit_bias_is_added_last_and_parsed_from_openais_mapping() -> None:
+    p = SamplingParams.from_dict({"logit_bias": {"2": -100, "0": 5.5}, "presence_penalty": 1.0})
+    assert p.logit_bias == ((0, 5.5), (2, -100.0)) and p.adjusts_logits
+    assert not SamplingParams().adjusts_logits and SamplingParams(logit_bias=((1, 0.5),)).adjusts_logits
+    logits = torch.tensor([[1.0, -2.0, 0.5, 3.0]])  # [1, 4]
+    out = apply_penalties(logits, [p], prompt_ids=[[]], output_ids=[[0]])
+    # token 0: 1 - 1 (presence) + 5.5; token 2: 0.5 - 100
+    assert out.tolist() == [[5.5, -2.0, -99.5, 3.0]]
+    with pytest.raises(ValueError, match="logit_bias keys"):
+        SamplingParams.from_dict({"logit_bias": {"x": 1}})
+    with pytest.raises(ValueError, match="token ids"):
+        apply_penalties(logits, [SamplingParams(logit_bias=((4, 1.0),))], [[]], [[]])
 
 
 def test_penalties_reject_out_of_vocab_ids() -> None:

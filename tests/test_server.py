@@ -224,7 +224,8 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, rou
         ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "messages"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 33}, 400, "n"),
         # issue 21: refused by name, not silently ignored
         ({"messages": [{"role": "user", "content": "x"}],
           "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
@@ -237,7 +238,10 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, rou
          400, "response_format"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
           "response_format": {"type": "json_schema", "json_schema": {"name": "s"}}}, 400, "response_format"),
-        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 500}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"five": 1}}, 400, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logit_bias": {"99999999": 1}}, 400,
+         "logit_bias"),
         ({"messages": [{"role": "user", "content": "x"}], "min_p": 2}, 400, "min_p"),
         ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 3}, 400, "frequency_penalty"),
         ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -327,14 +331,81 @@ def test_errors_of_the_framework_and_of_content_type_have_openais_shape(server: 
     assert info["api_key"] == "<redacted>" and API_KEY not in str(info)
 
 
-def test_completions_refuse_suffix_and_best_of(server: str) -> None:
-    for extra, param in (({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of")):
+def test_completions_refuse_suffix_and_bad_best_of(server: str) -> None:
+    for extra, param in (({"suffix": "end"}, "suffix"), ({"best_of": 2, "n": 3}, "best_of"),
+                         ({"best_of": 3, "stream": True}, "best_of"), ({"best_of": 40}, "best_of")):
         r = httpx.post(f"{server}/v1/completions", headers=_headers(), timeout=30,
                        json={"prompt": "a", "max_tokens": 2, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     ok = httpx.post(f"{server}/v1/completions", headers=_headers(), timeout=30,
                     json={"prompt": "a", "max_tokens": 2, "best_of": 1, "suffix": None})
     assert ok.status_code == 200
+
+
+def test_n_choices_greedy_equal_the_single_answer_and_stream_per_index(client: openai.OpenAI) -> None:
+    """n = 3 siblings share the prompt's KV pages; greedy, each equals the n = 1 answer. Streamed,
+    each index's deltas add up to it; usage counts the prompt once."""
+    kw: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "max_tokens": 12, "temperature": 0,
+                          "messages": [{"role": "user", "content": "Name three rivers of Europe, " * 6}]}
+    one = client.chat.completions.create(**kw)
+    three = client.chat.completions.create(**kw, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.message.content for c in three.choices] == [one.choices[0].message.content] * 3
+    assert three.usage is not None and one.usage is not None
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    texts = ["", ""]
+    reasons = [None, None]
+    for chunk in client.chat.completions.create(**kw, n=2, stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert texts == [one.choices[0].message.content] * 2 and None not in reasons
+
+
+def test_seeded_choices_are_the_seeded_single_answers_and_best_of_picks_the_likeliest(server: str) -> None:
+    """Choice i of a seeded n > 1 request is the n = 1 answer seeded seed + i (sharing the prompt's
+    KV changes nothing); best_of = 4, n = 2 returns the two of those four with the highest
+    cumulative logprob, in that order."""
+    def post(**extra: Any) -> Any:
+        body = {"prompt": "Once upon a time, in a land far away,", "max_tokens": 8, "temperature": 1.0,
+                "seed": 11, "logprobs": 0, **extra}
+        r = httpx.post(f"{server}/v1/completions", headers=_headers(), json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"]
+
+    four = post(n=4)
+    singles = [post(seed=11 + i)[0]["text"] for i in range(4)]
+    assert [c["text"] for c in four] == singles
+    assert len(set(singles)) > 1  # sampled, so the seeds differ (8 tokens at temperature 1)
+    total = [sum(c["logprobs"]["token_logprobs"]) for c in four]
+    best = sorted(range(4), key=lambda i: -total[i])[:2]
+    picked = post(n=2, best_of=4)
+    assert [c["text"] for c in picked] == [four[i]["text"] for i in best]
+    assert [c["index"] for c in picked] == [0, 1]
+
+
+def test_logit_bias_bans_and_forces_tokens(client: openai.OpenAI, offline: Any) -> None:
+    kw: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is",
+                          "max_tokens": 4, "temperature": 0}
+    plain = client.completions.create(**kw, logprobs=0)
+    first = offline.encode(plain.choices[0].text)[0]
+    banned = client.completions.create(**kw, logit_bias={str(first): -100})
+    assert offline.encode(banned.choices[0].text)[0] != first
+    forced = offline.encode(" banana")[0]
+    r = client.completions.create(**kw, logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert offline.encode(r.choices[0].text) == [forced] * 4
+
+
+def test_a_client_leaving_n_choices_aborts_them_all(server: str) -> None:
+    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 600,
+            "ignore_eos": True, "n": 3}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", headers=_headers(), json=body, timeout=2)
+    t0 = time.monotonic()
+    while _kv_used(server) > 0 and time.monotonic() - t0 < 3:
+        time.sleep(0.1)
+    assert _kv_used(server) == 0, "a choice kept running after its client left"
 
 
 def test_a_body_that_never_arrives_times_out_and_a_chunked_one_is_size_checked(server: str) -> None:
