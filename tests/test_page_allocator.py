@@ -235,3 +235,23 @@ def test_import_does_not_pull_in_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_share_prefix_counts_each_owner_and_frees_with_the_last() -> None:
+    alloc = PageAllocator(num_pages=8, page_size=4)
+    src = PageTable(alloc)
+    assert src.reserve(10)  # 3 pages
+    dst = PageTable(alloc)
+    dst.share_prefix(src, 2)
+    assert dst.pages == src.pages[:2] and dst.num_tokens == 8 and alloc.num_used_pages == 3
+    assert [alloc.refcount(p) for p in src.pages] == [2, 2, 1]
+    assert dst.reserve(13) and dst.slots(0, 8) == src.slots(0, 8) and dst.pages[2] not in src.pages
+    with pytest.raises(ValueError, match="empty"):
+        dst.share_prefix(src, 1)
+    with pytest.raises(ValueError, match="cannot share"):
+        PageTable(alloc).share_prefix(src, 4)
+    src.release()
+    assert alloc.num_used_pages == 4  # dst's two shared pages and its own two
+    dst.release()
+    assert alloc.num_free_pages == 8
+    alloc.check_invariants()
