@@ -7,6 +7,7 @@ and the `raise_exception` / `strftime_now` helpers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,19 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-BUILTIN_TEMPLATES: tuple[str, ...] = ("chatml", "llama-4")
-ALLOWED_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+BUILTIN_TEMPLATES: tuple[str, ...] = ("chatml", "llama-4", "smollm2")
+ALLOWED_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+# the tool-call format each built-in template teaches (server/tool_formats.py); chatml has none
+BUILTIN_TOOL_FORMATS: dict[str, str] = {"llama-4": "pythonic", "smollm2": "hermes"}
+# checkpoint templates with no tool format whose built-in equivalent adds one: the built-in
+# renders exactly what the checkpoint's does without tools (tests/test_chat_template.py)
+_TOOL_EQUIVALENTS: dict[str, str] = {
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+    "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}": "smollm2",
+}
 TEXT_PART_SEPARATOR = "\n"
 
 _TEMPLATE_DIR = "templates"
@@ -43,6 +55,7 @@ class ChatTemplate:
     source: str
     bos_token: str = ""
     eos_token: str = ""
+    tool_format: str | None = None  # how answers carry tool calls (tool_formats.FORMATS); None: no tools
 
     def render(
         self,
@@ -88,10 +101,11 @@ def validate_messages(messages: Sequence[Mapping[str, object]]) -> list[dict[str
             raise ValueError(
                 f"messages[{index}].role is {role!r}; expected one of {', '.join(ALLOWED_ROLES)}."
             )
-        if "content" not in message:
+        content = message.get("content")
+        if content is None and not (role == "assistant" and message.get("tool_calls")):
             raise ValueError(f"messages[{index}] ({role}) has no content.")
         plain = dict(message)
-        plain["content"] = _content_text(message["content"], index)
+        plain["content"] = "" if content is None else _content_text(content, index)
         normalized.append(plain)
     return normalized
 
@@ -113,10 +127,15 @@ def load_chat_template(
     """
     config = _read_tokenizer_config(model_path) if tokenizer_config is None else tokenizer_config
     bos_token, eos_token = _special_tokens(config, model_path)
+    tool_format = None
     if spec is None:
         name, source = _checkpoint_template(model_path, config)
+        if source in _TOOL_EQUIVALENTS:  # e.g. the embedded SmolLM2's: its built-in adds tools
+            spec = _TOOL_EQUIVALENTS[source]
+            name, source, tool_format = f"{spec} (the checkpoint's template, with tools)", _builtin_source(spec), \
+                BUILTIN_TOOL_FORMATS.get(spec)
     elif spec in BUILTIN_TEMPLATES:
-        name, source = spec, _builtin_source(spec)
+        name, source, tool_format = spec, _builtin_source(spec), BUILTIN_TOOL_FORMATS.get(spec)
     elif spec and Path(spec).expanduser().is_file():
         name, source = spec, _file_source(Path(spec).expanduser())
     else:
@@ -125,7 +144,21 @@ def load_chat_template(
             f"({', '.join(BUILTIN_TEMPLATES)}) and not an existing file."
         )
     _compile(source, name)
-    return ChatTemplate(name=name, source=source, bos_token=bos_token, eos_token=eos_token)
+    return ChatTemplate(name=name, source=source, bos_token=bos_token, eos_token=eos_token,
+                        tool_format=tool_format)
+
+
+def with_tool_parser(template: ChatTemplate, parser: str | None) -> ChatTemplate:
+    """`--tool-call-parser`: the tool-call format of answers under `template` (which must render
+    `tools`); None keeps the template's own, `none` refuses tools."""
+    from .tool_formats import FORMATS, PARSER_ALIASES
+
+    if parser is None:
+        return template
+    name = PARSER_ALIASES.get(parser, parser)
+    if name != "none" and name not in FORMATS:
+        raise ValueError(f"unknown --tool-call-parser {parser!r}: {', '.join([*FORMATS, *PARSER_ALIASES, 'none'])}")
+    return dataclasses.replace(template, tool_format=None if name == "none" else name)
 
 
 def _content_text(content: object, index: int) -> str:

@@ -22,17 +22,23 @@ from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChoiceLogprobs,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCall,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
 from .state import MAX_TOP_LOGPROBS, ApiError, ServerState
+from .streaming import ChoiceStream, TextStreamer
+from .tools import ToolPlan, call_id, message_tool_calls, plan_tools
 
 IsDisconnected = Callable[[], Awaitable[bool]]
 
@@ -40,9 +46,17 @@ IsDisconnected = Callable[[], Awaitable[bool]]
 # ---- shared helpers -----------------------------------------------------------------------------
 
 
-def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_len: int) -> SamplingParams:
-    """OpenAI fields -> SamplingParams; every invalid value is a 400 naming the field."""
+def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_len: int,
+                    tool_schema: str | None = None) -> SamplingParams:
+    """OpenAI fields -> SamplingParams; every invalid value is a 400 naming the field.
+    `tool_schema`: the constraint of tool_choice required / named (server/tools.py)."""
     refuse_unsupported(body)
+    schema = response_schema(getattr(body, "response_format", None))
+    if tool_schema is not None:
+        if schema is not None:
+            raise ApiError(400, "response_format cannot be combined with tool_choice required or a named "
+                           "function (both constrain the answer)", "response_format")
+        schema = tool_schema
     if max_new is None:
         max_new = state.engine.context_length - prompt_len
     if max_new <= 0:
@@ -65,7 +79,7 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
         "seed": body.seed,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
-        "json_schema": response_schema(getattr(body, "response_format", None)),
+        "json_schema": schema,
         "logit_bias": body.logit_bias or None,
     }
     try:
@@ -100,19 +114,14 @@ def response_schema(fmt: Any) -> str | None:
 
 def refuse_unsupported(body: Any) -> None:
     """OpenAI fields this server does not implement yet are refused with a 400 naming them,
-    never ignored (a request asking for tools or a JSON schema must not get plain text)."""
-    if getattr(body, "tools", None):
-        raise ApiError(400, "tool calling is not supported yet: send the request without `tools`", "tools")
-    choice = getattr(body, "tool_choice", None)
-    if choice not in (None, "none", "auto"):
-        raise ApiError(400, "tool_choice needs tools, which are not supported yet", "tool_choice")
+    never ignored (a request asking for something must not get plain text instead)."""
     if getattr(body, "suffix", None):
         raise ApiError(400, "suffix (insertion) is not supported: this server's models have no "
                        "fill-in-the-middle format", "suffix")
 
 
 def make_requests(state: ServerState, ids: list[int], params: SamplingParams, rid: str, count: int,
-                  **kw: Any) -> list[Req]:
+                  grammar_param: str = "response_format", **kw: Any) -> list[Req]:
     """`count` sibling requests of one prompt (n / best_of), sharing its KV (server/fanout.py);
     a single request keeps the id `rid`, siblings are `rid-0`, `rid-1`, ..."""
     reqs = []
@@ -121,7 +130,7 @@ def make_requests(state: ServerState, ids: list[int], params: SamplingParams, ri
             reqs.append(state.engine.make_request(ids, p, rid=rid if count == 1 else f"{rid}-{i}", **kw))
     except ValueError as e:
         if str(e).startswith(GRAMMAR_FIELDS):  # the schema / grammar did not compile
-            raise ApiError(400, str(e), "response_format") from e
+            raise ApiError(400, str(e), grammar_param) from e
         if str(e).startswith("logit_bias"):
             raise ApiError(400, str(e), "logit_bias") from e
         raise ApiError(400, str(e), "messages" if rid.startswith("chatcmpl") else "prompt") from e
@@ -212,36 +221,6 @@ def sse(obj: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-class TextStreamer:
-    """A stream's text deltas: the engine's incremental text (complete UTF-8 characters only,
-    specdec/detokenizer.py), less any end that may be the start of a stop string (held back
-    until it is known not to be one). Nothing here decodes: the cost per delta does not grow
-    with the output."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.stops = params.stop
-        self.held = ""
-        self.sent_chars = 0
-
-    def push(self, new_text: str) -> str:
-        text = self.held + new_text
-        hold = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):  # might be the start of a stop string
-                    hold = max(hold, k)
-                    break
-        out, self.held = text[: len(text) - hold], text[len(text) - hold:]
-        self.sent_chars += len(out)
-        return out
-
-    def finish(self, final_text: str) -> str:
-        """The rest of the request's final text (stop string cut off, held bytes flushed)."""
-        delta = final_text[self.sent_chars:]
-        self.sent_chars = len(final_text)
-        return delta
-
-
 # ---- chat -----------------------------------------------------------------------------------------
 
 
@@ -253,23 +232,25 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest,
     if state.chat_template is None:
         raise ApiError(400, "this server has no chat template; start it with --chat-template", "messages")
     count = check_counts(body.n, None, body.stream)
-    messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
+    plan = plan_tools(body.tools, body.tool_choice, state.chat_template.tool_format)
+    messages = [_message(m, i) for i, m in enumerate(body.messages)]
     try:
-        prompt = state.chat_template.render(messages, add_generation_prompt=True)
+        prompt = state.chat_template.render(messages, add_generation_prompt=True, tools=plan.tools)
     except ValueError as e:
         raise ApiError(400, str(e), "messages") from e
     ids = state.engine.encode(prompt)
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
-    params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens, len(ids))
+    params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens, len(ids), plan.schema)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    reqs = make_requests(state, ids, params, rid, count, return_logprob=body.logprobs,
+    reqs = make_requests(state, ids, params, rid, count, "tools" if plan.schema else "response_format",
+                         return_logprob=body.logprobs,
                          top_logprobs_num=(body.top_logprobs or 0) if body.logprobs else 0)
     queues = submit_all(state, reqs)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _chat_stream(state, rid, reqs, queues, params, created, include_usage, body.logprobs)
+        return _chat_stream(state, rid, reqs, queues, params, plan, created, include_usage, body.logprobs)
     results = await wait_all(state, reqs, queues, is_disconnected)
     choices = []
     for i, result in enumerate(results):
@@ -278,7 +259,11 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest,
         logprobs = None
         if body.logprobs:
             logprobs = chat_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs", []))
-        choices.append(ChatChoice(i, AssistantMessage("assistant", result["text"]), logprobs, kind, matched))
+        content, calls = plan.parse(result["text"])
+        tool_calls = [ToolCall(call_id(), FunctionCall(c.name, c.arguments)) for c in calls] or None
+        if tool_calls and kind == "stop":
+            kind = "tool_calls"
+        choices.append(ChatChoice(i, AssistantMessage("assistant", content, tool_calls), logprobs, kind, matched))
     return ChatCompletionResponse(rid, created, state.served_model_name, choices, usage_sum(results, len(results)),
                                   spec_metadata(results[0]["meta_info"]))
 
@@ -289,6 +274,19 @@ def usage_sum(results: Sequence[dict[str, Any]], per_prompt: int) -> Usage:
     prompt_tokens = sum(r["meta_info"]["prompt_tokens"] for r in results[::per_prompt])
     completion = sum(r["meta_info"]["completion_tokens"] for r in results)
     return Usage(prompt_tokens, completion, prompt_tokens + completion)
+
+
+def _message(m: ChatMessage, index: int) -> dict[str, Any]:
+    """A request message for the template: text content; an assistant's tool_calls with their
+    arguments as objects; a tool message's tool_call_id."""
+    out: dict[str, Any] = {"role": m.role, "content": None if m.content is None and m.tool_calls
+                           else _content_text(m.content)}
+    calls = message_tool_calls(m.tool_calls, index)
+    if calls:
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 def _content_text(content: Any) -> str:
@@ -305,11 +303,13 @@ def _content_text(content: Any) -> str:
 
 
 async def _chat_stream(state: ServerState, rid: str, reqs: Sequence[Req], queues: Sequence[asyncio.Queue[Update]],
-                       params: SamplingParams, created: int, include_usage: bool,
+                       params: SamplingParams, plan: ToolPlan, created: int, include_usage: bool,
                        want_logprobs: bool) -> AsyncIterator[bytes]:
-    """Each choice's deltas as they come (chunks carry the choice's index); usage once all end."""
+    """Each choice's deltas as they come (chunks carry the choice's index); a choice's tool calls
+    in one delta at its end (text that may start a call is held back until then); usage once
+    all end."""
     model = state.served_model_name
-    streamers = [TextStreamer(params) for _ in reqs]
+    streams = [ChoiceStream(params, plan) for _ in reqs]
     results: list[dict[str, Any]] = []
 
     def chunk(i: int, delta: DeltaMessage, reason: str | None = None, lps: ChoiceLogprobs | None = None,
@@ -323,17 +323,21 @@ async def _chat_stream(state: ServerState, rid: str, reqs: Sequence[Req], queues
         async for i, update in merged(queues):
             lps = chat_logprobs(update.new_logprobs, update.new_top_logprobs) if want_logprobs else None
             if not update.finished:
-                delta = streamers[i].push(update.new_text)
+                delta = streams[i].push(update.new_text)
                 if delta or (lps and lps.content):
                     yield chunk(i, DeltaMessage(content=delta), None, lps)
                 continue
             result = update.result
             assert result is not None
             results.append(result)
-            delta = streamers[i].finish(result["text"])
+            delta, calls = streams[i].finish(result["text"])
             if delta or (lps and lps.content):
                 yield chunk(i, DeltaMessage(content=delta), None, lps)
             kind, _ = finish_reason(result)
+            if calls:
+                yield chunk(i, DeltaMessage(tool_calls=[ToolCallDelta(j, call_id(), FunctionCall(c.name, c.arguments))
+                                                        for j, c in enumerate(calls)]))
+                kind = "tool_calls" if kind == "stop" else kind
             yield chunk(i, DeltaMessage(), kind, None, spec_metadata(result["meta_info"]))
         if include_usage:
             yield sse(ChatCompletionChunk(rid, created, model, [], usage_sum(results, len(results)),

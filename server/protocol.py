@@ -17,10 +17,23 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's answer to that call
 
 
 class StreamOptions(msgspec.Struct):
@@ -50,8 +63,7 @@ class ChatCompletionRequest(msgspec.Struct):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
-    # accepted so that they can be refused by name (openai_api.refuse_unsupported), not ignored
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # validated in server/tools.py
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
@@ -127,9 +139,10 @@ class ChoiceLogprobs(msgspec.Struct):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -150,9 +163,17 @@ class ChatCompletionResponse(msgspec.Struct):
     object: str = "chat.completion"
 
 
+class ToolCallDelta(msgspec.Struct):
+    index: int
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -42,7 +42,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
                    help="Token budget of one prefill batch.")
     g.add_argument("--chat-template", default=None,
-                   help="Built-in name (chatml, llama-4) or a jinja file; default: the checkpoint's.")
+                   help="Built-in name (chatml, llama-4, smollm2) or a jinja file; default: the "
+                        "checkpoint's (the embedded SmolLM2's becomes smollm2, which adds tools).")
+    g.add_argument("--tool-call-parser", default=None,
+                   choices=("pythonic", "llama4", "llama4_pythonic", "hermes", "smollm2", "none"),
+                   help="How answers carry tool calls (pythonic: Llama 4's [f(a=1)]; hermes: JSON in "
+                        "<tool_call> tags); default: the chat template's own (llama-4: pythonic, "
+                        "smollm2: hermes); none: refuse tools.")
     g.add_argument("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS,
                    help="auto: torch on the CPU.")
     g.add_argument("--random-seed", type=int, default=None, help="Seed of the global RNG.")

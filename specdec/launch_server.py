@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     from specdec.engine import Engine
     from specdec.engine_loop import EngineLoop
     from specdec.server.app import create_app
-    from specdec.server.chat_template import load_chat_template
+    from specdec.server.chat_template import load_chat_template, with_tool_parser
     from specdec.server.state import ServerState
 
     if not 0 < args.port < 65536:
@@ -53,7 +53,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = Engine(**kwargs)
     template = None
     if engine.tokenizer is not None:
-        template = load_chat_template(args.chat_template, engine.model_path)
+        template = with_tool_parser(load_chat_template(args.chat_template, engine.model_path),
+                                    args.tool_call_parser)
     name = args.served_model_name or engine.model_path.name
     loop = EngineLoop(engine)
     state = ServerState(engine, loop, template, name, args.api_key, args.max_request_bytes,

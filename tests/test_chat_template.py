@@ -126,7 +126,7 @@ def test_bad_spec_lists_builtins(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="chatml, llama-4") as raised:
         load_chat_template("no-such-template", None)
     assert "no-such-template" in str(raised.value)
-    assert BUILTIN_TEMPLATES == ("chatml", "llama-4")
+    assert BUILTIN_TEMPLATES == ("chatml", "llama-4", "smollm2")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")
     with pytest.raises(ValueError, match="not valid Jinja"):
@@ -139,11 +139,12 @@ def test_bad_spec_lists_builtins(tmp_path: Path) -> None:
         ([], "at least one message"),
         ("hello", "must be a list"),
         (["hello"], r"messages\[0\] must be an object"),
-        ([{"role": "tool", "content": "x"}], r"messages\[0\]\.role is 'tool'"),
+        ([{"role": "wizard", "content": "x"}], r"messages\[0\]\.role is 'wizard'"),
+        ([{"role": "assistant", "content": None}], "has no content"),  # (fine with tool_calls)
         ([{"content": "x"}], r"role is None"),
         ([{"role": "user"}], "has no content"),
         ([{"role": "user", "content": 3}], "must be a string or a list of text parts"),
-        ([{"role": "user", "content": None}], "must be a string or a list of text parts"),
+        ([{"role": "user", "content": None}], "has no content"),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
             "only 'text' parts",

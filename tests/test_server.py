@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import socket
@@ -133,6 +134,61 @@ def test_a_stream_with_a_stop_string_adds_up_to_the_plain_answer(client: openai.
     assert streamed == plain.text
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_required_or_named_returns_valid_calls(client: openai.OpenAI, choice: Any) -> None:
+    """Constrained to calls of the listed functions with valid arguments (the grammar masks every
+    draft token too: the fixture speculates), answered as tool_calls, streamed in one delta."""
+    import jsonschema
+
+    kw: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "max_tokens": 60, "temperature": 0, "tools": TOOLS,
+                          "tool_choice": choice,
+                          "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None and msg.tool_calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for call in msg.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    if isinstance(choice, dict):
+        assert [c.function.name for c in msg.tool_calls] == ["get_weather"]
+    streamed: list[Any] = []
+    content = ""
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            streamed += ch.delta.tool_calls or []
+    assert content == ""
+    assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == [
+        (i, c.function.name, c.function.arguments) for i, c in enumerate(msg.tool_calls)]
+
+
+def test_a_conversation_with_tool_results_is_answered(client: openai.OpenAI) -> None:
+    """The tool role and an assistant's tool_calls go through the embedded model's tool template;
+    with tool_choice auto the answer is content or calls of the listed functions."""
+    messages: list[Any] = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}]
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, tools=TOOLS,
+                                       max_tokens=24, temperature=0)
+    msg = r.choices[0].message
+    assert msg.content or msg.tool_calls
+    for call in msg.tool_calls or []:
+        assert call.function.name in {"get_weather", "get_time"}
+        json.loads(call.function.arguments)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
                                   max_tokens=5, temperature=0, echo=True, logprobs=2)
@@ -228,7 +284,12 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, rou
         ({"messages": [{"role": "user", "content": "x"}], "n": 33}, 400, "n"),
         # issue 21: refused by name, not silently ignored
         ({"messages": [{"role": "user", "content": "x"}],
-          "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
+          "tools": [{"type": "function", "function": {"name": "not a name", "parameters": {}}}]}, 400, "tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "tool_choice": "required",
+          "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
+         400, "response_format"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, 400, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice"),
         ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "structural_tag"}}, 400,
          "response_format"),

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from server.openai_api import TextStreamer
+from server.streaming import TextStreamer
 from specdec.detokenizer import REPLACEMENT, IncrementalDetokenizer
 from specdec.sampling_params import SamplingParams
 from specdec.stop_strings import first_stop, first_stop_reference
