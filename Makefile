@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock run generate test test-fast train-head lint clean
+.PHONY: install lock run generate test test-fast train-head lint clean lm-eval
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -38,6 +38,22 @@ test-fast: install
 # Reproduce the shipped EAGLE3 head for the embedded model (resumable; hours on 2 cores).
 train-head: install
 	$(VENV)/bin/specdec train-eagle3 --recipe smollm2 --out draft/heads/smollm2-135m-instruct-eagle3
+
+# Accuracy through the server as lm-eval's guides run it, on GSM8K from bench/data (no hub):
+# generation via local-chat-completions, log-likelihood via local-completions. Needs a running
+# server (`make run`) at BASE_URL; lm-eval gets a venv of its own (docs/BENCHMARKS.md).
+LMEVAL_VENV ?= .venv-lmeval
+BASE_URL ?= http://127.0.0.1:30000
+LIMIT ?= 20
+lm-eval: install
+	test -x $(LMEVAL_VENV)/bin/lm_eval || (python3 -m venv $(LMEVAL_VENV) && \
+	  $(LMEVAL_VENV)/bin/pip install -q torch==2.13.0 transformers==5.23.0 "lm_eval[api]==0.4.13")
+	$(LMEVAL_VENV)/bin/lm_eval run --model local-chat-completions --tasks gsm8k_local \
+	  --model_args model=SmolLM2-135M-Instruct,base_url=$(BASE_URL)/v1/chat/completions,num_concurrent=4 \
+	  --include_path bench/lm_eval --apply_chat_template --fewshot_as_multiturn --limit $(LIMIT)
+	$(LMEVAL_VENV)/bin/lm_eval run --model local-completions --tasks gsm8k_answer_loglikelihood \
+	  --model_args model=SmolLM2-135M-Instruct,base_url=$(BASE_URL)/v1/completions,num_concurrent=4,tokenizer_backend=huggingface,tokenizer=$$($(PY) -c "from specdec.target.embedded import ensure_embedded_model as e; print(e())") \
+	  --include_path bench/lm_eval --limit $$(( $(LIMIT) * 2 ))
 
 lint: install
 	$(VENV)/bin/ruff check .
