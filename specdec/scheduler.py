@@ -170,6 +170,8 @@ class Scheduler:
         req.cached_tokens = 0
         if src.finished or src.prompt_ids != req.prompt_ids or src.num_cached < src.prompt_len:
             return
+        if self._wants_prompt_logprobs(req):  # they are computed from a prefill of the whole prompt
+            return
         page_size = self.allocator.page_size
         limit = req.prompt_len - 1  # positions whose K/V depend on the prompt alone
         for start, _ in src.draft_pending:
@@ -179,6 +181,10 @@ class Scheduler:
             return
         req.page_table.share_prefix(src.page_table, pages)
         req.num_cached = req.cached_tokens = pages * page_size
+
+    @staticmethod
+    def _wants_prompt_logprobs(req: Req) -> bool:
+        return req.return_logprob and req.logprob_start_len >= 0 and not req.input_logprobs_done
 
     def _reserve_decode_slots(self) -> None:
         i = 0

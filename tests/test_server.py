@@ -439,6 +439,11 @@ def test_seeded_choices_are_the_seeded_single_answers_and_best_of_picks_the_like
     singles = [post(seed=11 + i)[0]["text"] for i in range(4)]
     assert [c["text"] for c in four] == singles
     assert len(set(singles)) > 1  # sampled, so the seeds differ (8 tokens at temperature 1)
+    # prompt logprobs need a prefill of the whole prompt: siblings asking for them do not share it
+    echoed = post(n=2, echo=True, max_tokens=2, prompt="Once upon a time, in a land far away, " * 6)
+    lps = [c["logprobs"]["token_logprobs"] for c in echoed]
+    assert len(lps[0]) > 50 and lps[0][0] is None and None not in lps[0][1:]
+    assert lps[0][:-2] == pytest.approx(lps[1][:-2], abs=1e-4)
     total = [sum(c["logprobs"]["token_logprobs"]) for c in four]
     best = sorted(range(4), key=lambda i: -total[i])[:2]
     picked = post(n=2, best_of=4)
