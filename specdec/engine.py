@@ -107,6 +107,7 @@ class Engine:
                 max_running_requests=self.config.max_running_requests,
                 max_prefill_tokens=self.config.max_prefill_tokens,
                 context_length=self.context_length,
+                chunked_prefill_size=self.config.chunked_prefill_size,
             ),
             self.eos_token_ids,
             None if self.tokenizer is None else self.detokenize,

@@ -28,6 +28,7 @@ class EngineConfig:
     page_size: int = 16
     max_running_requests: int = 64
     max_prefill_tokens: int = 4096
+    chunked_prefill_size: int = 4096  # tokens of one prompt fed per forward (SGLang's flag); -1: all at once
     mem_fraction_kv: float = 0.2  # share of available memory the KV cache may use by default
     chat_template: str | None = None
     served_model_name: str | None = None
@@ -69,6 +70,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.chunked_prefill_size, int) or not (
+                self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1):
+            raise ValueError(f"chunked_prefill_size must be a positive integer or -1; got {self.chunked_prefill_size!r}")
         for name in ("context_length", "max_total_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -39,6 +39,7 @@ class SchedulerLimits:
     max_running_requests: int
     max_prefill_tokens: int
     context_length: int
+    chunked_prefill_size: int = -1  # tokens of one prompt per forward; -1: the whole prompt
 
 
 class Scheduler:
@@ -63,6 +64,7 @@ class Scheduler:
         self.detokenize = detokenize
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
+        self._chunk_turn = True  # whether a pending prefill chunk goes before other work next step
 
     # ---- queue management ---------------------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -87,22 +89,56 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[Req]:
-        """Run one forward; returns the requests that received tokens (finished ones included)."""
-        batch = self._admit()
-        if batch:
-            touched = self._guarded(batch, lambda: self._run(batch))
-            self.running.extend(r for r in batch if not r.finished)
-        elif self.running:
-            self._reserve_decode_slots()
-            touched = list(self.running)
-            spec = self.spec
-            self._guarded(touched, lambda: spec.step(touched, self._append) if spec is not None
-                          else self._run(touched))
+        """Run one forward; returns the requests that received tokens (finished ones included).
+
+        Chunked prefill: a prompt longer than `chunked_prefill_size` is fed a chunk per forward;
+        the request sits in `running` meanwhile (its KV reserved whole at admission) and its
+        chunks alternate with the steps of everything else, so a long prompt neither blocks
+        the other requests' decoding nor needs its whole length of activations at once."""
+        chunk = self._next_chunk()
+        if chunk is not None:
+            touched = self._guarded([chunk], lambda: self._run([chunk]))
+            self._chunk_turn = False
         else:
-            return []
+            batch = self._admit()
+            if batch:
+                touched = self._guarded(batch, lambda: self._run(batch))
+                self.running.extend(r for r in batch if not r.finished)
+            elif self.running:
+                self._reserve_decode_slots()
+                touched = [r for r in self.running if not self._mid_prefill(r)]
+                spec = self.spec
+                self._guarded(touched, lambda: spec.step(touched, self._append) if spec is not None
+                              else self._run(touched))
+            else:
+                return []
+            self._chunk_turn = True
         self.running = [r for r in self.running if not r.finished]
         self._update_gauges()
         return touched
+
+    @staticmethod
+    def _mid_prefill(req: Req) -> bool:
+        """Its prompt is not all fed yet (a decoding request has one uncached token)."""
+        return req.seq_len - req.num_cached > 1
+
+    def _next_chunk(self) -> Req | None:
+        """The request whose next prefill chunk runs now: on every other step, or whenever
+        nothing else could run."""
+        pending = [r for r in self.running if self._mid_prefill(r)]
+        if not pending:
+            return None
+        others = self.waiting or len(pending) < len(self.running)
+        return pending[0] if self._chunk_turn or not others else None
+
+    def _feed(self, req: Req) -> list[int]:
+        """The tokens `req`'s next forward feeds: its uncached ones, at most one chunk of them
+        (not for a request that wants prompt logprobs: they come from a whole-prompt forward)."""
+        ids = req.uncached_ids()
+        size = self.limits.chunked_prefill_size
+        if 0 < size < len(ids) and not self._wants_prompt_logprobs(req):
+            return ids[:size]
+        return ids
 
     def _guarded(self, batch: list[Req], run: Callable[[], object]) -> list[Req]:
         """Run one step's forward over `batch`; if it raises, the step's requests fail (each
@@ -148,7 +184,7 @@ class Scheduler:
                 if any(r is src for r in batch):
                     break  # its sibling computes the shared prompt in this step: wait one step
                 self._share_prefix(req, src)
-            need = req.seq_len - req.num_cached
+            need = len(self._feed(req))
             if batch and need > budget:
                 req.release_kv()  # (a shared prefix is taken again when it is admitted)
                 break
@@ -214,28 +250,36 @@ class Scheduler:
 
     # ---- forward + sampling ----------------------------------------------------------------------
     def _run(self, batch: list[Req]) -> list[Req]:
-        """Feed each request's uncached tokens (prefill, or one token at a plain decode step)
-        and sample the next token; under speculation, then draft the first trees."""
-        tokens = [r.uncached_ids() for r in batch]
+        """Feed each request's uncached tokens (prefill or a chunk of it, or one token at a plain
+        decode step) and sample the next token where the prompt is done; under speculation,
+        then draft the first trees (a chunk only feeds the draft its features)."""
+        tokens = [self._feed(r) for r in batch]
         starts = [r.num_cached for r in batch]
         capture = () if self.spec is None else self.spec.capture_layers
         out = self.runner.extend(batch, tokens, capture)
         for r, toks in zip(batch, tokens, strict=True):
             r.num_cached += len(toks)
-        last = out.last_rows()
-        logits = self.runner.logits(out.hidden[last])  # [B, vocab]
-        self._input_logprobs(batch, out.hidden, out.q_starts)
-        next_ids = self._sample(batch, logits)
-        want_lp = any(r.return_logprob for r in batch)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-        for i, req in enumerate(batch):
-            self._append(req, int(next_ids[i]), None if logprobs is None else logprobs[i])
+        done = [i for i, r in enumerate(batch) if r.num_cached == r.seq_len]  # fed everything
+        if done:
+            last = out.last_rows()[done]
+            logits = self.runner.logits(out.hidden[last])  # [D, vocab]
+            self._input_logprobs(batch, out.hidden, out.q_starts)
+            ready = [batch[i] for i in done]
+            next_ids = self._sample(ready, logits)
+            want_lp = any(r.return_logprob for r in ready)
+            logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+            for j, req in enumerate(ready):
+                self._append(req, int(next_ids[j]), None if logprobs is None else logprobs[j])
         if self.spec is not None:
-            live = [i for i, r in enumerate(batch) if not r.finished]
             every = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None  # [T, 3H], once
-            feats = [None if every is None else every.narrow(0, out.q_starts[i], out.q_lens[i]) for i in live]
-            self.spec.draft([batch[i] for i in live], [starts[i] for i in live], feats,
-                            batch_size=len(self.running) + len(live))
+            live = [i for i in done if not batch[i].finished]
+            chunked = [i for i in range(len(batch)) if i not in done and not batch[i].finished]
+            feats = [None if every is None else every.narrow(0, out.q_starts[i], out.q_lens[i]) for i in range(len(batch))]
+            if chunked:
+                self.spec.absorb([batch[i] for i in chunked], [starts[i] for i in chunked], [feats[i] for i in chunked])
+            if live:
+                self.spec.draft([batch[i] for i in live], [starts[i] for i in live], [feats[i] for i in live],
+                                batch_size=len(self.running) + len(live))
             for i in live:
                 batch[i].truncate_kv(batch[i].num_cached)
         return batch

@@ -144,6 +144,24 @@ class SpecDecoder:
         for req, tree in zip(ext_reqs, self.proposer.propose(ext_reqs, ext_shapes), strict=True):  # type: ignore[arg-type]
             req.draft_tree = tree
 
+    def absorb(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
+        """A prefill chunk committed these positions: the draft takes their target features now
+        (its K/V stays a chunk behind, and no chunk's features are kept), with none of a tree:
+        the prompt is not done."""
+        ext_reqs: list[Req] = []
+        ext_starts: list[int] = []
+        ext_feats: list[Tensor | None] = []
+        for req, start, feat in zip(reqs, starts, features, strict=True):
+            if feat is None:
+                continue
+            pending = [*req.draft_pending, (start, feat)]
+            req.draft_pending = []
+            ext_reqs.append(req)
+            ext_starts.append(pending[0][0])
+            ext_feats.append(torch.cat([f for _, f in pending]))
+        if ext_reqs:
+            self.proposer.extend(ext_reqs, ext_starts, ext_feats)
+
     @staticmethod
     def rows_of(x: Tensor, rows: Tensor) -> Tensor:
         """x[rows] for increasing row indices: a view where they are consecutive (plain steps,

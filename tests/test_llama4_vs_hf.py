@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from .tiny_models import Checkpoint, compare_with_hf, make_checkpoint, random_prompts
+from .tiny_models import Checkpoint, compare_with_hf, hf_logprobs, make_checkpoint, random_prompts
 
 TOL = 1e-4  # max |logprob difference| against transformers, fp32
 NEW_TOKENS = 16
@@ -135,6 +135,25 @@ def test_chunked_prompts_cross_chunk_boundaries(checkpoints: dict[str, Checkpoin
     # prompt ends exactly on, just before and just after a chunk boundary; decode spans 4 chunks
     prompts = random_prompts((4, 7, 9, 12), seed=3)
     compare_with_hf(engine, ckpt.hf, prompts, 16, TOL)
+
+
+@pytest.mark.parametrize("chunk", [3, 5])
+def test_chunked_prefill_matches_transformers(checkpoints: dict[str, Checkpoint], chunk: int) -> None:
+    """Prompts fed 3 or 5 tokens per forward (cutting them anywhere, across the attention chunks
+    of 4 too): the greedy tokens are transformers' argmax and their logprobs agree within TOL."""
+    ckpt = checkpoints["d_chunked_attention"]
+    engine = ckpt.engine(page_size=5, chunked_prefill_size=chunk)
+    prompts = random_prompts((13, 9, 22), seed=5)
+    outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 10},
+                           return_logprob=True)
+    for prompt, out in zip(prompts, outs, strict=True):
+        gen = out["output_ids"]
+        lp = hf_logprobs(ckpt.hf, prompt + gen)[len(prompt) - 1 : len(prompt) - 1 + len(gen)]
+        chosen = lp.gather(1, torch.tensor(gen)[:, None])[:, 0]
+        assert float((lp.max(-1).values - chosen).max()) < TOL  # argmax (or a genuine tie)
+        ours = torch.tensor([e[0] for e in out["meta_info"]["output_token_logprobs"]])
+        assert float((ours - chosen).abs().max()) < TOL
+    assert engine.allocator.num_free_pages == engine.allocator.num_pages
 
 
 def test_temperature_tuning_scales_differ_from_one(checkpoints: dict[str, Checkpoint]) -> None:
