@@ -57,8 +57,8 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
             raise ApiError(400, "response_format cannot be combined with tool_choice required or a named "
                            "function (both constrain the answer)", "response_format")
         schema = tool_schema
-    if max_new is None:
-        max_new = state.engine.context_length - prompt_len
+    if max_new is None:  # what the context and the KV cache can hold
+        max_new = state.engine.max_new_tokens_for(prompt_len)
     if max_new <= 0:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_new}", "max_tokens")
     if body.temperature is not None and body.temperature < 0:

@@ -86,7 +86,11 @@ class Engine:
             Path(self.config.tokenizer_path or self.model_path)
         )
         self.eos_token_ids = _eos_ids(self.model_path, self.model_config, self.tokenizer)
-        self.context_length = self.config.context_length or self.model_config.max_position_embeddings
+        limit = self.model_config.max_position_embeddings
+        if self.config.context_length is not None and self.config.context_length > limit:
+            raise ValueError(f"--context-length {self.config.context_length} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        self.context_length = self.config.context_length or limit
         dtype = next(self.model.parameters()).dtype
         self.spec_config = self.config.spec_config()
         self.draft_model = self._load_draft()
@@ -187,6 +191,12 @@ class Engine:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     # ---- requests -------------------------------------------------------------------------------
+    def max_new_tokens_for(self, prompt_len: int) -> int:
+        """The most tokens a request with this prompt can generate: what the context length and
+        the KV cache can both hold (a request without max_tokens gets this, as in SGLang)."""
+        extra = 0 if self.spec is None else self.spec.extra_slots
+        return min(self.context_length - prompt_len, self.max_total_tokens - prompt_len - extra)
+
     def make_request(
         self,
         input_ids: Sequence[int],

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import specdec
 from specdec.sampling_params import SamplingParams
 
 from .spec_models import make_random_eagle3
@@ -108,3 +109,8 @@ def test_top_logprobs_num_is_bounded_by_the_vocabulary(target: Checkpoint) -> No
     with pytest.raises(ValueError, match="top_logprobs_num"):
         engine.make_request([1, 2], SamplingParams.from_dict(GREEDY), True, -1, VOCAB + 1)
     engine.make_request([1, 2], SamplingParams.from_dict(GREEDY), True, -1, VOCAB)
+
+
+def test_a_context_length_beyond_the_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        specdec.Engine(dtype="float32", context_length=10**9, max_total_tokens=1024, log_level="warning")

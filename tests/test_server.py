@@ -189,6 +189,15 @@ def test_a_conversation_with_tool_results_is_answered(client: openai.OpenAI) -> 
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_no_max_tokens_means_what_the_kv_cache_can_hold(server: str) -> None:
+    """The fixture's KV (4096 tokens) is smaller than the model's context (8192): a request
+    without max_tokens is bounded by the KV, not refused for the context."""
+    r = httpx.post(f"{server}/v1/completions", headers=_headers(), timeout=60,
+                   json={"prompt": "1, 2, 3, 4, 5,", "max_tokens": None, "temperature": 0, "stop": [" 9"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+
+
 def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
                                   max_tokens=5, temperature=0, echo=True, logprobs=2)
