@@ -30,6 +30,7 @@ from .protocol import (
     CompletionResponse,
     DeltaMessage,
     FunctionCall,
+    PromptTokensDetails,
     TokenLogprob,
     ToolCall,
     ToolCallDelta,
@@ -201,7 +202,8 @@ def spec_metadata(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 def usage_of(result: dict[str, Any]) -> Usage:
     m = result["meta_info"]
-    return Usage(m["prompt_tokens"], m["completion_tokens"], m["prompt_tokens"] + m["completion_tokens"])
+    return Usage(m["prompt_tokens"], m["completion_tokens"], m["prompt_tokens"] + m["completion_tokens"],
+                 PromptTokensDetails(m["cached_tokens"]))
 
 
 def chat_logprobs(entries: Sequence[LogprobEntry], tops: Sequence[Sequence[LogprobEntry]]) -> ChoiceLogprobs:
@@ -273,7 +275,8 @@ def usage_sum(results: Sequence[dict[str, Any]], per_prompt: int) -> Usage:
     it): each prompt once, every returned choice's tokens."""
     prompt_tokens = sum(r["meta_info"]["prompt_tokens"] for r in results[::per_prompt])
     completion = sum(r["meta_info"]["completion_tokens"] for r in results)
-    return Usage(prompt_tokens, completion, prompt_tokens + completion)
+    cached = sum(r["meta_info"]["cached_tokens"] for r in results[::per_prompt])
+    return Usage(prompt_tokens, completion, prompt_tokens + completion, PromptTokensDetails(cached))
 
 
 def _message(m: ChatMessage, index: int) -> dict[str, Any]:

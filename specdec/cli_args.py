@@ -41,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="Max requests decoded together.")
     g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens,
                    help="Token budget of one prefill batch.")
+    g.add_argument("--disable-radix-cache", action="store_true",
+                   help="Turn the prefix cache off (requests sharing a prefix reuse its KV pages).")
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
                    help="Tokens of one prompt fed per forward; longer prompts are prefilled in chunks "
                         "between other requests' decode steps (-1: the whole prompt at once).")

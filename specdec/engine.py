@@ -40,6 +40,7 @@ from .grammar import GrammarBackend, RequestGrammar, grammar_spec
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator, available_memory_bytes, max_tokens_for_budget
+from .prefix_cache import PrefixCache
 from .request import Req
 from .sampler import make_generator
 from .sampling_params import SamplingParams
@@ -117,6 +118,7 @@ class Engine:
             None if self.tokenizer is None else self.detokenize,
             self.metrics,
             self.spec,
+            None if self.config.disable_radix_cache else PrefixCache(self.allocator),
         )
         self._ids = itertools.count()
         self._grammar: GrammarBackend | None = None

@@ -28,6 +28,7 @@ class EngineConfig:
     page_size: int = 16
     max_running_requests: int = 64
     max_prefill_tokens: int = 4096
+    disable_radix_cache: bool = False  # SGLang's flag: no prefix cache (specdec/prefix_cache.py)
     chunked_prefill_size: int = 4096  # tokens of one prompt fed per forward (SGLang's flag); -1: all at once
     mem_fraction_kv: float = 0.2  # share of available memory the KV cache may use by default
     chat_template: str | None = None

@@ -32,6 +32,9 @@ class EngineMetrics:
     num_waiting: int = 0
     kv_used_tokens: int = 0
     kv_total_tokens: int = 0
+    kv_cached_free_tokens: int = 0  # free slots whose pages the prefix cache still keeps
+    cache_query_tokens: int = 0  # prompt tokens of admitted requests that looked in the prefix cache
+    cache_hit_tokens: int = 0  # of those, taken from it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_verify(self, accepted: int, emitted: int, depth: int) -> None:
@@ -54,6 +57,10 @@ class EngineMetrics:
         return self.spec_emitted_tokens / self.spec_verify_ct if self.spec_verify_ct else 0.0
 
     @property
+    def cache_hit_rate(self) -> float:
+        return self.cache_hit_tokens / self.cache_query_tokens if self.cache_query_tokens else 0.0
+
+    @property
     def accept_rate(self) -> float:
         return self.spec_correct_drafts / self.spec_proposed_drafts if self.spec_proposed_drafts else 0.0
 
@@ -74,5 +81,7 @@ class EngineMetrics:
                 "num_queue_reqs": self.num_waiting,
                 "kv_used_tokens": self.kv_used_tokens,
                 "kv_total_tokens": self.kv_total_tokens,
+                "kv_cached_free_tokens": self.kv_cached_free_tokens,
+                "cache_hit_rate": self.cache_hit_rate,
                 "uptime_s": time.time() - self.started_at,
             }

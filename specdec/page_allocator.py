@@ -10,6 +10,11 @@ Concepts
 * The **PageAllocator** hands out pages from a free list and reference-counts
   them, so a page can be shared (e.g. a common prompt prefix) and only returns
   to the free list when its last owner frees it.
+* Pages whose K/V a prefix cache keeps (``specdec/prefix_cache.py``) are **cached**: when
+  their last holder frees them they go to a second free list, least recently freed first,
+  with their contents intact; a cache hit takes one back (:meth:`PageAllocator.reclaim`), and
+  only when no uncached page is free does :meth:`allocate` hand one out, telling the cache
+  (``on_evict``) that its contents are gone. Cached free pages count as free.
 * A **PageTable** maps one request's logical token positions ``0, 1, 2, ...`` to
   slots: position ``i`` lives in slot
   ``pages[i // page_size] * page_size + i % page_size``.
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = [
     "PageAllocator",
@@ -45,7 +50,7 @@ class PageAllocator:
     nothing), which is the signal the scheduler acts on (wait, preempt, ...).
     """
 
-    __slots__ = ("_free", "_refcount", "num_pages", "page_size")
+    __slots__ = ("_cached", "_cached_free", "_free", "_refcount", "num_pages", "on_evict", "page_size")
 
     def __init__(self, num_pages: int, page_size: int) -> None:
         if num_pages < 1:
@@ -57,20 +62,48 @@ class PageAllocator:
         # Stack top is the end of the list; reversed so page 0 is handed out first.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._refcount: list[int] = [0] * num_pages
+        self._cached: set[int] = set()  # pages whose contents a prefix cache keeps
+        self._cached_free: dict[int, None] = {}  # free cached pages, least recently freed first
+        self.on_evict: Callable[[int], None] | None = None  # told when a cached page is reused
 
     @property
     def num_free_pages(self) -> int:
-        """Pages currently on the free list."""
-        return len(self._free)
+        """Pages no request holds (cached ones included: they are handed out when needed)."""
+        return len(self._free) + len(self._cached_free)
+
+    @property
+    def num_cached_free_pages(self) -> int:
+        """Free pages whose contents a prefix cache still keeps."""
+        return len(self._cached_free)
 
     @property
     def num_used_pages(self) -> int:
         """Pages currently owned by at least one holder."""
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.num_free_pages
 
     def can_allocate(self, n: int) -> bool:
         """Whether ``allocate(n)`` would succeed right now."""
-        return 0 <= n <= len(self._free)
+        return 0 <= n <= self.num_free_pages
+
+    def mark_cached(self, page: int) -> None:
+        """A prefix cache keeps `page`'s contents (it must be owned)."""
+        self._check_range(page)
+        if self._refcount[page] == 0:
+            raise ValueError(f"cannot cache page {page}: it is free")
+        self._cached.add(page)
+
+    def reclaim(self, pages: Iterable[int]) -> None:
+        """Add one holder to each cached page, taking it off the cached free list if no one
+        held it (a prefix-cache hit)."""
+        pages = list(pages)
+        for page in pages:
+            self._check_range(page)
+            if page not in self._cached:
+                raise ValueError(f"cannot reclaim page {page}: it is not cached")
+        for page in pages:
+            if self._refcount[page] == 0:
+                del self._cached_free[page]
+            self._refcount[page] += 1
 
     def refcount(self, page: int) -> int:
         """Number of holders of ``page`` (0 when it is free)."""
@@ -85,9 +118,16 @@ class PageAllocator:
         """
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of pages ({n})")
-        if n > len(self._free):
+        if n > self.num_free_pages:
             return None
-        pages = [self._free.pop() for _ in range(n)]
+        pages = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        while len(pages) < n:  # uncached pages ran out: reuse the least recently freed cached one
+            page = next(iter(self._cached_free))
+            del self._cached_free[page]
+            self._cached.discard(page)
+            if self.on_evict is not None:
+                self.on_evict(page)
+            pages.append(page)
         for page in pages:
             self._refcount[page] = 1
         return pages
@@ -122,7 +162,10 @@ class PageAllocator:
         for page in reversed(pages):
             self._refcount[page] -= 1
             if self._refcount[page] == 0:
-                self._free.append(page)
+                if page in self._cached:
+                    self._cached_free[page] = None
+                else:
+                    self._free.append(page)
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the bookkeeping is inconsistent.
@@ -132,7 +175,7 @@ class PageAllocator:
         used counts add up to ``num_pages``.
         """
         seen: set[int] = set()
-        for page in self._free:
+        for page in [*self._free, *self._cached_free]:
             if not 0 <= page < self.num_pages:
                 raise AssertionError(f"free list holds out-of-range page {page}")
             if page in seen:
@@ -150,10 +193,12 @@ class PageAllocator:
                 raise AssertionError(f"page {page} has no holders but is not on the free list")
             if count > 0:
                 owned += 1
-        if owned + len(self._free) != self.num_pages:
+        if owned + self.num_free_pages != self.num_pages:
             raise AssertionError(
-                f"{owned} owned + {len(self._free)} free pages != {self.num_pages} total"
+                f"{owned} owned + {self.num_free_pages} free pages != {self.num_pages} total"
             )
+        if any(p not in self._cached for p in self._cached_free) or any(p in self._cached for p in self._free):
+            raise AssertionError("a page's cached state disagrees with its free list")
 
     def _check_range(self, page: int) -> None:
         if not 0 <= page < self.num_pages:
@@ -210,6 +255,14 @@ class PageTable:
         self.pages.extend(new_pages)
         self._num_tokens = num_tokens
         return True
+
+    def adopt_cached(self, pages: list[int]) -> None:
+        """Start this (empty) table on cached pages (a prefix-cache hit): one holder more each."""
+        if self.pages or self._num_tokens:
+            raise ValueError("adopt_cached needs an empty page table")
+        self.allocator.reclaim(pages)
+        self.pages = list(pages)
+        self._num_tokens = len(pages) * self.page_size
 
     def share_prefix(self, source: PageTable, num_pages: int) -> None:
         """Start this (empty) table with the first `num_pages` pages of `source`, shared (their

@@ -72,6 +72,8 @@ class Req:
     # how many prompt tokens it took from there instead of computing them (SGLang's cached_tokens)
     prefix_source: Req | None = None
     cached_tokens: int = 0
+    draft_kv_len: int = 0  # leading positions whose draft K/V is written from target features
+    cache_cursor: tuple[int, bytes] = (0, b"")  # pages offered to the prefix cache so far
     # the output's text, decoded a token at a time (specdec.detokenizer; None without a tokenizer)
     detok: IncrementalDetokenizer | None = None
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
@@ -148,3 +150,5 @@ class Req:
         self.page_table.release()
         self._slot_cache = self._slot_cache[:0]
         self.num_cached = 0
+        self.draft_kv_len = 0
+        self.cache_cursor = (0, b"")

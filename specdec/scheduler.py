@@ -24,6 +24,7 @@ from .grammar import apply_bitmask
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
+from .prefix_cache import PrefixCache
 from .request import LogprobEntry, Req
 from .sampler import apply_penalties, processed_probs, sample
 from .spec_decoder import SpecDecoder
@@ -54,6 +55,7 @@ class Scheduler:
         detokenize: Callable[[list[int], bool], str] | None,
         metrics: EngineMetrics | None = None,
         spec: SpecDecoder | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.runner = runner
         self.metrics = metrics or EngineMetrics()
@@ -62,6 +64,7 @@ class Scheduler:
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
         self.detokenize = detokenize
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self._chunk_turn = True  # whether a pending prefill chunk goes before other work next step
@@ -172,6 +175,7 @@ class Scheduler:
         m.num_running = len(self.running)
         m.num_waiting = len(self.waiting)
         m.kv_used_tokens = self.allocator.num_used_pages * self.allocator.page_size
+        m.kv_cached_free_tokens = self.allocator.num_cached_free_pages * self.allocator.page_size
         m.kv_total_tokens = self.allocator.num_pages * self.allocator.page_size
 
     def _admit(self) -> list[Req]:
@@ -184,6 +188,8 @@ class Scheduler:
                 if any(r is src for r in batch):
                     break  # its sibling computes the shared prompt in this step: wait one step
                 self._share_prefix(req, src)
+            if req.num_cached == 0:
+                self._take_cached_prefix(req)
             need = len(self._feed(req))
             if batch and need > budget:
                 req.release_kv()  # (a shared prefix is taken again when it is admitted)
@@ -194,6 +200,9 @@ class Scheduler:
             self.waiting.popleft()
             batch.append(req)
             budget -= need
+            if self.prefix_cache is not None and not self._wants_prompt_logprobs(req):
+                self.metrics.cache_query_tokens += req.seq_len
+                self.metrics.cache_hit_tokens += req.cached_tokens
         return batch
 
     def _share_prefix(self, req: Req, src: Req) -> None:
@@ -217,6 +226,28 @@ class Scheduler:
             return
         req.page_table.share_prefix(src.page_table, pages)
         req.num_cached = req.cached_tokens = pages * page_size
+
+    def _take_cached_prefix(self, req: Req) -> None:
+        """Start `req` on the cached pages of its longest page-aligned prefix (target and draft
+        K/V alike; specdec/prefix_cache.py)."""
+        req.cached_tokens = 0
+        if self.prefix_cache is None or self._wants_prompt_logprobs(req):
+            return
+        pages, cursor = self.prefix_cache.match(req.all_ids)
+        if pages:
+            req.page_table.adopt_cached(pages)
+            req.num_cached = req.cached_tokens = len(pages) * self.allocator.page_size
+            req.cache_cursor = cursor
+
+    def _cache_pages(self, req: Req) -> None:
+        """Offer `req`'s final pages to the prefix cache: committed positions whose draft K/V
+        (under EAGLE3/EAGLE) is written from target features."""
+        if self.prefix_cache is None or not req.page_table.pages:
+            return
+        valid = req.num_cached
+        if self.spec is not None and self.spec.capture_layers:  # a draft with K/V of its own
+            valid = min(valid, req.draft_kv_len)
+        req.cache_cursor = self.prefix_cache.insert(req.all_ids, req.page_table.pages, valid, req.cache_cursor)
 
     @staticmethod
     def _wants_prompt_logprobs(req: Req) -> bool:
@@ -242,6 +273,7 @@ class Scheduler:
 
     def _preempt(self, req: Req) -> None:
         self.running.remove(req)
+        self._cache_pages(req)  # (its re-admission finds them unless they were reused meanwhile)
         req.release_kv()
         req.num_preemptions += 1
         self.metrics.preemptions += 1
@@ -282,6 +314,9 @@ class Scheduler:
                                 batch_size=len(self.running) + len(live))
             for i in live:
                 batch[i].truncate_kv(batch[i].num_cached)
+        for req, toks in zip(batch, tokens, strict=True):  # a prompt's pages are final: others may share them
+            if len(toks) > 1 and not req.finished:
+                self._cache_pages(req)
         return batch
 
     def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
@@ -389,7 +424,9 @@ class Scheduler:
     def _finish(self, req: Req, reason: dict[str, object], now: float) -> None:
         req.finish_reason = reason
         req.finished_at = now
+        self._cache_pages(req)
         req.release_kv()
+        req.prefix_source = None
         self.metrics.requests_finished += 1
         self.metrics.prompt_tokens += req.prompt_len
         self.metrics.generation_tokens += req.output_len

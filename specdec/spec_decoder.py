@@ -140,6 +140,7 @@ class SpecDecoder:
         if not ext_reqs:
             return
         self.proposer.extend(ext_reqs, ext_starts, ext_feats)
+        _record_draft_kv(ext_reqs, ext_starts, ext_feats)
         ext_shapes = [r.spec_shape for r in ext_reqs]
         for req, tree in zip(ext_reqs, self.proposer.propose(ext_reqs, ext_shapes), strict=True):  # type: ignore[arg-type]
             req.draft_tree = tree
@@ -161,6 +162,7 @@ class SpecDecoder:
             ext_feats.append(torch.cat([f for _, f in pending]))
         if ext_reqs:
             self.proposer.extend(ext_reqs, ext_starts, ext_feats)
+            _record_draft_kv(ext_reqs, ext_starts, ext_feats)
 
     @staticmethod
     def rows_of(x: Tensor, rows: Tensor) -> Tensor:
@@ -282,3 +284,10 @@ def constrain_tree(req: Req, tree: DraftTree) -> tuple[DraftTree, Tensor | None]
         return tree, mask
     kept = [i for i, k in enumerate(keep) if k]
     return prune_tree(tree, keep), mask[kept]
+
+
+def _record_draft_kv(reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
+    """The draft's K/V now covers each request's positions up to the features it was fed."""
+    for req, start, feat in zip(reqs, starts, features, strict=True):
+        if feat is not None:
+            req.draft_kv_len = start + int(feat.shape[0])

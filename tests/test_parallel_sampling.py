@@ -21,7 +21,8 @@ QUESTION = "Explain in a few sentences why the sky is blue, and what makes sunse
 
 @pytest.fixture(scope="module")
 def base() -> Any:
-    return specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning")
+    # the prefix cache off: these tests are about siblings sharing (tests/test_prefix_cache.py)
+    return specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning", disable_radix_cache=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def eagle() -> Any:
     return specdec.Engine(dtype="float32", max_total_tokens=8192, log_level="warning",
                           speculative_algorithm="EAGLE3", speculative_draft_model_path=str(head),
                           speculative_num_steps=5, speculative_eagle_topk=4, speculative_num_draft_tokens=8,
-                          speculative_adaptive="off")
+                          speculative_adaptive="off", disable_radix_cache=True)
 
 
 def _ids(engine: Any) -> list[int]:

@@ -198,6 +198,18 @@ def test_no_max_tokens_means_what_the_kv_cache_can_hold(server: str) -> None:
     assert r.json()["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_repeated_prompt_reports_cached_tokens(client: openai.OpenAI) -> None:
+    """The prefix cache: the second request of a long prompt takes its pages from the first
+    (usage.prompt_tokens_details.cached_tokens, as OpenAI reports it) and answers the same."""
+    kw: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "max_tokens": 6, "temperature": 0,
+                          "prompt": "A long preamble that several requests share. " * 10 + "Now, a question:"}
+    first = client.completions.create(**kw)
+    second = client.completions.create(**kw)
+    assert second.choices[0].text == first.choices[0].text
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 16 > 0
+
+
 def test_completions_with_echo_and_logprobs(client: openai.OpenAI) -> None:
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
                                   max_tokens=5, temperature=0, echo=True, logprobs=2)
