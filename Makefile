@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock run generate test test-fast train-head lint clean lm-eval
+.PHONY: install lock run generate test test-fast fuzz soak train-head lint clean lm-eval
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -34,6 +34,22 @@ test: install
 
 test-fast: install
 	$(VENV)/bin/python -m pytest tests -m "not slow"
+
+# The suite's fuzz test, longer and random: FUZZ_EXAMPLES groups of requests drawn from the
+# server's own /openapi.json (no 5xx, no hang, no KV left; tests/test_fuzz.py).
+FUZZ_EXAMPLES ?= 2000
+FUZZ_BUDGET_S ?= 1200
+fuzz: install
+	SPECDEC_FUZZ_RANDOM=1 SPECDEC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SPECDEC_FUZZ_BUDGET_S=$(FUZZ_BUDGET_S) \
+	  $(VENV)/bin/python -m pytest -s tests/test_fuzz.py
+
+# A SOAK_S-second mixed load on `specdec serve --quantization w8a16` (EAGLE3), launched by the
+# script; prints a JSON summary and exits 1 on a 5xx, a hang or leaked KV (bench/soak.py;
+# SOAK_ARGS="--out soak.json --concurrency 8" and so on).
+SOAK_S ?= 600
+SOAK_ARGS ?=
+soak: install
+	$(PY) -m specdec.bench.soak --duration-s $(SOAK_S) $(SOAK_ARGS)
 
 # Reproduce the shipped EAGLE3 head for the embedded model (resumable; hours on 2 cores).
 train-head: install

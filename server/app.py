@@ -2,7 +2,7 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 POST /generate (SGLang's native body), GET /get_server_info, GET /get_model_info,
-GET /metrics (Prometheus text, SGLang's metric names).
+GET /metrics (Prometheus text, SGLang's metric names), GET /openapi.json (server/openapi.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from specdec.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 from .metrics_text import prometheus_text
 from .openai_api import DONE, chat_completions, completions, sse, wait_final
+from .openapi import openapi_document
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -190,6 +191,11 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(prometheus_text(state.engine.metrics, state.loop.last_gen_throughput),
                         media_type="text/plain; version=0.0.4")
 
+    spec = msgspec.json.encode(openapi_document(_version()))
+
+    async def openapi(request: Request) -> Any:
+        return Response(spec, media_type="application/json")
+
     for path, fn, methods in (
         ("/v1/chat/completions", chat, ["POST"]),
         ("/v1/completions", complete, ["POST"]),
@@ -199,6 +205,7 @@ def create_app(state: ServerState) -> FastAPI:
         ("/get_server_info", server_info, ["GET"]),
         ("/get_model_info", model_info, ["GET"]),
         ("/metrics", metrics, ["GET"]),
+        ("/openapi.json", openapi, ["GET"]),
     ):
         app.add_api_route(path, handle(fn), methods=methods)
     return app
@@ -224,6 +231,8 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
     else:
         ids = body.input_ids or []
         single = not ids or not isinstance(ids[0], list)
+        if not single and not all(isinstance(x, list) for x in ids):  # e.g. [[], null]: was a 500
+            raise ApiError(400, "input_ids must be a list of token ids or a list of such lists", "input_ids")
         batch = [list(ids)] if single else [list(x) for x in ids]
         if not all(isinstance(t, int) and not isinstance(t, bool) for seq in batch for t in seq):
             raise ApiError(400, "input_ids must be a list of token ids or a list of such lists", "input_ids")
