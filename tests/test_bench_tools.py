@@ -6,64 +6,30 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from specdec.bench import accept_analysis, bench_serving, few_shot_gsm8k
+
+from .live_server import live_server
 
 pytestmark = pytest.mark.slow
 
 LINE = re.compile(r"^(?P<label>[A-Za-z][^:]*):\s+(?P<value>\S(?:.*\S)?)\s*$")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    exe = Path(sys.executable).with_name("specdec")
-    cmd = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "specdec.cli", "serve"]
-    cmd += ["--port", str(port), "--speculative-algorithm", "NGRAM", "--dtype", "float32",
-            "--max-total-tokens", "4096", "--log-level", "warning"]
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(480):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not start")
+    args = ["--speculative-algorithm", "NGRAM", "--dtype", "float32", "--max-total-tokens", "4096",
+            "--log-level", "warning"]
+    with live_server(args, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _parse_block(text: str) -> dict[str, str]:

@@ -22,9 +22,6 @@ import collections
 import concurrent.futures as cf
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,6 +38,7 @@ from hypothesis import strategies as st
 from specdec.server.openapi import openapi_document
 
 from .fuzz_cases import FORCE, SANE, SCHEMA, Case, body_strategies, cases
+from .live_server import live_server
 
 API_KEY = "sk-fuzz"
 EXAMPLES = int(os.environ.get("SPECDEC_FUZZ_EXAMPLES", "200"))
@@ -58,43 +56,18 @@ FOUND = [
 ]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[tuple[str, Path]]:
     """A server of its own (NGRAM speculation, a 4096-token KV cache, an API key); its log
     goes to a file the test reads at the end."""
-    port = _free_port()
     log = Path(tempfile.mkstemp(prefix="specdec-fuzz-", suffix=".log")[1])
-    cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
-           "--api-key", API_KEY, "--speculative-algorithm", "NGRAM", "--max-running-requests", "16",
-           "--max-total-tokens", "4096", "--log-level", "warning", "--random-seed", "0"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    base = f"http://127.0.0.1:{port}"
+    args = ["--dtype", "float32", "--api-key", API_KEY, "--speculative-algorithm", "NGRAM",
+            "--max-running-requests", "16", "--max-total-tokens", "4096", "--log-level", "warning",
+            "--random-seed", "0"]
     try:
-        for _ in range(240):
-            assert proc.poll() is None, f"server exited: {log.read_text()}"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not start")
-        yield base, log
+        with live_server(args, log, tries=240) as base:
+            yield base, log
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         log.unlink(missing_ok=True)
 
 

@@ -19,6 +19,8 @@ import pytest
 
 import specdec
 
+from .live_server import free_port, live_server
+
 pytestmark = pytest.mark.slow
 
 API_KEY = "sk-test-123"
@@ -26,40 +28,13 @@ PROMPTS = [f"Name {n} colours." for n in range(1, 17)]
 MAX_TOKENS = 12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
-           "--api-key", API_KEY, "--speculative-algorithm", "NGRAM", "--max-running-requests", "16",
-           "--max-total-tokens", "4096", "--log-level", "warning", "--random-seed", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
-                raise RuntimeError(f"server exited: {out}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not start")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    args = ["--dtype", "float32", "--api-key", API_KEY, "--speculative-algorithm", "NGRAM",
+            "--max-running-requests", "16", "--max-total-tokens", "4096", "--log-level", "warning",
+            "--random-seed", "0"]
+    with live_server(args, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -542,7 +517,7 @@ def test_engine_loop_runs_on_the_main_thread(server: str) -> None:
 
 def _own_server(*flags: str) -> tuple[subprocess.Popen[str], str]:
     """A plain-decoding server of our own (for signal tests), started and healthy."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "specdec.launch_server", "--port", str(port), "--dtype", "float32",
            "--speculative-algorithm", "NONE", "--max-total-tokens", "4096", "--log-level", "warning", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
