@@ -200,12 +200,6 @@ def spec_metadata(meta: dict[str, Any]) -> dict[str, Any] | None:
     return {k: meta[k] for k in keys} if keys else None
 
 
-def usage_of(result: dict[str, Any]) -> Usage:
-    m = result["meta_info"]
-    return Usage(m["prompt_tokens"], m["completion_tokens"], m["prompt_tokens"] + m["completion_tokens"],
-                 PromptTokensDetails(m["cached_tokens"]))
-
-
 def chat_logprobs(entries: Sequence[LogprobEntry], tops: Sequence[Sequence[LogprobEntry]]) -> ChoiceLogprobs:
     content = []
     for i, (lp, _tid, text) in enumerate(entries):

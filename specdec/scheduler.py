@@ -211,16 +211,15 @@ class Scheduler:
         position depend on the prompt alone, except the draft's at its last position (it pairs
         with the first sampled token), so the pages before that one are shared and `req`
         prefills only the rest. The draft's K/V must be there: positions the draft has not
-        consumed yet (adaptive speculation skipped it) are not shared."""
+        consumed yet (adaptive speculation skipped it) are not shared (`_final_positions`)."""
         req.cached_tokens = 0
         if src.finished or src.prompt_ids != req.prompt_ids or src.num_cached < src.prompt_len:
             return
         if self._wants_prompt_logprobs(req):  # they are computed from a prefill of the whole prompt
             return
         page_size = self.allocator.page_size
-        limit = req.prompt_len - 1  # positions whose K/V depend on the prompt alone
-        for start, _ in src.draft_pending:
-            limit = min(limit, start)
+        # positions whose K/V depend on the prompt alone, and are final in src
+        limit = min(req.prompt_len - 1, self._final_positions(src))
         pages = min(limit, src.page_table.num_tokens) // page_size
         if pages == 0:
             return
@@ -244,10 +243,16 @@ class Scheduler:
         (under EAGLE3/EAGLE) is written from target features."""
         if self.prefix_cache is None or not req.page_table.pages:
             return
-        valid = req.num_cached
-        if self.spec is not None and self.spec.capture_layers:  # a draft with K/V of its own
-            valid = min(valid, req.draft_kv_len)
-        req.cache_cursor = self.prefix_cache.insert(req.all_ids, req.page_table.pages, valid, req.cache_cursor)
+        req.cache_cursor = self.prefix_cache.insert(req.all_ids, req.page_table.pages,
+                                                    self._final_positions(req), req.cache_cursor)
+
+    def _final_positions(self, req: Req) -> int:
+        """Leading positions of `req` whose K/V no later step rewrites and (under EAGLE3/EAGLE,
+        a draft with K/V of its own) whose draft K/V is written from target features: what
+        siblings and the prefix cache may share."""
+        if self.spec is not None and self.spec.capture_layers:
+            return min(req.num_cached, req.draft_kv_len)
+        return req.num_cached
 
     @staticmethod
     def _wants_prompt_logprobs(req: Req) -> bool:

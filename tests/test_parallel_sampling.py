@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 import specdec
 from specdec.draft.heads import shipped_head_for_embedded
@@ -92,7 +91,7 @@ def test_positions_the_draft_has_not_consumed_are_not_shared(eagle: Any) -> None
     src = eagle.make_request(ids, SamplingParams(temperature=0, max_new_tokens=4))
     eagle.scheduler.add(src)
     eagle.scheduler.step()  # the prefill
-    src.draft_pending = [(page + 3, torch.zeros(1, 1))]  # as if the draft had stopped at page + 3
+    src.draft_kv_len = page + 3  # as if the draft had stopped at page + 3
     sib = eagle.make_request(ids, SamplingParams(temperature=0, max_new_tokens=4))
     eagle.scheduler._share_prefix(sib, src)
     assert sib.num_cached == sib.cached_tokens == page
