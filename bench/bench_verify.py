@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quant = None if args.quantization in ("none", "") else args.quantization
     engine = Engine(model_path=args.model_path, dtype=args.dtype, quantization=quant, log_level="warning",
-                    max_total_tokens=4096)
+                    max_total_tokens=4096, disable_hybrid_swa_memory=True)  # one pool: every layer, these slots
     model, pool, backend = engine.model, engine.kv_pool, engine.runner.backend
     vocab = engine.model_config.vocab_size
     ctx, longest = args.context, max(args.tokens)

@@ -70,8 +70,7 @@ class Eagle3Proposer(Proposer):
         self.spec = spec
         self.vocab_size = target_vocab_size
         self.capture_layers = draft.cfg.capture_layers(target_num_layers)
-        sampled_nodes = len(static_rank_tree(spec.num_steps, spec.topk, spec.num_draft_tokens - 1))
-        self.temp_slots = max(spec.max_draft_forwards, sampled_nodes)
+        self.temp_slots = eagle3_temp_slots(spec)
         self.device = pool.k[0].device
         hot = torch.arange(draft.cfg.draft_vocab_size, device=self.device)
         self.hot_ids = draft.to_target_ids(hot).cpu()  # [Vd]; tree building runs on the CPU
@@ -289,3 +288,10 @@ def _path_tokens(b: GreedyTreeBuilder | SampledTreeBuilder, node: int) -> list[i
             path.append(b.tokens[node])
             node = b.parents[node]
     return path[::-1]
+
+
+def eagle3_temp_slots(spec: SpecConfig) -> int:
+    """Scratch KV slots an EAGLE3 proposer needs beyond the committed prefix: one per draft
+    forward, or the sampled tree's nodes when that is more."""
+    sampled_nodes = len(static_rank_tree(spec.num_steps, spec.topk, spec.num_draft_tokens - 1))
+    return max(spec.max_draft_forwards, sampled_nodes)

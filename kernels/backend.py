@@ -105,3 +105,11 @@ class ForwardBatch:
     kv_v: list[Tensor]
     backend: AttentionBackend
     capture_layers: tuple[int, ...] = ()  # layers whose *input* hidden state is returned
+    # hybrid KV: the chunked-attention layers' metadata over their own pool (each request's
+    # keys from the chunk of its first query on); None: every layer reads `attn`
+    swa_attn: AttentionMeta | None = None
+
+    def attn_for(self, chunk_size: int | None) -> AttentionMeta:
+        """The metadata a layer reads: its pool's (chunked layers have their own pool under
+        hybrid KV)."""
+        return self.swa_attn if chunk_size is not None and self.swa_attn is not None else self.attn

@@ -91,7 +91,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.fi = import_flashinfer()
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self._wrappers: dict[tuple[str, int | None, bool], Any] = {}
-        self._meta: AttentionMeta | None = None
+        # one forward's metadata (two with hybrid KV: the full layers' and the chunked layers',
+        # read alternately layer by layer) and its plans; a new forward's metadata resets them
+        self._metas: list[AttentionMeta] = []
         self._planned: dict[tuple[Any, ...], _Planned] = {}
 
     # ---- wrappers (one per kind and chunk setting: a plan lives inside its wrapper) -------------
@@ -112,10 +114,12 @@ class FlashInferAttentionBackend(AttentionBackend):
     def _plan(
         self, meta: AttentionMeta, chunk_size: int | None, q: Tensor, k_cache: Tensor, scale: float
     ) -> _Planned:
-        if meta is not self._meta:
-            self._meta, self._planned = meta, {}
+        if not any(m is meta for m in self._metas):
+            if len(self._metas) >= 2:
+                self._metas, self._planned = [], {}
+            self._metas.append(meta)
         H, hkv, D = q.shape[1], k_cache.shape[1], k_cache.shape[2]
-        key = (chunk_size, H, hkv, D, q.dtype, k_cache.dtype, scale)
+        key = (id(meta), chunk_size, H, hkv, D, q.dtype, k_cache.dtype, scale)
         planned = self._planned.get(key)
         if planned is None:
             planned = self._planned[key] = self._make_plan(meta, chunk_size, q, k_cache, scale)

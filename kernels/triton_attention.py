@@ -41,7 +41,7 @@ from torch import Tensor
 from .backend import AttentionBackend, AttentionMeta, SeqAttnMeta
 from .torch_backend import TorchAttentionBackend
 from .triton_interpreter import adopt_interpreter, interpreter_enabled
-from .triton_kv_store import store_kv
+from .triton_kv_store import store_kv, store_kv_ref
 
 # columns of the per-request table `seq_info` [B, NUM_FIELDS] int32
 F_Q_START, F_Q_LEN, F_KV_START, F_KV_LEN, F_KV_LO, F_KV_HI, F_CAUSAL_OFF = range(7)
@@ -86,8 +86,7 @@ def _attend_tile(
     slot = tl.load(kv_slots + kv_base + n, mask=n_ok, other=0).to(tl.int64)
     kt = tl.load(K_cache + slot[None, :] * s_kcs + kvh * s_kch + d[:, None],
                  mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
-    if UPCAST:
-        kt = kt.to(tl.float32)
+    kt = kt.to(q.dtype)  # fp8 caches (and bf16 in the interpreter) upcast to the query's type
     s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
     vis = n_ok[None, :] & (n[None, :] <= row_limit[:, None])
     if HAS_CHUNK:
@@ -108,8 +107,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V_cache + slot[:, None] * s_vcs + kvh * s_vch + d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-    if UPCAST:
-        v = v.to(tl.float32)
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -653,7 +651,12 @@ class TritonAttentionBackend(AttentionBackend):
         slots = self._out_slots.get(dev)
         if slots is None:
             slots = self._out_slots[dev] = meta.out_slots.to(k_cache.device, torch.int64)
-        store_kv(k, v, k_cache, v_cache, slots)
+        if k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            # fp8 KV: torch's round-to-nearest-even cast (Triton's interpreter rounds fp8 its own
+            # way; on a GPU this is one index_put per layer, as SGLang's set_kv_buffer does)
+            store_kv_ref(k, v, k_cache, v_cache, slots)
+        else:
+            store_kv(k, v, k_cache, v_cache, slots)
         if plan.is_decode:
             return decode_attention(q, k_cache, v_cache, plan, scale, num_kv_splits=self.num_kv_splits)
         return extend_attention(q, k_cache, v_cache, plan, scale)

@@ -21,6 +21,8 @@ def prometheus_text(m: EngineMetrics, gen_throughput: float) -> str:
         ("num_running_reqs", "gauge", "Requests in the running batch", m.num_running),
         ("num_queue_reqs", "gauge", "Requests waiting", m.num_waiting),
         ("token_usage", "gauge", "Fraction of KV-cache slots in use", used / total if total else 0.0),
+        ("swa_token_usage", "gauge", "Hybrid KV: fraction of the chunked layers' window-pool slots in use",
+         m.swa_used_tokens / m.swa_total_tokens if m.swa_total_tokens else 0.0),
         ("cache_hit_rate", "gauge", "Prompt tokens taken from the prefix cache / prompt tokens looked up",
          m.cache_hit_rate),
         ("gen_throughput", "gauge", "Generation throughput of the last step (tokens/s)", gen_throughput),

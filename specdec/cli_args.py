@@ -9,6 +9,7 @@ from .engine_config import (
     ATTENTION_BACKENDS,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
+    KV_CACHE_DTYPES,
     LOG_LEVELS,
     QUANTIZATION_CHOICES,
     EngineConfig,
@@ -36,6 +37,24 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="Max prompt + output tokens (default: the model's max_position_embeddings).")
     g.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV-cache capacity in tokens (default: sized from free memory).")
+    g.add_argument("--mem-fraction-static", type=float, default=None,
+                   help="Fraction of the device's memory (RAM on the CPU) the weights plus the KV cache may "
+                        "take, as in SGLang; the KV gets what is free beyond the rest. Default: the KV takes "
+                        f"{round(d.mem_fraction_kv * 100)}%% of the memory free after loading.")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="KV-cache storage: auto (the model dtype) or fp8 (= fp8_e4m3) / fp8_e5m2 with "
+                        "per-layer scales (the checkpoint's k_scale / v_scale, else "
+                        "--quantization-param-path, else 1.0), upcast in attention: half the bytes of "
+                        "bf16, a quarter of float32.")
+    g.add_argument("--quantization-param-path", default=None,
+                   help="JSON of fp8 KV scales per layer ({\"kv_cache\": {\"scaling_factor\": "
+                        "{\"0\": {\"<layer>\": scale}}}}, as SGLang and vLLM read it).")
+    g.add_argument("--swa-full-tokens-ratio", type=float, default=d.swa_full_tokens_ratio,
+                   help="Hybrid KV (models with chunked-attention layers, e.g. Llama 4): the chunked "
+                        "layers' pool holds this fraction of the full pool's tokens and each request keeps "
+                        "only its current chunk window there, so the full layers decide the context length.")
+    g.add_argument("--disable-hybrid-swa-memory", action="store_true",
+                   help="One KV pool for every layer (chunked layers keep every position too).")
     g.add_argument("--page-size", type=int, default=d.page_size, help="Tokens per KV page.")
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
                    help="Max requests decoded together.")
@@ -62,6 +81,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="Accepted for SGLang compatibility; downloaded code is never executed.")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Do not load a tokenizer (requests must pass input_ids).")
+    g.add_argument("--generation-config", default=d.generation_config,
+                   help="vLLM's: where the default sampling parameters come from. auto: the model "
+                   "folder's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+                   "max_new_tokens as the default max_tokens); vllm: none (neutral defaults); or a folder "
+                   "holding a generation_config.json. A request's own values always win.")
+    g.add_argument("--override-generation-config", default=None,
+                   help="vLLM's: a JSON object merged over the generation config, e.g. "
+                   "'{\"temperature\": 0.6, \"top_p\": 0.9}' (null drops a key); also "
+                   "'{\"attn_temperature_tuning\": true}', which turns on Llama 4's query scaling on its "
+                   "NoPE layers (vLLM's Llama 4 guide, for long contexts).")
     s = parser.add_argument_group("speculative decoding")
     s.add_argument("--speculative-algorithm", default=None, type=str.upper,
                    choices=["EAGLE3", "EAGLE", "NGRAM", "NONE"],

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from specdec.draft.eagle3 import Eagle3Draft
-from specdec.draft.eagle3_proposer import Eagle3Proposer
+from specdec.draft.eagle3_proposer import Eagle3Proposer, eagle3_temp_slots
 from specdec.draft.loader import load_eagle3
 from specdec.draft.ngram import NgramProposer
 from specdec.draft.proposer import Proposer
@@ -36,16 +36,20 @@ from specdec.target.loader import load_model
 from specdec.target.quant import quantize_model
 
 from .engine_config import EngineConfig
+from .generation_config import load_generation_defaults
 from .grammar import GrammarBackend, RequestGrammar, grammar_spec
+from .kv_budget import KVLayout, KVPlan, plan_kv, static_kv_budget
+from .kv_dtype import apply_kv_scales, kv_storage_dtype
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
-from .page_allocator import PageAllocator, available_memory_bytes, max_tokens_for_budget
+from .page_allocator import PageAllocator, PageTable, available_memory_bytes, total_memory_bytes
 from .prefix_cache import PrefixCache
 from .request import Req
 from .sampler import make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerLimits
-from .spec_decoder import SpecDecoder
+from .spec_decoder import SpecDecoder, extra_slots_for
+from .swa_table import WindowPageTable, window_pages_needed
 
 log = logging.getLogger("specdec")
 
@@ -78,10 +82,16 @@ class Engine:
         self.cpu_isa = cpu_kernels.active_isa()
         t0 = time.perf_counter()
         self.device = resolve_device(self.config.device)
-        self.model, self.model_config = load_model(self.model_path, self.config.dtype)
+        # the model's default sampling parameters (vLLM's --generation-config and
+        # --override-generation-config; its attn_temperature_tuning goes to the model config)
+        self.generation_defaults = load_generation_defaults(
+            self.config.generation_config, self.config.override_generation_config, self.model_path)
+        self.model, self.model_config = load_model(self.model_path, self.config.dtype,
+                                                   self.generation_defaults.attn_temperature_tuning)
         self.model.to(self.device)
         log.info("loaded %s (%s) in %.1fs on %s", self.model_path, self.model_config.architecture,
                  time.perf_counter() - t0, self.device)
+        log.info("default sampling parameters: %s", self.generation_defaults.describe())
         quantize_model(self.model, self.config.quantization)  # after placement: kernels per device
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             Path(self.config.tokenizer_path or self.model_path)
@@ -93,16 +103,31 @@ class Engine:
                              f"max_position_embeddings ({limit})")
         self.context_length = self.config.context_length or limit
         dtype = next(self.model.parameters()).dtype
+        self.kv_dtype = kv_storage_dtype(self.config.kv_cache_dtype, dtype)
+        scales_from = apply_kv_scales(self.model, self.kv_dtype, self.config.quantization_param_path)
         self.spec_config = self.config.spec_config()
         self.draft_model = self._load_draft()
-        self.max_total_tokens = self._kv_budget(dtype)
         page_size = self.config.page_size
-        self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
         mc = self.model_config
-        self.kv_pool = KVPool(mc.num_layers, self.max_total_tokens, mc.num_kv_heads, mc.head_dim, dtype,
-                              self.device)
+        chunked = [mc.chunk_size(i) is not None for i in range(mc.num_layers)]
+        # hybrid KV: the chunked layers get a window pool (on by default, as in SGLang)
+        # (a model whose every layer is chunked keeps one pool: the full pool's page tables would
+        # have no layer to hold)
+        self.hybrid_kv = any(chunked) and not all(chunked) and not self.config.disable_hybrid_swa_memory
+        self.kv_layout = self._kv_layout(dtype, sum(chunked) if self.hybrid_kv else 0)
+        self.kv_plan = self._kv_plan()
+        self.max_total_tokens = self.kv_plan.full_tokens
+        self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
+        self.kv_pool = KVPool(mc.num_layers - sum(chunked) if self.hybrid_kv else mc.num_layers,
+                              self.max_total_tokens, mc.num_kv_heads, mc.head_dim, self.kv_dtype, self.device)
+        self.swa_allocator: PageAllocator | None = None
+        swa_pool = None
+        if self.hybrid_kv:
+            swa_tokens = self.kv_plan.swa_tokens
+            self.swa_allocator = PageAllocator(swa_tokens // page_size, page_size)
+            swa_pool = KVPool(sum(chunked), swa_tokens, mc.num_kv_heads, mc.head_dim, self.kv_dtype, self.device)
         backend = get_attention_backend(self.config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_pool, backend)
+        self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool)
         self.metrics = EngineMetrics()
         self.spec = self._make_spec_decoder(backend, dtype)
         self.scheduler = Scheduler(
@@ -119,12 +144,13 @@ class Engine:
             self.metrics,
             self.spec,
             None if self.config.disable_radix_cache else PrefixCache(self.allocator),
+            self.swa_allocator,
+            None if self.config.disable_radix_cache or self.swa_allocator is None else PrefixCache(self.swa_allocator),
         )
         self._ids = itertools.count()
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()
-        log.info("KV cache: %d tokens in pages of %d; context length %d",
-                 self.max_total_tokens, page_size, self.context_length)
+        self._log_kv(scales_from)
         if self.spec is not None and self.spec.spec.adaptive:
             from .step_costs import load_or_measure
             from .tree_chooser import OnlineCosts
@@ -165,23 +191,73 @@ class Engine:
                                       self.model_config.num_layers, self.model_config.vocab_size)
         return SpecDecoder(spec, proposer, self.runner, self.metrics)
 
-    def _kv_budget(self, dtype: torch.dtype) -> int:
+    def _extra_slots(self) -> int:
+        """Slots beyond the fed tokens one speculative step needs (SpecDecoder.extra_slots,
+        known before the decoder is built: the pools are sized from it)."""
+        spec = self.spec_config
+        if spec is None:
+            return 0
+        return extra_slots_for(spec, 0 if self.draft_model is None else eagle3_temp_slots(spec))
+
+    def _kv_layout(self, dtype: torch.dtype, swa_layers: int) -> KVLayout:
+        """What one slot costs in each pool (the draft's K/V, a full layer, stays in the model dtype)."""
         mc = self.model_config
-        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, dtype)
-        if self.draft_model is not None:  # the draft's pool shares the slot space
+        full = KVPool.bytes_per_token(mc.num_layers - swa_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype)
+        if self.draft_model is not None:  # the draft's pool shares the full pool's slot space
             dc = self.draft_model.cfg
-            per_token += KVPool.bytes_per_token(1, dc.num_kv_heads, dc.head_dim, dtype)
-        if self.config.max_total_tokens is not None:
-            tokens = self.config.max_total_tokens
+            full += KVPool.bytes_per_token(1, dc.num_kv_heads, dc.head_dim, dtype)
+        swa = KVPool.bytes_per_token(swa_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype) if swa_layers else 0
+        window = 0
+        if swa_layers:
+            chunk = mc.attention_chunk_size
+            assert chunk is not None
+            ctx, ps, extra = self.context_length, self.config.page_size, self._extra_slots()
+            size = self.config.chunked_prefill_size
+            feed = min(size if size > 0 else ctx, ctx)  # the most one forward feeds (prefill chunk)
+            # one forward's window: its chunk so far plus what it feeds, and never more than a
+            # whole request's positions
+            window = min(window_pages_needed(chunk, ps, feed + extra), -(-(ctx + extra) // ps)) * ps
+        return KVLayout(full, swa, self.config.page_size, window)
+
+    def _kv_plan(self) -> KVPlan:
+        cfg = self.config
+        if cfg.max_total_tokens is not None:
+            return plan_kv(self.kv_layout, cfg.swa_full_tokens_ratio, max_total_tokens=cfg.max_total_tokens)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
         else:
-            free = (torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda"
-                    else available_memory_bytes())
-            budget = int(free * self.config.mem_fraction_kv)
-            tokens = max_tokens_for_budget(budget, per_token, self.config.page_size)
-        tokens -= tokens % self.config.page_size
-        if tokens < self.config.page_size:
-            raise ValueError(f"max_total_tokens={tokens} is smaller than one page")
-        return tokens
+            free, total = available_memory_bytes(), total_memory_bytes()
+        if cfg.mem_fraction_static is not None:
+            budget = static_kv_budget(cfg.mem_fraction_static, total, free)
+        else:
+            budget = int(free * cfg.mem_fraction_kv)
+        return plan_kv(self.kv_layout, cfg.swa_full_tokens_ratio, budget_bytes=budget)
+
+    def _log_kv(self, scales_from: str) -> None:
+        plan, layout = self.kv_plan, self.kv_layout
+        full_b, swa_b = plan.bytes(layout)
+        dtype = str(self.kv_dtype).removeprefix("torch.")
+        scales = "" if scales_from == "none" else f", scales from {scales_from}"
+        log.info("KV cache (%s%s): full pool %d tokens (%.1f MiB) in pages of %d", dtype, scales,
+                 plan.full_tokens, full_b / 2**20, self.config.page_size)
+        if plan.swa_tokens:
+            log.info("hybrid KV: chunked layers' window pool %d tokens (%.1f MiB; ratio %.2f%s; one request's "
+                     "window needs up to %d); context length %d, the full pool holds up to %d tokens of one "
+                     "request", plan.swa_tokens, swa_b / 2**20, self.config.swa_full_tokens_ratio,
+                     ", raised to one window" if plan.raised_swa else "", layout.window_tokens,
+                     self.context_length, plan.full_tokens - self._extra_slots())
+        else:
+            log.info("context length %d; the KV cache holds up to %d tokens of one request",
+                     self.context_length, plan.full_tokens - self._extra_slots())
+
+    def kv_tables(self) -> tuple[PageTable, WindowPageTable | None]:
+        """A new request's page tables: the full pool's and, with hybrid KV, its window table."""
+        swa = None
+        if self.swa_allocator is not None:
+            chunk = self.model_config.attention_chunk_size
+            assert chunk is not None
+            swa = WindowPageTable(self.swa_allocator, chunk)
+        return PageTable(self.allocator), swa
 
     def detokenize(self, ids: list[int], skip_special_tokens: bool) -> str:
         assert self.tokenizer is not None
@@ -193,6 +269,11 @@ class Engine:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     # ---- requests -------------------------------------------------------------------------------
+    def sampling_params(self, d: Mapping[str, Any] | None) -> SamplingParams:
+        """A request's sampling dict -> SamplingParams; keys it leaves out (or null) take the
+        generation-config defaults (specdec/generation_config.py), then SamplingParams' own."""
+        return SamplingParams.from_dict(d, self.generation_defaults.sampling)
+
     def max_new_tokens_for(self, prompt_len: int) -> int:
         """The most tokens a request with this prompt can generate: what the context length and
         the KV cache can both hold (a request without max_tokens gets this, as in SGLang)."""
@@ -233,14 +314,20 @@ class Engine:
         if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= vocab:
             raise ValueError(f"top_logprobs_num must be an integer in [0, {vocab}] (the vocabulary); "
                              f"got {top_logprobs_num!r}")
+        if (self.swa_allocator is not None and return_logprob and logprob_start_len >= 0
+                and len(ids) + extra > self.kv_plan.swa_tokens):
+            raise ValueError(
+                f"prompt logprobs need the whole prompt ({len(ids)} tokens) in one forward, more than the "
+                f"chunked layers' KV pool holds ({self.kv_plan.swa_tokens}); raise --swa-full-tokens-ratio"
+            )
         grammar = self._request_grammar(params)
-        from .page_allocator import PageTable
-
+        table, swa_table = self.kv_tables()
         return Req(
             rid=rid or uuid.uuid4().hex,
             prompt_ids=ids,
             params=params,
-            page_table=PageTable(self.allocator),
+            page_table=table,
+            swa_table=swa_table,
             generator=make_generator(params.seed) if not params.is_greedy else None,
             return_logprob=return_logprob,
             logprob_start_len=logprob_start_len,
@@ -282,9 +369,9 @@ class Engine:
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(ids):
                 raise ValueError(f"{len(sampling_params)} sampling_params for {len(ids)} prompts")
-            params = [SamplingParams.from_dict(p) for p in sampling_params]
+            params = [self.sampling_params(p) for p in sampling_params]
         else:
-            params = [SamplingParams.from_dict(sampling_params)] * len(ids)
+            params = [self.sampling_params(sampling_params)] * len(ids)
         return ids, params, single
 
     def generate(

@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from .generation_config import GENERATION_CONFIG_MODES, parse_override
 from .spec_config import SpecConfig
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -14,6 +17,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 QUANTIZATION_CHOICES = ("w8a16", "w8a8_int8", "w4a16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # fp8 = fp8_e4m3, as vLLM spells it
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,13 @@ class EngineConfig:
     disable_radix_cache: bool = False  # SGLang's flag: no prefix cache (specdec/prefix_cache.py)
     chunked_prefill_size: int = 4096  # tokens of one prompt fed per forward (SGLang's flag); -1: all at once
     mem_fraction_kv: float = 0.2  # share of available memory the KV cache may use by default
+    mem_fraction_static: float | None = None  # SGLang's: weights + KV may take this share of memory
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 storage with per-tensor scales
+    quantization_param_path: str | None = None  # JSON of KV scales (SGLang / vLLM's legacy format)
+    # hybrid KV for models with chunked-attention layers (SGLang's flags): their pool holds
+    # swa_full_tokens_ratio x the full pool's slots, each request only its current window
+    swa_full_tokens_ratio: float = 0.8
+    disable_hybrid_swa_memory: bool = False
     chat_template: str | None = None
     served_model_name: str | None = None
     trust_remote_code: bool = False  # accepted for compatibility; no downloaded code ever runs
@@ -38,6 +49,10 @@ class EngineConfig:
     random_seed: int | None = None
     log_level: str = "info"
     skip_tokenizer_init: bool = False
+    # vLLM's: the model's default sampling parameters (specdec/generation_config.py). auto: the
+    # model folder's generation_config.json; vllm: none; else a folder holding one
+    generation_config: str = "auto"
+    override_generation_config: str | Mapping[str, Any] | None = None  # JSON object merged over it
     # speculative decoding (SGLang's --speculative-* flags)
     speculative_algorithm: str | None = None  # EAGLE3, EAGLE, NGRAM
     speculative_draft_model_path: str | None = None
@@ -80,6 +95,20 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if not 0 < self.mem_fraction_kv < 1:
             raise ValueError(f"mem_fraction_kv must be in (0, 1); got {self.mem_fraction_kv}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1); got {self.mem_fraction_static}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.quantization_param_path is not None and not self.kv_cache_dtype.startswith("fp8"):
+            raise ValueError("quantization_param_path holds fp8 KV scales: it needs --kv-cache-dtype fp8*")
+        if not isinstance(self.swa_full_tokens_ratio, (int, float)) or not 0 < self.swa_full_tokens_ratio <= 1:
+            raise ValueError(f"swa_full_tokens_ratio must be in (0, 1]; got {self.swa_full_tokens_ratio!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ValueError(f"generation_config must be auto, vllm or a folder; got {self.generation_config!r}")
+        if self.generation_config not in GENERATION_CONFIG_MODES and not Path(self.generation_config).is_dir():
+            raise ValueError(f"generation_config must be auto, vllm or a folder holding generation_config.json; "
+                             f"{self.generation_config!r} is not a folder")
+        parse_override(self.override_generation_config)  # ValueError naming the bad key
         self.spec_config()  # validates the speculative settings
 
     def spec_config(self) -> SpecConfig | None:

@@ -33,6 +33,8 @@ class EngineMetrics:
     kv_used_tokens: int = 0
     kv_total_tokens: int = 0
     kv_cached_free_tokens: int = 0  # free slots whose pages the prefix cache still keeps
+    swa_used_tokens: int = 0  # hybrid KV: slots of the chunked layers' window pool in use
+    swa_total_tokens: int = 0  # (0: one pool)
     cache_query_tokens: int = 0  # prompt tokens of admitted requests that looked in the prefix cache
     cache_hit_tokens: int = 0  # of those, taken from it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -82,6 +84,8 @@ class EngineMetrics:
                 "kv_used_tokens": self.kv_used_tokens,
                 "kv_total_tokens": self.kv_total_tokens,
                 "kv_cached_free_tokens": self.kv_cached_free_tokens,
+                "swa_used_tokens": self.swa_used_tokens,
+                "swa_total_tokens": self.swa_total_tokens,
                 "cache_hit_rate": self.cache_hit_rate,
                 "uptime_s": time.time() - self.started_at,
             }

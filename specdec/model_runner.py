@@ -3,6 +3,10 @@
 `extend` is the single primitive behind prefill and decode: each request feeds the tokens
 after its cached prefix, at positions [num_cached, num_cached + n), writing K/V into the
 slots its page table reserved, attending causally over everything cached before.
+
+Hybrid KV (`--swa-full-tokens-ratio`): the chunked-attention layers keep their K/V in a pool
+of their own (`swa_pool`) indexed by each request's window table; their metadata lists only the
+keys from the chunk of the request's first fed position on (`ForwardBatch.swa_attn`).
 """
 
 from __future__ import annotations
@@ -39,13 +43,28 @@ class ExtendOutput(NamedTuple):
 
 
 class ModelRunner:
-    """Owns one model, its KV pool (over the shared slot space) and an attention backend."""
+    """Owns one model, its KV pool (over the shared slot space) and an attention backend; with
+    hybrid KV, also the chunked layers' pool (`swa_pool`, over the window tables' slots)."""
 
-    def __init__(self, model: Llama4ForCausalLM, pool: KVPool, backend: AttentionBackend) -> None:
+    def __init__(self, model: Llama4ForCausalLM, pool: KVPool, backend: AttentionBackend,
+                 swa_pool: KVPool | None = None) -> None:
         self.model = model
         self.pool = pool
+        self.swa_pool = swa_pool
         self.backend = backend
-        self.device = pool.k[0].device  # model, pool and forward inputs live here
+        self.device = (pool.k or (swa_pool.k if swa_pool is not None else []))[0].device  # model, pools, inputs
+        # per model layer: its K/V tensors (the full pool holds the full layers, in order, and
+        # with hybrid KV the window pool the chunked ones)
+        chunked = [model.cfg.chunk_size(i) is not None for i in range(model.cfg.num_layers)]
+        self.swa_layers = tuple(chunked) if swa_pool is not None else (False,) * len(chunked)
+        full_iter, swa_iter = iter(range(len(pool.k))), iter(range(0 if swa_pool is None else len(swa_pool.k)))
+        self.kv_k: list[Tensor] = []
+        self.kv_v: list[Tensor] = []
+        for is_swa in self.swa_layers:
+            src, j = (swa_pool, next(swa_iter)) if is_swa and swa_pool is not None else (pool, next(full_iter))
+            self.kv_k.append(src.k[j])
+            self.kv_v.append(src.v[j])
+        self.chunk_size = model.cfg.attention_chunk_size if swa_pool is not None else None
 
     @torch.inference_mode()
     def extend(
@@ -61,21 +80,32 @@ class ModelRunner:
         q_starts: list[int] = []
         q_lens: list[int] = []
         start = 0
+        swa: list[SeqAttnMeta] = []
+        swa_out: list[Tensor] = []
         for req, toks in zip(reqs, tokens, strict=True):
             n = len(toks)
-            end = req.num_cached + n
+            c = req.num_cached
+            end = c + n
             slots = req.kv_slots(end)  # [end]
             kv_pos = torch.arange(end)
-            q_pos = kv_pos[req.num_cached:]
+            q_pos = kv_pos[c:]
             seqs.append(SeqAttnMeta(start, n, slots, q_pos, kv_pos, None))
-            out_slots.append(slots[req.num_cached:])
+            out_slots.append(slots[c:])
+            if self.chunk_size is not None:  # the window: from the chunk of position c on
+                w = c - c % self.chunk_size
+                wslots = req.swa_slots(w, end)  # [end - w]
+                swa.append(SeqAttnMeta(start, n, wslots, q_pos, kv_pos[w:], None))
+                swa_out.append(wslots[c - w:])
             positions.append(q_pos)
             q_starts.append(start)
             q_lens.append(n)
             start += n
         ids = torch.tensor([t for toks in tokens for t in toks], dtype=torch.long)
-        padded = _pad_decode(seqs) if len(seqs) > 1 and all(n == 1 for n in q_lens) else None
-        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, padded)
+        decode = len(seqs) > 1 and all(n == 1 for n in q_lens)
+        padded = _pad_decode(seqs) if decode else None
+        swa_meta = None if not swa else AttentionMeta(torch.cat(swa_out), tuple(swa),
+                                                      _pad_decode(swa) if decode else None)
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, padded, swa_meta)
 
     @torch.inference_mode()
     def verify_trees(
@@ -92,6 +122,8 @@ class ModelRunner:
         q_starts: list[int] = []
         q_lens: list[int] = []
         start = 0
+        swa: list[SeqAttnMeta] = []
+        swa_out: list[Tensor] = []
         for req, tree in zip(reqs, trees, strict=True):
             c, n = req.num_cached, tree.size
             slots = req.kv_slots(c + n)
@@ -101,12 +133,18 @@ class ModelRunner:
             mask[:, c:] = tree_mask(tree)
             seqs.append(SeqAttnMeta(start, n, slots, q_pos, kv_pos, mask))
             out_slots.append(slots[c:])
+            if self.chunk_size is not None:  # nodes past a chunk boundary see only their chunk
+                w = c - c % self.chunk_size
+                wslots = req.swa_slots(w, c + n)  # [c - w + N]
+                swa.append(SeqAttnMeta(start, n, wslots, q_pos, kv_pos[w:], mask[:, w:]))
+                swa_out.append(wslots[c - w:])
             positions.append(q_pos)
             q_starts.append(start)
             q_lens.append(n)
             start += n
         ids = torch.tensor([t for tree in trees for t in tree.tokens], dtype=torch.long)
-        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens)
+        swa_meta = AttentionMeta(torch.cat(swa_out), tuple(swa)) if swa else None
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, swa_meta=swa_meta)
 
     def _forward(
         self,
@@ -118,11 +156,24 @@ class ModelRunner:
         q_starts: list[int],
         q_lens: list[int],
         padded: PaddedKV | None = None,
+        swa_meta: AttentionMeta | None = None,
     ) -> ExtendOutput:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), padded=padded)
-        batch = ForwardBatch(meta.to(self.device), self.pool.k, self.pool.v, self.backend, capture_layers)
+        batch = ForwardBatch(meta.to(self.device), self.kv_k, self.kv_v, self.backend, capture_layers,
+                             None if swa_meta is None else swa_meta.to(self.device))
         out = self.model(ids.to(self.device), torch.cat(positions).to(self.device), batch)
         return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
+
+    def commit_moves(self, req: Req, moves: list[tuple[int, int]]) -> None:
+        """Copy K/V of positions src -> dst (pairs of `moves`) in every pool: the accepted path
+        of a verified tree, compacted (specdec/spec_decoder.py)."""
+        end = max(max(s, d) for s, d in moves) + 1
+        slots = req.kv_slots(end)
+        self.pool.copy_slots(slots[[s for s, _ in moves]], slots[[d for _, d in moves]])
+        if self.swa_pool is not None:
+            w = min(min(s, d) for s, d in moves)
+            wslots = req.swa_slots(w, end)
+            self.swa_pool.copy_slots(wslots[[s - w for s, _ in moves]], wslots[[d - w for _, d in moves]])
 
     def logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32, on the CPU
         """Sampling and verification run on the CPU; on a GPU only the logits come back."""

@@ -37,7 +37,7 @@ __all__ = [
     "PageAllocator",
     "PageTable",
     "available_memory_bytes",
-    "max_tokens_for_budget",
+    "total_memory_bytes",
 ]
 
 
@@ -317,25 +317,9 @@ class PageTable:
         self._num_tokens = 0
 
 
-def max_tokens_for_budget(budget_bytes: int, bytes_per_token: int, page_size: int) -> int:
-    """Largest whole-page token capacity whose KV cache fits in ``budget_bytes``.
-
-    ``bytes_per_token`` is the cache footprint of one slot across all pools that
-    share it (e.g. target plus draft model, all layers, K and V). The result is a
-    multiple of ``page_size``; a budget smaller than one page raises ``ValueError``.
-    """
-    if bytes_per_token < 1:
-        raise ValueError(f"bytes_per_token must be >= 1, got {bytes_per_token}")
-    if page_size < 1:
-        raise ValueError(f"page_size must be >= 1, got {page_size}")
-    page_bytes = bytes_per_token * page_size
-    num_pages = max(budget_bytes, 0) // page_bytes
-    if num_pages < 1:
-        raise ValueError(
-            f"KV-cache budget of {budget_bytes} bytes is smaller than one page "
-            f"({page_size} tokens x {bytes_per_token} bytes/token = {page_bytes} bytes)"
-        )
-    return num_pages * page_size
+def total_memory_bytes() -> int:
+    """Physical memory in bytes (`MemTotal`; the `--mem-fraction-static` base on the CPU)."""
+    return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
 
 
 def available_memory_bytes() -> int:

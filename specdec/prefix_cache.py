@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .page_allocator import PageAllocator
 
@@ -46,36 +46,59 @@ class PrefixCache:
         block = ids[k * ps : (k + 1) * ps + 1]  # the page's tokens and the one after
         return hashlib.sha256(parent + struct.pack(f"<{len(block)}q", *block)).digest()
 
+    def match_chain(self, ids: Sequence[int]) -> list[tuple[bytes, int]]:
+        """(key, cached page) of each page of the longest page-aligned prefix of `ids` that is
+        cached, leaving at least one token of `ids` to feed."""
+        chain: list[tuple[bytes, int]] = []
+        key = _ROOT
+        while (len(chain) + 1) * self.page_size < len(ids):
+            key = self._key(key, ids, len(chain))
+            page = self._page_of.get(key)
+            if page is None:
+                break
+            chain.append((key, page))
+        return chain
+
     def match(self, ids: Sequence[int]) -> tuple[list[int], Cursor]:
         """The cached pages of the longest page-aligned prefix of `ids` (leaving at least one
         token of `ids` to feed), and the cursor after them (for `insert`)."""
-        pages: list[int] = []
-        key = _ROOT
-        while (len(pages) + 1) * self.page_size < len(ids):
-            nxt = self._key(key, ids, len(pages))
-            page = self._page_of.get(nxt)
-            if page is None:
-                break
-            pages.append(page)
-            key = nxt
-        return pages, (len(pages), key)
+        chain = self.match_chain(ids)
+        return [p for _, p in chain], cursor_after(chain)
 
-    def insert(self, ids: Sequence[int], pages: Sequence[int], valid: int, cursor: Cursor = (0, _ROOT)) -> Cursor:
+    def get(self, key: bytes) -> int | None:
+        """The cached page under `key` (a page's chain key), or None."""
+        return self._page_of.get(key)
+
+    def put(self, key: bytes, page: int) -> None:
+        """Cache an owned `page` under `key` unless either is cached already. (The hybrid KV
+        cache's window pool keys its pages by the full pool's chain keys.)"""
+        if key not in self._page_of and page not in self._key_of:
+            self._page_of[key] = page
+            self._key_of[page] = key
+            self.allocator.mark_cached(page)
+
+    def insert(self, ids: Sequence[int], pages: Sequence[int], valid: int, cursor: Cursor = (0, _ROOT),
+               on_page: Callable[[int, bytes], None] | None = None) -> Cursor:
         """Cache the pages of `ids[:valid]` held in `pages` (a request's page table) whose
         K/V is final: whole pages inside the first `valid` positions, with the token after
         each known. Starts at `cursor` (pages before it were offered already) and returns
-        where it stopped, so a request's pages are hashed once each."""
+        where it stopped, so a request's pages are hashed once each; `on_page(k, key)` is told
+        each page index offered and its key."""
         k, key = cursor
         while (k + 1) * self.page_size <= valid and (k + 1) * self.page_size < len(ids) and k < len(pages):
             key = self._key(key, ids, k)
-            if key not in self._page_of and pages[k] not in self._key_of:
-                self._page_of[key] = pages[k]
-                self._key_of[pages[k]] = key
-                self.allocator.mark_cached(pages[k])
+            self.put(key, pages[k])
+            if on_page is not None:
+                on_page(k, key)
             k += 1
         return k, key
 
-    def _evicted(self, page: int) -> None:
+    def _evicted(self, page: int) -> None:  # the allocator reuses a cached page
         key = self._key_of.pop(page, None)
         if key is not None:
             del self._page_of[key]
+
+
+def cursor_after(chain: Sequence[tuple[bytes, int]]) -> Cursor:
+    """The insert cursor after the first len(chain) pages of a match."""
+    return (len(chain), chain[-1][0] if chain else _ROOT)

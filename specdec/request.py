@@ -22,6 +22,7 @@ from .accept_stats import AcceptStats
 from .detokenizer import IncrementalDetokenizer
 from .page_allocator import PageTable
 from .sampling_params import SamplingParams
+from .swa_table import WindowPageTable
 from .tree import DraftTree
 from .tree_shape import TreeShape
 
@@ -76,7 +77,12 @@ class Req:
     cache_cursor: tuple[int, bytes] = (0, b"")  # pages offered to the prefix cache so far
     # the output's text, decoded a token at a time (specdec.detokenizer; None without a tokenizer)
     detok: IncrementalDetokenizer | None = None
+    # hybrid KV (--swa-full-tokens-ratio): the chunked-attention pool's table, holding only the
+    # pages of the current chunk window (specdec/swa_table.py); None with a single pool
+    swa_table: WindowPageTable | None = None
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    _swa_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    _swa_base: int = 0  # position of _swa_cache[0]
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -120,10 +126,38 @@ class Req:
             self._slot_cache = torch.cat((self._slot_cache, more))
         return self._slot_cache[:length]
 
+    def swa_slots(self, start: int, end: int) -> torch.Tensor:
+        """Chunked-attention pool slots of positions [start, end) (hybrid KV; `start` is at or
+        after the window's first held position), cached across steps like `kv_slots`."""
+        assert self.swa_table is not None
+        cache, base = self._swa_cache, self._swa_base
+        if not base <= start <= base + int(cache.shape[0]):
+            cache, base = cache[:0], start
+        elif start > base:
+            cache, base = cache[start - base:], start
+        have = base + int(cache.shape[0])
+        if have < end:
+            cache = torch.cat((cache, torch.tensor(self.swa_table.slots(have, end), dtype=torch.long)))
+        self._swa_cache, self._swa_base = cache, base
+        return cache[: end - base]
+
+    def reserve_kv(self, end: int, swa_end: int | None = None) -> bool:
+        """Slots for positions [0, end) in the full pool and, with hybrid KV, in the window
+        of a forward whose first query is at num_cached, up to `swa_end` (default `end`).
+        False when a pool lacks pages (what was reserved stays; release_kv frees it)."""
+        if not self.page_table.reserve(end):
+            return False
+        if self.swa_table is not None:
+            return self.swa_table.reserve(end if swa_end is None else swa_end, self.num_cached)
+        return True
+
     def truncate_kv(self, length: int) -> None:
         """Keep KV for positions [0, length); free the pages beyond."""
         self.page_table.truncate(length)
         self._slot_cache = self._slot_cache[:length]
+        if self.swa_table is not None:
+            self.swa_table.truncate(min(length, self.swa_table.num_tokens))
+            self._swa_cache = self._swa_cache[: max(0, length - self._swa_base)]
         self.num_cached = min(self.num_cached, length)
 
     def spec_meta(self) -> dict[str, Any]:
@@ -149,6 +183,9 @@ class Req:
         self.draft_pending.clear()
         self.page_table.release()
         self._slot_cache = self._slot_cache[:0]
+        if self.swa_table is not None:
+            self.swa_table.release()
+            self._swa_cache, self._swa_base = self._swa_cache[:0], 0
         self.num_cached = 0
         self.draft_kv_len = 0
         self.cache_cursor = (0, b"")

@@ -24,11 +24,12 @@ from .grammar import apply_bitmask
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, cursor_after
 from .request import LogprobEntry, Req
 from .sampler import apply_penalties, processed_probs, sample
 from .spec_decoder import SpecDecoder
 from .stop_strings import first_stop
+from .swa_table import RELEASED
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Scheduler:
         metrics: EngineMetrics | None = None,
         spec: SpecDecoder | None = None,
         prefix_cache: PrefixCache | None = None,
+        swa_allocator: PageAllocator | None = None,
+        swa_cache: PrefixCache | None = None,
     ) -> None:
         self.runner = runner
         self.metrics = metrics or EngineMetrics()
@@ -65,6 +68,9 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.detokenize = detokenize
         self.prefix_cache = prefix_cache
+        # hybrid KV: the chunked layers' pool and its prefix cache (keyed like the full pool's)
+        self.swa_allocator = swa_allocator
+        self.swa_cache = swa_cache
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self._chunk_turn = True  # whether a pending prefill chunk goes before other work next step
@@ -100,6 +106,7 @@ class Scheduler:
         the other requests' decoding nor needs its whole length of activations at once."""
         chunk = self._next_chunk()
         if chunk is not None:
+            self._reserve_window(chunk)
             touched = self._guarded([chunk], lambda: self._run([chunk]))
             self._chunk_turn = False
         else:
@@ -177,6 +184,27 @@ class Scheduler:
         m.kv_used_tokens = self.allocator.num_used_pages * self.allocator.page_size
         m.kv_cached_free_tokens = self.allocator.num_cached_free_pages * self.allocator.page_size
         m.kv_total_tokens = self.allocator.num_pages * self.allocator.page_size
+        if self.swa_allocator is not None:
+            m.swa_used_tokens = self.swa_allocator.num_used_pages * self.swa_allocator.page_size
+            m.swa_total_tokens = self.swa_allocator.num_pages * self.swa_allocator.page_size
+
+    def _window_end(self, req: Req) -> int:
+        """Hybrid KV: the end of the positions `req`'s next forward needs in the window pool
+        (the tokens it feeds, and a speculative step's slots once its prompt is done)."""
+        return min(req.seq_len, req.num_cached + len(self._feed(req))) + self._extra_slots
+
+    def _reserve_window(self, req: Req) -> None:
+        """Hybrid KV: window pages for `req`'s next prefill chunk (its full-pool slots were
+        reserved at admission); the newest other request is preempted while the pool lacks
+        them (the start-up check makes one request's window always fit)."""
+        if req.swa_table is None:
+            return
+        while not req.reserve_kv(req.page_table.num_tokens, self._window_end(req)):
+            victim = next((r for r in reversed(self.running) if r is not req), None)
+            if victim is None:
+                raise RuntimeError("the chunked layers' KV pool cannot hold one request's window; "
+                                   "raise --swa-full-tokens-ratio")
+            self._preempt(victim)
 
     def _admit(self) -> list[Req]:
         batch: list[Req] = []
@@ -194,7 +222,7 @@ class Scheduler:
             if batch and need > budget:
                 req.release_kv()  # (a shared prefix is taken again when it is admitted)
                 break
-            if not req.page_table.reserve(req.seq_len + self._extra_slots):
+            if not req.reserve_kv(req.seq_len + self._extra_slots, self._window_end(req)):
                 req.release_kv()
                 break  # out of pages: wait until running requests free some
             self.waiting.popleft()
@@ -221,9 +249,15 @@ class Scheduler:
         # positions whose K/V depend on the prompt alone, and are final in src
         limit = min(req.prompt_len - 1, self._final_positions(src))
         pages = min(limit, src.page_table.num_tokens) // page_size
+        swa = src.swa_table
+        if swa is not None:  # and the window pages of a start there
+            pages = self._window_fit(pages, lambda k: swa.page_at(k) != RELEASED)
         if pages == 0:
             return
         req.page_table.share_prefix(src.page_table, pages)
+        if swa is not None and req.swa_table is not None:
+            first = self._window_first_page(pages)
+            req.swa_table.adopt(first, swa.pages[first:pages], shared=True)
         req.num_cached = req.cached_tokens = pages * page_size
 
     def _take_cached_prefix(self, req: Req) -> None:
@@ -232,19 +266,50 @@ class Scheduler:
         req.cached_tokens = 0
         if self.prefix_cache is None or self._wants_prompt_logprobs(req):
             return
-        pages, cursor = self.prefix_cache.match(req.all_ids)
-        if pages:
-            req.page_table.adopt_cached(pages)
-            req.num_cached = req.cached_tokens = len(pages) * self.allocator.page_size
-            req.cache_cursor = cursor
+        chain = self.prefix_cache.match_chain(req.all_ids)
+        swa_cache = self.swa_cache
+        if req.swa_table is not None and swa_cache is not None:  # the window pages must be cached too
+            chain = chain[: self._window_fit(len(chain), lambda k: swa_cache.get(chain[k][0]) is not None)]
+        if chain:
+            req.page_table.adopt_cached([p for _, p in chain])
+            if req.swa_table is not None and swa_cache is not None:
+                first = self._window_first_page(len(chain))
+                req.swa_table.adopt(first, [swa_cache.get(key) for key, _ in chain[first:]],  # type: ignore[misc]
+                                    shared=False)
+            req.num_cached = req.cached_tokens = len(chain) * self.allocator.page_size
+            req.cache_cursor = cursor_after(chain)
+
+    def _window_first_page(self, pages: int) -> int:
+        """Hybrid KV: the first window page a request starting at `pages` whole pages needs."""
+        pos = pages * self.allocator.page_size
+        chunk = self.runner.chunk_size
+        assert chunk is not None
+        return (pos - pos % chunk) // self.allocator.page_size
+
+    def _window_fit(self, pages: int, have: Callable[[int], bool]) -> int:
+        """Hybrid KV: the most leading whole pages (<= `pages`) a request can start on: the
+        window pages of a start there must all be available (`have(page index)`). A start on
+        a chunk boundary needs none."""
+        while pages > 0 and not all(have(k) for k in range(self._window_first_page(pages), pages)):
+            pages -= 1
+        return pages
 
     def _cache_pages(self, req: Req) -> None:
         """Offer `req`'s final pages to the prefix cache: committed positions whose draft K/V
         (under EAGLE3/EAGLE) is written from target features."""
         if self.prefix_cache is None or not req.page_table.pages:
             return
+        swa, swa_cache = req.swa_table, self.swa_cache
+        on_page = None
+        if swa is not None and swa_cache is not None:  # window pages too, under the same keys
+
+            def on_page(k: int, key: bytes) -> None:
+                page = swa.page_at(k)
+                if page != RELEASED:
+                    swa_cache.put(key, page)
+
         req.cache_cursor = self.prefix_cache.insert(req.all_ids, req.page_table.pages,
-                                                    self._final_positions(req), req.cache_cursor)
+                                                    self._final_positions(req), req.cache_cursor, on_page)
 
     def _final_positions(self, req: Req) -> int:
         """Leading positions of `req` whose K/V no later step rewrites and (under EAGLE3/EAGLE,
@@ -262,9 +327,12 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
+            if self._mid_prefill(req):  # not in this step (its full-pool slots are reserved; its window per chunk)
+                i += 1
+                continue
             # plain decode feeds the one uncached token; a speculative step needs its tree
             need = req.seq_len if self.spec is None else req.num_cached + self._extra_slots
-            if req.page_table.reserve(need):
+            if req.reserve_kv(need):
                 i += 1
                 continue
             victim = self.running[-1]

@@ -87,10 +87,7 @@ class SpecDecoder:
         """Slots a request needs beyond its cached prefix for one speculative step:
         the tree (N nodes), or up to num_steps + 1 newly committed tokens plus the draft's
         scratch slots."""
-        # a tree is at most num_steps deep, unless copied text extends it (--speculative-ngram-merge:
-        # a copy chain may take the whole budget, num_draft_tokens - 1 deep)
-        deepest = self.spec.num_draft_tokens - 1 if self.spec.ngram_merge else self.spec.num_steps
-        return max(self.spec.num_draft_tokens, deepest + 1 + self.proposer.temp_slots)
+        return extra_slots_for(self.spec, self.proposer.temp_slots)
 
     # ---- drafting -------------------------------------------------------------------------------
     def _choose(self, reqs: Sequence[Req], batch_size: int) -> list[TreeShape]:
@@ -259,12 +256,16 @@ class SpecDecoder:
 
     def _commit_kv(self, req: Req, c: int, path: list[int]) -> None:
         moves = [(c + n, c + j) for j, n in enumerate(path) if n != j]
-        if not moves:
-            return
-        slots = req.kv_slots(c + path[-1] + 1)
-        src = slots[[s for s, _ in moves]]
-        dst = slots[[d for _, d in moves]]
-        self.runner.pool.copy_slots(src, dst)
+        if moves:
+            self.runner.commit_moves(req, moves)
+
+
+def extra_slots_for(spec: SpecConfig, temp_slots: int) -> int:
+    """`SpecDecoder.extra_slots` for a proposer needing `temp_slots` scratch slots."""
+    # a tree is at most num_steps deep, unless copied text extends it (--speculative-ngram-merge:
+    # a copy chain may take the whole budget, num_draft_tokens - 1 deep)
+    deepest = spec.num_draft_tokens - 1 if spec.ngram_merge else spec.num_steps
+    return max(spec.num_draft_tokens, deepest + 1 + temp_slots)
 
 
 def _plain_greedy(req: Req) -> bool:

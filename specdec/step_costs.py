@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .page_allocator import PageTable
 from .request import Req
 from .sampling_params import SamplingParams
 from .tree import DraftTree
@@ -104,12 +103,15 @@ def _fake_requests(engine: Engine, b: int, length: int) -> list[Req]:
     vocab = engine.model_config.vocab_size
     for _ in range(b):
         ids = torch.randint(0, vocab, (CONTEXT,), generator=g).tolist()
-        table = PageTable(engine.allocator)
-        if not table.reserve(length):
+        table, swa_table = engine.kv_tables()
+        req = Req(rid=uuid.uuid4().hex, prompt_ids=ids, params=SamplingParams(), page_table=table,
+                  generator=None, swa_table=swa_table)
+        if not req.reserve_kv(length):
+            req.release_kv()
             for r in reqs:
                 r.release_kv()
             raise MemoryError("not enough free KV pages to measure step costs")
-        reqs.append(Req(rid=uuid.uuid4().hex, prompt_ids=ids, params=SamplingParams(), page_table=table, generator=None))
+        reqs.append(req)
     return reqs
 
 

@@ -48,6 +48,11 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = q_size, kv_size
         self.qkv = Linear(cfg.hidden_size, (q_size, kv_size, kv_size), bias=cfg.attention_bias)
         self.o_proj = Linear(q_size, (cfg.hidden_size,), bias=cfg.attention_bias)
+        # fp8 KV (--kv-cache-dtype): (k_scale, v_scale, the fp8 format's largest value); K/V are
+        # stored divided by their scale and the scales folded into the softmax scale and the
+        # output, so every backend only upcasts. None: K/V stored as computed.
+        self.kv_scales: tuple[float, float, float] | None = None
+        self.checkpoint_kv_scales: dict[str, float] = {}  # "k"/"v" -> the checkpoint's k_scale / v_scale
 
     def forward(
         self,
@@ -70,16 +75,24 @@ class Attention(nn.Module):
             # NoPE layers: q *= 1 + attn_scale * log(1 + floor((pos + 1) / floor_scale))
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale))
             q = (q * (scales * self.attn_scale + 1.0)[:, None, None]).to(q.dtype)
+        scale = self.scale
+        if self.kv_scales is not None:  # fp8 KV: stored = value / scale, saturated to the format
+            k_scale, v_scale, top = self.kv_scales
+            k = (k * (1.0 / k_scale)).clamp(-top, top)
+            v = (v * (1.0 / v_scale)).clamp(-top, top)
+            scale = scale * k_scale
         out = batch.backend.forward(
             q,
             k,
             v,
             batch.kv_k[self.layer_id],
             batch.kv_v[self.layer_id],
-            batch.attn,
-            self.scale,
+            batch.attn_for(self.chunk_size),
+            scale,
             self.chunk_size,
         )  # [T, H, D]
+        if self.kv_scales is not None:
+            out = out * self.kv_scales[1]
         return self.o_proj(out.reshape(T, self.q_size))
 
 

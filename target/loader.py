@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,6 +59,7 @@ class Target:
     shard: int | None = None
     is_bias: bool = False
     transform: Transform | None = None
+    kv_scale: str | None = None  # "k" / "v": an fp8 KV scale of the attention module `param`
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -108,6 +109,14 @@ def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
 
     for i, (proj, perm) in enumerate((("q", perm_q), ("k", perm_k), ("v", None))):
         rule(rf"self_attn\.{proj}_proj\.(weight|bias)", qkv(i, perm))
+    def kv_scale(kind: str) -> Callable[[int, bool], Target]:
+        def make(n: int, b: bool) -> Target:
+            return Target(f"layers.{n}.attn", kv_scale=kind)
+
+        return make
+
+    for kind in ("k", "v"):  # fp8 KV scales (vLLM / SGLang / ModelOpt names); used with --kv-cache-dtype fp8
+        rule(rf"self_attn\.(?:{kind}_proj\.|attn\.)?{kind}_scale", kv_scale(kind))
     rule(r"self_attn\.o_proj\.(weight|bias)",
          lambda n, b: Target(f"layers.{n}.attn.o_proj.{'bias' if b else 'weight'}", 0, b))
     rule(r"input_layernorm\.weight", lambda n, b: Target(f"layers.{n}.input_layernorm.weight"))
@@ -219,10 +228,18 @@ def _expected_units(model: nn.Module) -> dict[Unit, tuple[int, ...]]:
     return units
 
 
-def load_model(model_path: str | Path, dtype: str = "auto") -> tuple[Llama4ForCausalLM, ModelConfig]:
-    """Build on meta, materialise, stream every tensor in; strict in both directions."""
+def load_model(model_path: str | Path, dtype: str = "auto",
+               attn_temperature_tuning: bool | None = None) -> tuple[Llama4ForCausalLM, ModelConfig]:
+    """Build on meta, materialise, stream every tensor in; strict in both directions.
+
+    `attn_temperature_tuning` (from `--override-generation-config`, vLLM's Llama 4 guide)
+    replaces the checkpoint's flag of that name before the model is built (None: keep it)."""
     path = Path(model_path)
     cfg = ModelConfig.from_path(path)
+    if attn_temperature_tuning is not None:
+        cfg = replace(cfg, attn_temperature_tuning=attn_temperature_tuning)
+        if all(cfg.rope_layers):
+            log.warning("attn_temperature_tuning has no effect on %s: it has no NoPE layers", cfg.architecture)
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = Llama4ForCausalLM(cfg)
@@ -298,6 +315,16 @@ def fill_weights(
             raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of {owner} takes it)")
         if target is SKIP:
             skipped += key.startswith(_SKIP_PREFIXES)  # (a tied lm_head is skipped silently)
+            continue
+        if target.kv_scale is not None:
+            attn = modules.get(target.param)
+            if attn is None or tensor.numel() != 1:
+                raise LoadError(f"tensor {key!r} in {f} is not one KV scale of a known layer")
+            scales = attn.checkpoint_kv_scales
+            assert isinstance(scales, dict)
+            if target.kv_scale in scales:
+                raise LoadError(f"tensor {key!r} in {f} sets {target.param}'s {target.kv_scale}_scale a second time")
+            scales[target.kv_scale] = float(tensor.float().item())
             continue
         unit = (target.param, target.shard, target.is_bias)
         if unit not in expected:

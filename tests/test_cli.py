@@ -42,7 +42,9 @@ def test_help_documents_every_flag() -> None:
                  "--log-level", "--api-key", "--speculative-algorithm", "--speculative-draft-model-path",
                  "--speculative-num-steps", "--speculative-eagle-topk", "--speculative-num-draft-tokens",
                  "--speculative-accept-threshold-single", "--speculative-accept-threshold-acc",
-                 "--speculative-token-map"):
+                 "--speculative-token-map", "--mem-fraction-static", "--kv-cache-dtype",
+                 "--quantization-param-path", "--swa-full-tokens-ratio", "--disable-hybrid-swa-memory",
+                 "--chunked-prefill-size", "--disable-radix-cache"):
         assert flag in out, flag
 
 

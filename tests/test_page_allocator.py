@@ -10,7 +10,6 @@ from specdec.page_allocator import (
     PageAllocator,
     PageTable,
     available_memory_bytes,
-    max_tokens_for_budget,
 )
 
 
@@ -211,16 +210,6 @@ def test_random_stress(page_size: int) -> None:
         t.release()
     alloc.check_invariants()
     assert alloc.num_free_pages == alloc.num_pages
-
-
-def test_max_tokens_for_budget() -> None:
-    assert max_tokens_for_budget(1000, 10, 16) == 96  # 6 pages of 160 bytes
-    assert max_tokens_for_budget(160, 10, 16) == 16
-    assert max_tokens_for_budget(1000, 10, 1) == 100
-    with pytest.raises(ValueError, match="smaller than one page"):
-        max_tokens_for_budget(159, 10, 16)
-    with pytest.raises(ValueError, match="bytes_per_token"):
-        max_tokens_for_budget(1000, 0, 16)
 
 
 def test_available_memory_bytes() -> None:

@@ -268,6 +268,22 @@ def test_triton_backend_matches_torch_backend(specs: list[Spec], chunk: int | No
     assert torch.equal(kc, b.k_cache) and torch.equal(vc, b.v_cache)
 
 
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(("specs", "chunk"), [(MIXED, 8), (DECODE, None)])
+def test_triton_backend_reads_and_writes_fp8_caches_as_torch_does(
+        specs: list[Spec], chunk: int | None, cache_dtype: torch.dtype) -> None:
+    """--kv-cache-dtype fp8: the same bytes stored, and attention over the upcast cache."""
+    b = make_batch(specs, group=2, page_size=4)
+    kc, vc = b.k_cache.to(cache_dtype), b.v_cache.to(cache_dtype)
+    kr, vr = kc.clone(), vc.clone()
+    out = get_attention_backend("triton").forward(b.q, b.k, b.v, kc, vc, b.meta, 0.35, chunk)
+    ref = TorchAttentionBackend().forward(b.q, b.k, b.v, kr, vr, b.meta, 0.35, chunk)
+    assert torch.equal(kc.view(torch.uint8), kr.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), vr.view(torch.uint8))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 
 E2E_TARGET: dict[str, Any] = {  # layer 0: RoPE + chunked (chunk 8) + MoE; layer 1: NoPE, full
