@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.engine_loop import Update
-from specdec.sampling_params import GRAMMAR_FIELDS, SamplingParams
+from specdec.sampling_params import GRAMMAR_FIELDS
 
 from .metrics_text import prometheus_text
 from .openai_api import DONE, chat_completions, completions, sse, wait_final
@@ -180,6 +180,7 @@ def create_app(state: ServerState) -> FastAPI:
         }
         return {**state.server_args, "version": _version(), "cpu_kernel_isa": state.engine.cpu_isa,
                 "engine_thread": state.loop.thread_name,
+                "generation_defaults": state.engine.generation_defaults.as_dict(),
                 "internal_states": [internal],
                 "avg_spec_accept_length": snap["avg_spec_accept_length"], "metrics": snap}
 
@@ -242,7 +243,7 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
         raise ApiError(400, f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]; got {body.top_logprobs_num}",
                        "top_logprobs_num")
     try:
-        params = SamplingParams.from_dict(body.sampling_params)
+        params = engine.sampling_params(body.sampling_params)  # with the generation-config defaults
     except ValueError as e:
         raise ApiError(400, str(e), "sampling_params") from e
     try:

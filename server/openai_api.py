@@ -58,8 +58,11 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
             raise ApiError(400, "response_format cannot be combined with tool_choice required or a named "
                            "function (both constrain the answer)", "response_format")
         schema = tool_schema
-    if max_new is None:  # what the context and the KV cache can hold
+    defaults = state.engine.generation_defaults
+    if max_new is None:  # what the context and the KV cache can hold, capped by the model's default
         max_new = state.engine.max_new_tokens_for(prompt_len)
+        if defaults.max_new_tokens is not None:  # generation_config's max_new_tokens (vLLM's default max_tokens)
+            max_new = min(max_new, defaults.max_new_tokens)
     if max_new <= 0:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_new}", "max_tokens")
     if body.temperature is not None and body.temperature < 0:
@@ -84,7 +87,7 @@ def sampling_params(state: ServerState, body: Any, max_new: int | None, prompt_l
         "logit_bias": body.logit_bias or None,
     }
     try:
-        return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None})
+        return SamplingParams.from_dict({k: v for k, v in fields.items() if v is not None}, defaults.sampling)
     except ValueError as e:  # the message starts with the field's name: name the request's field
         field = next((k for k in sorted(fields, key=len, reverse=True) if str(e).startswith(k)), None)
         raise ApiError(400, str(e), {"max_new_tokens": "max_tokens", "json_schema": "response_format"}.get(field or "", field)) from e

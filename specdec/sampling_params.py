@@ -175,22 +175,25 @@ class SamplingParams:
                     or self.logit_bias)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> SamplingParams:
+    def from_dict(cls, d: Mapping[str, Any] | None,
+                  defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """Build from a JSON-style dict such as SGLang's ``sampling_params``.
 
         ``stop`` may be a single string or a list of strings; ``stop_token_ids`` a
-        list. A key whose value is ``None`` takes the default. Unknown keys raise
-        ``ValueError`` naming them.
+        list. A key whose value is ``None`` takes the default: ``defaults`` (the model's
+        generation-config defaults, specdec/generation_config.py) where it has the key,
+        else the field's own. Unknown keys raise ``ValueError`` naming them.
         """
         if d is None:
-            return cls()
+            d = {}
         if not isinstance(d, Mapping):
             raise ValueError(f"sampling_params must be a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        kwargs: dict[str, Any] = {k: v for k, v in d.items() if v is not None}
+        kwargs: dict[str, Any] = dict(defaults or {})
+        kwargs.update((k, v) for k, v in d.items() if v is not None)
         stop = kwargs.get("stop")
         if isinstance(stop, str):
             kwargs["stop"] = (stop,)
