@@ -122,7 +122,8 @@ class Scheduler:
                               else self._run(touched))
             else:
                 return []
-            self._chunk_turn = True
+            # a new long prompt that just had its first chunk waits a turn like any other chunk
+            self._chunk_turn = not any(self._mid_prefill(r) for r in batch)
         self.running = [r for r in self.running if not r.finished]
         self._update_gauges()
         return touched
