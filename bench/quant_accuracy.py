@@ -1,5 +1,5 @@
-"""Accuracy cost of weight-only quantisation on held-out chat prompts, against the same model
-unquantised (float32):
+"""Accuracy cost of weight-only quantisation (and of an fp8 KV cache) on held-out chat prompts,
+against the same model unquantised (float32 weights and KV):
 
 * the unquantised model answers each prompt greedily; every engine then scores prompt + answer
   teacher-forced: mean |logprob difference| of the answer tokens, and how often its top-1 token
@@ -7,6 +7,7 @@ unquantised (float32):
 * each engine's own greedy answer: mean common prefix with the unquantised answer.
 
     python -m specdec.bench.quant_accuracy --num-prompts 8 --schemes w8a16 w4a16
+    python -m specdec.bench.quant_accuracy --schemes none --kv-cache-dtypes fp8_e4m3 fp8_e5m2
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", type=Path, default=None if head is None else head / "heldout_prompts.jsonl")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--schemes", nargs="+", default=["w8a16", "w4a16"])
+    p.add_argument("--schemes", nargs="+", default=["w8a16", "w4a16"], help="'none': unquantised weights")
+    p.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"],
+                   help="each scheme is also run with these --kv-cache-dtype values (auto: the model dtype)")
     p.add_argument("--dtype", default="float32")
     return p.parse_args(argv)
 
@@ -60,16 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ref_scores = [score(ref, p, a) for p, a in zip(prompts, answers)]
     print(f"{len(prompts)} held-out chat prompts, {args.dtype}, reference = unquantised greedy answers "
           f"({sum(map(len, answers))} tokens)")
-    print(f"{'scheme':<8} {'mean |dlogprob|':>15} {'max |dlogprob|':>14} {'top-1 agree':>11} {'greedy common prefix':>21}")
-    for scheme in args.schemes:
-        with Engine(dtype=args.dtype, quantization=scheme, log_level="warning") as eng:
+    print(f"{'scheme':<18} {'mean |dlogprob|':>15} {'max |dlogprob|':>14} {'top-1 agree':>11} "
+          f"{'greedy common prefix':>21}")
+    runs = [(s, kv) for s in args.schemes for kv in args.kv_cache_dtypes if (s, kv) != ("none", "auto")]
+    for scheme, kv in runs:
+        quant = None if scheme == "none" else scheme
+        with Engine(dtype=args.dtype, quantization=quant, kv_cache_dtype=kv, log_level="error") as eng:
             scores = [score(eng, p, a) for p, a in zip(prompts, answers)]
             outs: Any = eng.generate(input_ids=prompts, sampling_params=params)
             own: list[list[int]] = [o["output_ids"] for o in outs]
         diffs = [abs(x - y) for (lq, _), (lr, _) in zip(scores, ref_scores) for x, y in zip(lq, lr)]
         agree = [x == y for (_, tq), (_, tr) in zip(scores, ref_scores) for x, y in zip(tq, tr)]
         prefix = statistics.mean(common_prefix(o, a) / max(1, len(a)) for o, a in zip(own, answers))
-        print(f"{scheme:<8} {statistics.mean(diffs):>15.4f} {max(diffs):>14.3f} {sum(agree) / len(agree):>11.3f} "
+        label = scheme if kv == "auto" else f"{scheme} + kv {kv}"
+        print(f"{label:<18} {statistics.mean(diffs):>15.4f} {max(diffs):>14.3f} {sum(agree) / len(agree):>11.3f} "
               f"{prefix:>20.0%}")
     return 0
 
