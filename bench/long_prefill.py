@@ -13,6 +13,7 @@ prefilled (with the whole prompt in one forward they stall for all of it).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import threading
@@ -82,7 +83,7 @@ def one_setting(args: argparse.Namespace, chunk: int) -> dict[str, Any]:
         gaps, during = [], []
         for s in streams:
             times = [t for t, _ in s if sent - 2.0 <= t <= done_at + 2.0]
-            gaps.append(max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("nan")))
+            gaps.append(max((b - a for a, b in itertools.pairwise(times)), default=float("nan")))
             got = [n for t, n in s if sent <= t <= done_at]
             before = [n for t, n in s if t < sent]
             during.append((got[-1] if got else (before[-1] if before else 0)) - (before[-1] if before else 0))
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'chunked prefill':>15} {'TTFT s':>7} {'decoder max gap s':>18} {'decoder tokens during prefill':>30}")
     for r in rows:
         print(f"{r['chunked_prefill_size']:>15} {r['ttft_s']:>7} {r['decoder_max_gap_s']:>18} "
-              f"{str(r['decoder_tokens_during_prefill']):>30}")
+              f"{r['decoder_tokens_during_prefill']!s:>30}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

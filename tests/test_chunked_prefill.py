@@ -5,6 +5,7 @@ prompt is prefilled, and everything is freed at the end."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -105,7 +106,7 @@ def test_a_decoding_request_keeps_going_while_a_long_prompt_is_prefilled() -> No
     assert steps.count("chunk") >= long.prompt_len // 8  # fed 8 tokens at a time
     # strictly alternating from admission on (admission feeds the first chunk): never two chunks in a row
     assert steps[0] == "chunk" and "other" not in steps
-    assert all(a != b for a, b in zip(steps, steps[1:], strict=False)), steps
+    assert all(a != b for a, b in itertools.pairwise(steps)), steps
     while sched.has_work():
         sched.step()
     assert long.finish_reason is not None and short.finish_reason is not None
