@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from specdec.swa_table import window_pages_needed
 
 from .spec_models import make_random_eagle3
-from .tiny_models import Checkpoint, compare_with_hf, make_checkpoint, random_prompts
+from .tiny_models import Checkpoint, compare_with_hf, hf_logprobs, make_checkpoint, random_prompts
 
 CHUNK = 8
 TOL = 1e-4  # logprob agreement with transformers (float32 both sides)
@@ -129,7 +130,41 @@ def test_eagle3_trees_crossing_chunk_boundaries_are_lossless(ckpt: Checkpoint, h
                          speculative_num_steps=steps, speculative_eagle_topk=topk,
                          speculative_num_draft_tokens=tokens, speculative_adaptive="off")
     assert engine.hybrid_kv
-    assert _greedy(engine, prompts, 48) == plain
+    outs = _greedy(engine, prompts, 48)
+    assert outs == plain
+    assert engine.metrics.spec_correct_drafts > 0  # some drafts were accepted
+    for prompt, out in zip(prompts, outs, strict=True):  # and they are transformers' greedy tokens
+        _assert_hf_greedy(ckpt, prompt, out)
+    _all_free(engine)
+
+
+def _assert_hf_greedy(ckpt: Checkpoint, prompt: list[int], out: list[int]) -> None:
+    rows = hf_logprobs(ckpt.hf, prompt + out)[len(prompt) - 1 : len(prompt) - 1 + len(out)]
+    chosen = rows.gather(1, torch.tensor(out)[:, None])[:, 0]
+    margin = rows.max(-1).values - chosen
+    assert float(margin.max()) < TOL, float(margin.max())  # each token is the argmax (or a tie)
+
+
+def test_siblings_share_full_and_window_pages(ckpt: Checkpoint) -> None:
+    """n > 1 siblings start on the first one's prompt pages in both pools."""
+    from specdec.sampling_params import SamplingParams
+
+    engine = ckpt.engine(page_size=4)
+    ids = random_prompts((29,), seed=17)[0]
+    reqs = [engine.make_request(ids, SamplingParams(temperature=0.0, max_new_tokens=20)) for _ in range(3)]
+    for r in reqs[1:]:
+        r.prefix_source = reqs[0]
+    for r in reqs:
+        engine.scheduler.add(r)
+    shared_window = False
+    while engine.scheduler.has_work():
+        engine.scheduler.step()
+        held = [r.swa_table.held_pages for r in reqs if r.swa_table is not None and not r.finished]
+        shared_window |= len(held) > 1 and bool(set(held[0]) & set(held[1]))
+    assert shared_window
+    assert [r.cached_tokens for r in reqs] == [0, 28, 28]  # 7 whole pages, the last prompt page not shared
+    solo = _greedy(ckpt.engine(page_size=4, disable_hybrid_swa_memory=True), [ids], 20)[0]
+    assert all(r.output_ids == solo for r in reqs)
     _all_free(engine)
 
 
