@@ -26,7 +26,13 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             template = load_chat_template(args.chat_template, engine.model_path)
             prompt = template.render([{"role": "user", "content": args.prompt}])
-        params = {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+        # unset flags take the model's generation-config defaults; this command's own are greedy
+        # decoding and 128 tokens
+        defaults = engine.generation_defaults
+        params = {"temperature": args.temperature if args.temperature is not None
+                  else (0.0 if defaults.temperature is None else None),
+                  "max_new_tokens": args.max_new_tokens if args.max_new_tokens is not None
+                  else (128 if defaults.max_new_tokens is None else None)}
         t0 = time.perf_counter()
         out = engine.generate(prompt=prompt, sampling_params=params)
         dt = time.perf_counter() - t0
@@ -62,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.add_argument("--prompt", required=True, help="User message (chat template applied).")
     gen.add_argument("--raw", action="store_true", help="Send the prompt as-is, no chat template.")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="Default: the model's generation config (--generation-config), else 128.")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="Default: the model's generation config (--generation-config), else 0 (greedy).")
     gen.add_argument("--json", action="store_true", help="Print the whole response dict as JSON.")
     gen.set_defaults(func=_generate)
     return parser

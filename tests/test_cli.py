@@ -76,3 +76,18 @@ def test_embedded_model_defaults_to_the_shipped_head_and_adaptive_trees() -> Non
     assert kw["speculative_num_steps"] == 5 and kw["speculative_eagle_topk"] is None
     assert resolve_speculative_defaults({"speculative_algorithm": "NONE"})["speculative_algorithm"] is None
     assert resolve_speculative_defaults({"model_path": "/m", "speculative_algorithm": None})["speculative_algorithm"] is None
+
+
+def test_generate_takes_the_generation_config_defaults_for_unset_flags() -> None:
+    import json
+
+    def run(*extra: str) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "specdec.cli", "generate", "--prompt", "Say hi", "--json",
+                               "--speculative-algorithm", "NONE", "--log-level", "warning", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    override = ("--override-generation-config", '{"max_new_tokens": 5}')
+    assert run(*override)["meta_info"]["completion_tokens"] == 5  # the model's default
+    assert run(*override, "--max-new-tokens", "3")["meta_info"]["completion_tokens"] == 3  # the flag wins
