@@ -16,19 +16,13 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _fast_kernels(q: Tensor, k_cache: Tensor):  # -> the CPU extension module or None
-    if q.device.type != "cpu" or q.dtype != torch.float32 or (k_cache.dtype != torch.float32
-                                                              and k_cache.dtype not in FP8):
+    """float32 queries on the CPU over float32 caches, or fp8 ones (--kv-cache-dtype: the kernels
+    upcast on load; head dims a multiple of 8)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32:
+        return None
+    if k_cache.dtype != torch.float32 and not (k_cache.dtype in FP8 and q.shape[-1] % 8 == 0):
         return None
     return cpu_kernels.extension()
-
-
-def _upcast_gather(k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """fp8 caches for the float32 CPU kernels: the slots' K/V upcast (the scales are folded into
-    the softmax scale and the output by the attention module), and their new slot indices."""
-    flat = slots.reshape(-1)
-    keys = k_cache[flat].to(torch.float32)  # [N, Hkv, D]
-    values = v_cache[flat].to(torch.float32)
-    return keys, values, torch.arange(flat.shape[0]).view(slots.shape)
 
 
 def visibility_mask(seq: SeqAttnMeta, chunk_size: int | None) -> Tensor | None:
@@ -86,17 +80,14 @@ class TorchAttentionBackend(AttentionBackend):
             if fast is not None:  # batch-1 decode / verification on the CPU, float32
                 seq = meta.seqs[0]
                 mask = visibility_mask(seq, chunk_size) if chunk_size is not None else seq.mask
-                kc, vc, slots = (k_cache, v_cache, seq.kv_slots) if k_cache.dtype == torch.float32 else \
-                    _upcast_gather(k_cache, v_cache, seq.kv_slots)
-                return fast.paged_attention(q.contiguous(), kc, vc, slots,
+                return fast.paged_attention(q.contiguous(), k_cache, v_cache, seq.kv_slots,
                                             cpu_kernels.NO_MASK if mask is None else mask.contiguous(), scale)
         if meta.padded is not None:
             fast = _fast_kernels(q, k_cache) if chunk_size is None and q.shape[-1] % 8 == 0 else None
             if fast is not None:  # a decode batch on the CPU, float32: one C++ call for all requests
                 lens = meta.padded.valid.sum(1)  # [B]; valid is a prefix of each row
-                kc, vc, index = (k_cache, v_cache, meta.padded.index) if k_cache.dtype == torch.float32 else \
-                    _upcast_gather(k_cache, v_cache, meta.padded.index)
-                return fast.paged_attention_batch(q.contiguous(), kc, vc, index.contiguous(), lens, scale)
+                return fast.paged_attention_batch(q.contiguous(), k_cache, v_cache,
+                                                  meta.padded.index.contiguous(), lens, scale)
             return self._padded_decode(q, k_cache, v_cache, meta.padded, scale, chunk_size)
         if len(meta.seqs) == 1:
             return self._one(q, k_cache, v_cache, meta.seqs[0], scale, chunk_size)

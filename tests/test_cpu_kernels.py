@@ -206,6 +206,32 @@ def test_paged_attention_batch_equals_each_request_alone(H: int, Hkv: int, D: in
         kernels.paged_attention_batch(q, k_cache, v_cache, bad, torch.tensor(lens), 0.125)
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(("T", "D"), [(1, 64), (5, 40), (9, 128)])
+def test_paged_attention_reads_fp8_caches_exactly(fp8: torch.dtype, T: int, D: int) -> None:
+    """--kv-cache-dtype fp8: the kernels upcast on load; the result is bitwise the kernel's over
+    the caches upcast by torch (every byte value, subnormals and the largest included)."""
+    g = torch.Generator().manual_seed(T + D)
+    S, Hkv, H = 300, 2, 6
+    every = torch.arange(256, dtype=torch.uint8)
+    finite = every[every.view(fp8).float().isfinite()]  # NaN / inf codes are never stored
+    codes = finite.repeat(S * Hkv * D // len(finite) + 1)[: S * Hkv * D]
+    k_cache = codes[torch.randperm(codes.numel(), generator=g)].view(S, Hkv, D).view(fp8)
+    slots = torch.randperm(S, generator=g)[:40]
+    v_cache = torch.randn(S, Hkv, D, generator=g).clamp(-400, 400).to(fp8)
+    q = torch.randn(T, H, D, generator=g) * 0.01
+    mask = torch.rand(T, 40, generator=g) < 0.7
+    mask[:, 0] = True
+    ref = kernels.paged_attention(q, k_cache.float(), v_cache.float(), slots, mask, 0.125)
+    assert torch.equal(kernels.paged_attention(q, k_cache, v_cache, slots, mask, 0.125), ref)
+    index = slots[None, :].repeat(T, 1).contiguous()
+    lens = torch.full((T,), 40, dtype=torch.long)
+    batch_ref = kernels.paged_attention_batch(q, k_cache.float(), v_cache.float(), index, lens, 0.125)
+    assert torch.equal(kernels.paged_attention_batch(q, k_cache, v_cache, index, lens, 0.125), batch_ref)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernels.paged_attention(q, k_cache, v_cache.float(), slots, mask, 0.125)
+
+
 def test_paged_attention_rejects_slots_outside_the_pool() -> None:
     cache = torch.zeros(4, 1, 8)
     with pytest.raises(RuntimeError, match="outside the pool"):

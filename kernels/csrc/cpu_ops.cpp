@@ -33,14 +33,57 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// K/V element loaders of the attention kernels: float32 caches, and fp8 caches
+// (--kv-cache-dtype) upcast exactly on load through F16C: fp8 e5m2 is the high byte of an IEEE
+// half; an fp8 e4m3fn byte's sign goes to the half's sign and its 7 exponent and mantissa bits
+// to bits 7..13, a half of value x / 2^8 for normals and subnormals alike (times 256, exact).
+struct KvF32 {
+  using T = float;
+  static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#if defined(SPECDEC_AVX512)
+  static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+#endif
+};
+struct KvE5M2 {
+  using T = uint8_t;
+  static __m256 load8(const uint8_t* p) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cvtph_ps(_mm_slli_epi16(b, 8));
+  }
+#if defined(SPECDEC_AVX512)
+  static __m512 load16(const uint8_t* p) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_cvtph_ps(_mm256_slli_epi16(b, 8));
+  }
+#endif
+};
+struct KvE4M3 {
+  using T = uint8_t;
+  static __m256 load8(const uint8_t* p) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7));
+    return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+  }
+#if defined(SPECDEC_AVX512)
+  static __m512 load16(const uint8_t* p) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+    return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
+  }
+#endif
+};
+
 // q . k for 8 keys at once (D % 8 == 0); one reduction tree per key, the same for every lane,
 // so a key's score does not depend on which keys share its batch.
-inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
+template <class KV>
+inline __m256 dot8(const float* q, const typename KV::T* const* k, int64_t D) {
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   for (int64_t c = 0; c < D; c += 8) {
     const __m256 qc = _mm256_loadu_ps(q + c);
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k[i] + c), a[i]);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, KV::load8(k[i] + c), a[i]);
   }
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -52,8 +95,8 @@ inline __m256 dot8(const float* q, const float* const* k, int64_t D) {
 // for all MQ queries; per query one accumulator per key over D in chunks of 16, then a fixed
 // reduction tree (fold 512 -> 256, then dot8's), so a score never depends on the other queries
 // or keys it is computed with.
-template <int MQ>
-inline void dot8x(const float* const* q, const float* const* k, int64_t D, __m256* out) {
+template <class KV, int MQ>
+inline void dot8x(const float* const* q, const typename KV::T* const* k, int64_t D, __m256* out) {
   __m512 a[MQ][8];
   for (int m = 0; m < MQ; ++m)
     for (int i = 0; i < 8; ++i) a[m][i] = _mm512_setzero_ps();
@@ -61,7 +104,7 @@ inline void dot8x(const float* const* q, const float* const* k, int64_t D, __m25
     __m512 qc[MQ];
     for (int m = 0; m < MQ; ++m) qc[m] = _mm512_loadu_ps(q[m] + c);
     for (int i = 0; i < 8; ++i) {
-      const __m512 kc = _mm512_loadu_ps(k[i] + c);
+      const __m512 kc = KV::load16(k[i] + c);
       for (int m = 0; m < MQ; ++m) a[m][i] = _mm512_fmadd_ps(qc[m], kc, a[m][i]);
     }
   }
@@ -103,19 +146,30 @@ struct F16 {
 
 // dst[a][0 .. L NV) = inv[a] * sum_j p[a][j] v_j[0 .. L NV) for MQ queries (L = F::kLanes), in
 // key order, skipping zero probabilities; v_j = vbase + slot_j * vstride
-template <class F, int MQ, int NV>
-inline void value_pass(const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots, int64_t L,
-                       float* const* dst, const float* inv) {
+template <class F, class KV>
+inline typename F::V load_kv(const typename KV::T* p) {
+  if constexpr (F::kLanes == 8) {
+    return KV::load8(p);
+  } else {
+#if defined(SPECDEC_AVX512)
+    return KV::load16(p);
+#endif
+  }
+}
+
+template <class F, class KV, int MQ, int NV>
+inline void value_pass(const float* const* p, const typename KV::T* vbase, int64_t vstride, const int64_t* slots,
+                       int64_t L, float* const* dst, const float* inv) {
   typename F::V acc[MQ][NV];
   for (int a = 0; a < MQ; ++a)
     for (int c = 0; c < NV; ++c) acc[a][c] = F::zero();
   for (int64_t j = 0; j < L; ++j) {
-    const float* vv = vbase + slots[j] * vstride;
+    const typename KV::T* vv = vbase + slots[j] * vstride;
     for (int a = 0; a < MQ; ++a) {
       const float pj = p[a][j];
       if (pj == 0.0f) continue;  // invisible (or underflowed): adds nothing
       const typename F::V pv = F::set1(pj);
-      for (int c = 0; c < NV; ++c) acc[a][c] = F::fma(pv, F::load(vv + F::kLanes * c), acc[a][c]);
+      for (int c = 0; c < NV; ++c) acc[a][c] = F::fma(pv, load_kv<F, KV>(vv + F::kLanes * c), acc[a][c]);
     }
   }
   for (int a = 0; a < MQ; ++a) {
@@ -125,31 +179,31 @@ inline void value_pass(const float* const* p, const float* vbase, int64_t vstrid
 }
 
 // value_pass<F, MQ, NV> with MQ <= MAXQ and NV <= 4 chosen at run time
-template <class F, int MQ>
-inline void value_pass_nv(int nv, const float* const* p, const float* vbase, int64_t vstride, const int64_t* slots,
-                          int64_t L, float* const* dst, const float* inv) {
+template <class F, class KV, int MQ>
+inline void value_pass_nv(int nv, const float* const* p, const typename KV::T* vbase, int64_t vstride,
+                          const int64_t* slots, int64_t L, float* const* dst, const float* inv) {
   switch (nv) {
-    case 1: value_pass<F, MQ, 1>(p, vbase, vstride, slots, L, dst, inv); break;
-    case 2: value_pass<F, MQ, 2>(p, vbase, vstride, slots, L, dst, inv); break;
-    case 3: value_pass<F, MQ, 3>(p, vbase, vstride, slots, L, dst, inv); break;
-    default: value_pass<F, MQ, 4>(p, vbase, vstride, slots, L, dst, inv); break;
+    case 1: value_pass<F, KV, MQ, 1>(p, vbase, vstride, slots, L, dst, inv); break;
+    case 2: value_pass<F, KV, MQ, 2>(p, vbase, vstride, slots, L, dst, inv); break;
+    case 3: value_pass<F, KV, MQ, 3>(p, vbase, vstride, slots, L, dst, inv); break;
+    default: value_pass<F, KV, MQ, 4>(p, vbase, vstride, slots, L, dst, inv); break;
   }
 }
 
-template <class F, int MAXQ>
-inline void value_pass_any(int mq, int nv, const float* const* p, const float* vbase, int64_t vstride,
+template <class F, class KV, int MAXQ>
+inline void value_pass_any(int mq, int nv, const float* const* p, const typename KV::T* vbase, int64_t vstride,
                            const int64_t* slots, int64_t L, float* const* dst, const float* inv) {
   if constexpr (MAXQ > 0) {
-    if (mq == MAXQ) value_pass_nv<F, MAXQ>(nv, p, vbase, vstride, slots, L, dst, inv);
-    else value_pass_any<F, MAXQ - 1>(mq, nv, p, vbase, vstride, slots, L, dst, inv);
+    if (mq == MAXQ) value_pass_nv<F, KV, MAXQ>(nv, p, vbase, vstride, slots, L, dst, inv);
+    else value_pass_any<F, KV, MAXQ - 1>(mq, nv, p, vbase, vstride, slots, L, dst, inv);
   }
 }
 
 // out rows orow(q) [D] = inv[q] * sum_j scores[q][j] v_j for nq queries (v_j = vbase + slot_j *
 // vstride), in chunks of 4 F vectors of dims x MAXQ queries (D % F::kLanes == 0)
-template <class F, int MAXQ, class Row>
+template <class F, class KV, int MAXQ, class Row>
 inline void weighted_values(int64_t nq, int64_t D, const float* scores, int64_t ld, Row orow, const float* inv,
-                            const float* vbase, int64_t vstride, const int64_t* slots, int64_t L) {
+                            const typename KV::T* vbase, int64_t vstride, const int64_t* slots, int64_t L) {
   constexpr int64_t chunk = 4 * F::kLanes;
   for (int64_t d0 = 0; d0 < D; d0 += chunk) {
     const int nv = static_cast<int>(std::min<int64_t>(4, (D - d0) / F::kLanes));
@@ -163,7 +217,7 @@ inline void weighted_values(int64_t nq, int64_t D, const float* scores, int64_t 
         dst[a] = orow(q0 + a) + d0;
         invs[a] = inv[q0 + a];
       }
-      value_pass_any<F, MAXQ>(mq, nv, prow, vbase + d0, vstride, slots, L, dst, invs);
+      value_pass_any<F, KV, MAXQ>(mq, nv, prow, vbase + d0, vstride, slots, L, dst, invs);
     }
   }
 }
@@ -173,8 +227,9 @@ inline void weighted_values(int64_t nq, int64_t D, const float* scores, int64_t 
 // keys and (3 queries at a time) over the values, so K and V are read from cache once per
 // item instead of once per (row, head). Each query's sums are still taken in key order with
 // the same operations, so a row's result does not depend on which rows share its item.
-void grouped_attention(const float* qp, const float* kp, const float* vp, const int64_t* sp, const bool* mp,
-                       float* op, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t L, float sc) {
+template <class KV>
+void grouped_attention(const float* qp, const typename KV::T* kp, const typename KV::T* vp, const int64_t* sp,
+                       const bool* mp, float* op, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t L, float sc) {
   constexpr int64_t TB = 4;
   const int64_t group = H / Hkv, tblocks = (T + TB - 1) / TB, items = Hkv * tblocks;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -190,7 +245,7 @@ void grouped_attention(const float* qp, const float* kp, const float* vp, const 
       auto orow = [&](int64_t qi) { return op + ((t0 + qi / group) * H + kvh * group + qi % group) * D; };
       // scores, 8 keys at a time, each key block read once for all nq queries
       for (int64_t j = 0; j < L; j += 8) {
-        const float* keys[8];
+        const typename KV::T* keys[8];
         for (int u = 0; u < 8; ++u) keys[u] = kp + (sp[std::min(j + u, L - 1)] * Hkv + kvh) * D;
 #if defined(SPECDEC_AVX512)
         if (D % 16 == 0) {
@@ -198,9 +253,9 @@ void grouped_attention(const float* qp, const float* kp, const float* vp, const 
             const int mq = static_cast<int>(std::min<int64_t>(3, nq - q0));
             const float* qs[3] = {qvec(q0), qvec(std::min(q0 + 1, nq - 1)), qvec(std::min(q0 + 2, nq - 1))};
             __m256 dots[3];
-            if (mq == 3) dot8x<3>(qs, keys, D, dots);
-            else if (mq == 2) dot8x<2>(qs, keys, D, dots);
-            else dot8x<1>(qs, keys, D, dots);
+            if (mq == 3) dot8x<KV, 3>(qs, keys, D, dots);
+            else if (mq == 2) dot8x<KV, 2>(qs, keys, D, dots);
+            else dot8x<KV, 1>(qs, keys, D, dots);
             for (int a = 0; a < mq; ++a)
               _mm256_storeu_ps(scores.data() + (q0 + a) * ld + j, _mm256_mul_ps(_mm256_set1_ps(sc), dots[a]));
           }
@@ -208,7 +263,7 @@ void grouped_attention(const float* qp, const float* kp, const float* vp, const 
         }
 #endif
         for (int64_t qi = 0; qi < nq; ++qi)
-          _mm256_storeu_ps(scores.data() + qi * ld + j, _mm256_mul_ps(_mm256_set1_ps(sc), dot8(qvec(qi), keys, D)));
+          _mm256_storeu_ps(scores.data() + qi * ld + j, _mm256_mul_ps(_mm256_set1_ps(sc), dot8<KV>(qvec(qi), keys, D)));
       }
       // visibility, softmax numerators (exact 0 when invisible) and denominators, 8 keys per
       // step with a fixed reduction tree (a row's sums never depend on the other rows); the
@@ -258,11 +313,11 @@ void grouped_attention(const float* qp, const float* kp, const float* vp, const 
       // values: 4 vectors of dims x MAXQ queries of accumulators in registers per pass over V
 #if defined(SPECDEC_AVX512)
       if (D % 16 == 0) {
-        weighted_values<F16, 6>(nq, D, scores.data(), ld, orow, inv.data(), vp + kvh * D, Hkv * D, sp, L);
+        weighted_values<F16, KV, 6>(nq, D, scores.data(), ld, orow, inv.data(), vp + kvh * D, Hkv * D, sp, L);
         continue;
       }
 #endif
-      weighted_values<F8, 3>(nq, D, scores.data(), ld, orow, inv.data(), vp + kvh * D, Hkv * D, sp, L);
+      weighted_values<F8, KV, 3>(nq, D, scores.data(), ld, orow, inv.data(), vp + kvh * D, Hkv * D, sp, L);
     }
   });
 }
@@ -304,7 +359,26 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return out;
 }
 
-// Attention of T queries over L keys gathered from a paged pool, float32.
+// The caches' element type: float32, or fp8 (e4m3fn / e5m2, --kv-cache-dtype; the caller folds
+// the per-layer scales into `scale` and the output). Calls fn(KvF32 / KvE4M3 / KvE5M2 tag).
+template <class Fn>
+void with_kv_type(const at::Tensor& k_cache, const at::Tensor& v_cache, const char* who, Fn&& fn) {
+  const auto t = k_cache.scalar_type();
+  TORCH_CHECK(v_cache.scalar_type() == t && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+              who, ": caches must be contiguous [S, Hkv, D] tensors of one dtype");
+  if (t == at::kFloat) fn(KvF32{});
+  else if (t == at::ScalarType::Float8_e4m3fn) fn(KvE4M3{});
+  else if (t == at::ScalarType::Float8_e5m2) fn(KvE5M2{});
+  else TORCH_CHECK(false, who, ": caches must be float32 or fp8 (e4m3fn, e5m2); got ", t);
+}
+
+template <class KV>
+const typename KV::T* kv_ptr(const at::Tensor& cache) {
+  return static_cast<const typename KV::T*>(cache.data_ptr());
+}
+
+// Attention of T queries over L keys gathered from a paged pool, float32 (fp8 caches upcast on load).
 //   q [T, H, D]; k_cache, v_cache [S, Hkv, D]; slots [L] int64 (pool slot of each key);
 //   mask [T, L] bool (true = visible) or empty: causal by index (query t sees keys
 //   j <= L - T + t). GQA: head h reads kv head h / (H / Hkv). A query that sees nothing
@@ -313,9 +387,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const at::Tensor& slots, const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "paged_attention: q must be a contiguous float32 [T, H, D] tensor");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3,
-              "paged_attention: caches must be contiguous float32 [S, Hkv, D]");
+  TORCH_CHECK(k_cache.dim() == 3 && (k_cache.scalar_type() == at::kFloat || k_cache.size(2) % 8 == 0),
+              "paged_attention: fp8 caches need a head dim that is a multiple of 8");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous(),
               "paged_attention: slots must be a contiguous int64 [L] tensor");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
@@ -327,8 +400,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
               "paged_attention: mask must be a contiguous bool [T, L] tensor or empty");
   auto out = at::zeros_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const bool* mp = has_mask ? mask.data_ptr<bool>() : nullptr;
   float* op = out.data_ptr<float>();
@@ -336,9 +407,17 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     TORCH_CHECK(sp[j] >= 0 && sp[j] < S, "paged_attention: slot ", sp[j], " outside the pool");
   const float sc = static_cast<float>(scale);
   if (D % 8 == 0) {
-    grouped_attention(qp, kp, vp, sp, mp, op, T, H, Hkv, D, L, sc);
+    with_kv_type(k_cache, v_cache, "paged_attention", [&](auto kv) {
+      using KV = decltype(kv);
+      grouped_attention<KV>(qp, kv_ptr<KV>(k_cache), kv_ptr<KV>(v_cache), sp, mp, op, T, H, Hkv, D, L, sc);
+    });
     return out;
   }
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_attention: caches must be contiguous float32 [S, Hkv, D]");
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
   // any other head size: one (row, head) at a time, scalar dots
   const int64_t group = H / Hkv;
   const int64_t grain = T * H * L * D < (1 << 16) ? T * H : 1;  // tiny problems on one thread
@@ -384,9 +463,7 @@ at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& index, const at::Tensor& lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "paged_attention_batch: q must be a contiguous float32 [B, H, D] tensor");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3,
-              "paged_attention_batch: caches must be contiguous float32 [S, Hkv, D]");
+  TORCH_CHECK(k_cache.dim() == 3, "paged_attention_batch: caches must be [S, Hkv, D]");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t Hkv = k_cache.size(1), S = k_cache.size(0);
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.is_contiguous() && index.size(0) == B,
@@ -406,20 +483,23 @@ at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache,
   }
   auto out = at::zeros_like(q);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  auto one = [&](int64_t b) {
-    grouped_attention(qp + b * H * D, kp, vp, ip + b * L, nullptr, op + b * H * D, 1, H, Hkv, D, lp[b], sc);
-  };
-  if (B == 1) {
-    one(0);  // heads over the threads
-  } else {
-    // requests over the threads (the nested parallel_for inside runs inline)
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) one(b);
-    });
-  }
+  with_kv_type(k_cache, v_cache, "paged_attention_batch", [&](auto kv) {
+    using KV = decltype(kv);
+    const typename KV::T* kp = kv_ptr<KV>(k_cache);
+    const typename KV::T* vp = kv_ptr<KV>(v_cache);
+    auto one = [&](int64_t b) {
+      grouped_attention<KV>(qp + b * H * D, kp, vp, ip + b * L, nullptr, op + b * H * D, 1, H, Hkv, D, lp[b], sc);
+    };
+    if (B == 1) {
+      one(0);  // heads over the threads
+    } else {
+      // requests over the threads (the nested parallel_for inside runs inline)
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) one(b);
+      });
+    }
+  });
   return out;
 }
