@@ -106,8 +106,12 @@ class Scheduler:
         the other requests' decoding nor needs its whole length of activations at once."""
         chunk = self._next_chunk()
         if chunk is not None:
-            self._reserve_window(chunk)
-            touched = self._guarded([chunk], lambda: self._run([chunk]))
+
+            def run_chunk() -> None:  # (a window that cannot be had fails this request alone)
+                self._reserve_window(chunk)
+                self._run([chunk])
+
+            touched = self._guarded([chunk], run_chunk)
             self._chunk_turn = False
         else:
             batch = self._admit()
