@@ -194,11 +194,15 @@ def checkpoint_files(model_path: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Tensor]]:
+def iter_tensors(files: list[Path], prefixes: tuple[str, ...] | None = None) -> Iterator[tuple[Path, str, Tensor]]:
+    """Every tensor of `files` (only those whose names start with one of `prefixes`, if given:
+    the others are not read)."""
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as fh:
                 for key in fh.keys():
+                    if prefixes is not None and not key.startswith(prefixes):
+                        continue
                     try:
                         tensor = fh.get_tensor(key)
                     except (SafetensorError, RuntimeError, ValueError) as e:
@@ -228,8 +232,8 @@ def _expected_units(model: nn.Module) -> dict[Unit, tuple[int, ...]]:
     return units
 
 
-def load_model(model_path: str | Path, dtype: str = "auto",
-               attn_temperature_tuning: bool | None = None) -> tuple[Llama4ForCausalLM, ModelConfig]:
+def load_model(model_path: str | Path, dtype: str = "auto", attn_temperature_tuning: bool | None = None,
+               multimodal: bool = False) -> tuple[Llama4ForCausalLM, ModelConfig]:
     """Build on meta, materialise, stream every tensor in; strict in both directions.
 
     `attn_temperature_tuning` (from `--override-generation-config`, vLLM's Llama 4 guide)
@@ -247,7 +251,7 @@ def load_model(model_path: str | Path, dtype: str = "auto",
     model.requires_grad_(False)
     files = checkpoint_files(path)
     lookup = build_name_table(cfg)
-    missing = fill_weights(model, lookup, files, cfg.architecture)
+    missing = fill_weights(model, lookup, files, cfg.architecture, multimodal)
     if missing:
         names = checkpoint_names(cfg, lookup)
         keys = [names.get(u, describe_units([u])) for u in missing]
@@ -298,6 +302,7 @@ def fill_weights(
     lookup: Callable[[str], Target | None],
     files: list[Path],
     owner: str,
+    multimodal: bool = False,
 ) -> list[Unit]:
     """Stream every checkpoint tensor into its parameter (shard); returns the units never
     filled (the caller decides whether they may come from elsewhere). Raises LoadError on
@@ -346,5 +351,6 @@ def fill_weights(
             params[target.param].data.copy_(value)
         filled.add(unit)
     if skipped:
-        log.info("skipped %d vision/projector tensors (multimodal is off)", skipped)
+        log.info("skipped %d vision/projector tensors (%s)", skipped,
+                 "the vision tower loads them" if multimodal else "multimodal is off")
     return sorted(set(expected) - filled, key=str)
