@@ -55,16 +55,19 @@ PLAIN_LLAMA4: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 
+# A vision tower that runs in transformers: 56 px tiles of 4x4 patches, pixel-shuffled to 4
+# image tokens per tile (intermediate_size = hidden_size / 0.5^2, as the adapter needs).
 TINY_VISION: dict[str, Any] = {
     "hidden_size": 16,
-    "num_hidden_layers": 1,
+    "num_hidden_layers": 2,
     "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "vision_output_dim": 16,
-    "image_size": 28,
+    "intermediate_size": 64,
+    "vision_output_dim": 24,
+    "image_size": 56,
     "patch_size": 14,
-    "projector_input_dim": 16,
-    "projector_output_dim": 16,
+    "projector_input_dim": 24,
+    "projector_output_dim": 24,
+    "initializer_range": 0.1,
 }
 
 TINY_LLAMA: dict[str, Any] = {
@@ -98,10 +101,9 @@ class Checkpoint:
     hf: PreTrainedModel  # the transformers model the checkpoint was saved from (eval, fp32)
 
     def engine(self, **kw: Any) -> Any:
-        kw = {"dtype": "float32", "page_size": 16, "max_total_tokens": 1024, **kw}
-        return specdec.Engine(
-            model_path=str(self.path), skip_tokenizer_init=True, log_level="warning", **kw
-        )
+        kw = {"dtype": "float32", "page_size": 16, "max_total_tokens": 1024, "skip_tokenizer_init": True,
+              "log_level": "warning", **kw}
+        return specdec.Engine(model_path=str(self.path), **kw)
 
 
 def perturb_init(model: PreTrainedModel, router_scale: float = 20.0) -> None:
@@ -249,3 +251,50 @@ def compare_with_hf(
             assert diff < tol, f"prompt {i}: input logprob diff {diff:.3g}"
             max_in = max(max_in, diff)
     return Comparison(max_out, max_in, [o["output_ids"] for o in outs])
+
+
+# ---- a tiny multimodal Llama 4 with a tokenizer -------------------------------------------------
+
+# A character-level tokenizer: these specials first (ids 1..), then printable ASCII; the image
+# ids match the checkpoint's boi / eoi / image_token_index.
+MM_SPECIALS = ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|image_start|>",
+               "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>")
+MM_IDS = {t: i + 1 for i, t in enumerate(MM_SPECIALS)}
+
+
+def save_char_tokenizer(path: Path) -> None:
+    """A tokenizer of <unk>, MM_SPECIALS and one token per printable ASCII character."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **MM_IDS}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(MM_SPECIALS))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot|>")
+    fast.save_pretrained(str(path))
+
+
+def make_multimodal_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Checkpoint:
+    """Llama4ForConditionalGeneration with TINY_VISION (56 px tiles, 4 image tokens each), the
+    character tokenizer and its image token ids."""
+    torch.manual_seed(seed)
+    cfg = Llama4Config(
+        text_config=llama4_text_kwargs(**overrides),
+        vision_config=dict(TINY_VISION),
+        boi_token_index=MM_IDS["<|image_start|>"],
+        eoi_token_index=MM_IDS["<|image_end|>"],
+        image_token_index=MM_IDS["<|patch|>"],
+    )
+    model = Llama4ForConditionalGeneration(cfg)
+    perturb_init(model)
+    ckpt = save_checkpoint(model.eval(), path)
+    save_char_tokenizer(path)
+    return ckpt
