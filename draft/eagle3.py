@@ -91,6 +91,7 @@ class Eagle3Draft(nn.Module):
         features: Tensor,  # [T, H]
         positions: Tensor,  # [T]
         batch: ForwardBatch,
+        input_embeds: Tensor | None = None,  # [T, H] instead of embed(input_ids) (image positions)
     ) -> DraftOutput:
         """Inference over the paged KV: K/V go to the draft pool, `batch.attn` decides visibility."""
         fast = fast_path(features, batch)
@@ -101,7 +102,7 @@ class Eagle3Draft(nn.Module):
             rope = torch.view_as_real(self.rotary.cis(positions))  # [T, D/2, 2] (cos, sin)
             c = self.cfg
             h = fast.eagle3_layer(
-                self.embed(input_ids).contiguous(), features.contiguous(), rope, *fused.weights, c.rms_norm_eps,
+                (self.embed(input_ids) if input_embeds is None else input_embeds).contiguous(), features.contiguous(), rope, *fused.weights, c.rms_norm_eps,
                 c.num_heads, c.num_kv_heads, c.head_dim, batch.kv_k[0], batch.kv_v[0], batch.attn.out_slots,
                 seq.kv_slots, mask, self.scale, fused.act_bits,
             )
@@ -110,7 +111,7 @@ class Eagle3Draft(nn.Module):
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # [T, H|Hkv, D] -> [T, H, D]
             return batch.backend.forward(q, k, v, batch.kv_k[0], batch.kv_v[0], batch.attn, self.scale, None)
 
-        return self.layer(input_ids, features, positions, attend)
+        return self.layer(input_ids, features, positions, attend, input_embeds)
 
     def layer(
         self,
@@ -118,12 +119,14 @@ class Eagle3Draft(nn.Module):
         features: Tensor,  # [*, T, H]
         positions: Tensor,  # [*, T]
         attend: Callable[[Tensor, Tensor, Tensor], Tensor],  # q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]
+        input_embeds: Tensor | None = None,  # [*, T, H] instead of embed(input_ids)
     ) -> DraftOutput:
         """The decoder layer with attention left to `attend`; leading dims are flattened to N rows
         around it (inference passes [T], training [B, T] with its own TTT attention)."""
         lead = input_ids.shape
         N = input_ids.numel()
-        x = torch.cat((self.input_layernorm(self.embed(input_ids)), self.hidden_norm(features)), dim=-1)
+        emb = self.embed(input_ids) if input_embeds is None else input_embeds
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(features)), dim=-1)
         q, k, v = self.qkv(x.reshape(N, -1)).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         cis = self.rotary.cis(positions.reshape(N))  # [N, D/2] complex
         q = apply_rope_cis(q.view(N, self.cfg.num_heads, self.cfg.head_dim), cis)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
 from specdec.kernels.kv_pool import KVPool
+from specdec.multimodal import merge_embeds
 from specdec.request import Req
 from specdec.sampler import processed_probs
 from specdec.spec_config import SpecConfig
@@ -104,12 +105,33 @@ class Eagle3Proposer(Proposer):
             row += m
             last_rows.append(row - 1)
         x = self.draft.project_features(list(torch.cat(feats).split(self.draft.cfg.target_hidden_size, dim=-1)))
-        out = self.draft(torch.tensor(ids, device=self.device), x, torch.cat(positions).to(self.device),
-                         self._batch(seqs, out_slots))
+        id_t = torch.tensor(ids, device=self.device)
+        out = self.draft(id_t, x, torch.cat(positions).to(self.device), self._batch(seqs, out_slots),
+                         self._image_embeds(reqs, starts, features, id_t))
         rows = torch.tensor(last_rows)
         logits = self.draft.draft_logits(out.logits_hidden[rows]).cpu()  # [B, Vd]
         for i, req in enumerate(reqs):
             req.spec_state = _RootState(out.hidden[last_rows[i]], logits[i])
+
+    def _image_embeds(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None],
+                      ids: Tensor) -> Tensor | None:
+        """The draft's input embeddings with the target's image rows at <|patch|> positions (the
+        draft sees position p + 1's token beside p's features), as vLLM and SGLang feed EAGLE3
+        with images; None when no request's span holds one (or the widths differ)."""
+        spans = []
+        row = 0
+        for req, start, feat in zip(reqs, starts, features, strict=True):
+            assert feat is not None
+            m = feat.shape[0]
+            if req.mm is not None and req.mm.embeds is not None and req.mm.overlaps(start + 1, start + 1 + m):
+                spans.append((row, req.mm, start + 1, start + 1 + m))
+            row += m
+        if not spans:
+            return None
+        x = self.draft.embed(ids)
+        if spans[0][1].embeds.shape[-1] != x.shape[-1]:  # type: ignore[union-attr]
+            return None
+        return merge_embeds(x, spans)
 
     # ---- propose: grow one tree per request ------------------------------------------------------
     def _target_probs(self, req: Req, draft_logits: Tensor) -> Tensor:

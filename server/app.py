@@ -17,11 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from specdec.engine import per_prompt_images
 from specdec.engine_loop import Update
 from specdec.sampling_params import GRAMMAR_FIELDS
 
 from .metrics_text import prometheus_text
-from .openai_api import DONE, chat_completions, completions, sse, wait_final
+from .openai_api import DONE, chat_completions, completions, prepare_images, sse, wait_final
 from .openapi import openapi_document
 from .protocol import (
     ChatCompletionRequest,
@@ -247,9 +248,14 @@ async def native_generate(state: ServerState, body: GenerateRequest, request: Re
     except ValueError as e:
         raise ApiError(400, str(e), "sampling_params") from e
     try:
+        images = per_prompt_images(body.image_data, len(batch), single)
+    except ValueError as e:
+        raise ApiError(400, str(e), "image_data") from e
+    prepared = [await prepare_images(state, ids, imgs, "image_data") for ids, imgs in zip(batch, images, strict=True)]
+    try:
         reqs = [engine.make_request(ids, params, body.return_logprob, body.logprob_start_len,
-                                    body.top_logprobs_num, rid=body.rid if single and body.rid else None)
-                for ids in batch]
+                                    body.top_logprobs_num, rid=body.rid if single and body.rid else None, mm=mm)
+                for ids, mm in prepared]
     except ValueError as e:
         if str(e).startswith(GRAMMAR_FIELDS):  # json_schema / regex / ebnf did not compile
             raise ApiError(400, str(e), "sampling_params") from e

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from specdec.engine_loop import Update
+from specdec.multimodal import MultimodalInputs
 from specdec.request import LogprobEntry, Req
 from specdec.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
@@ -124,6 +125,18 @@ def refuse_unsupported(body: Any) -> None:
                        "fill-in-the-middle format", "suffix")
 
 
+async def prepare_images(state: ServerState, ids: list[int], images: Sequence[Any], param: str
+                         ) -> tuple[list[int], MultimodalInputs | None]:
+    """The prompt with its images' layout and the images to embed (off the event loop: decoding
+    and fetching take time); a bad image is a 400 naming the problem."""
+    if not images:
+        return ids, None
+    try:
+        return await asyncio.to_thread(state.engine.prepare_images, ids, images)
+    except ValueError as e:
+        raise ApiError(400, str(e), param) from e
+
+
 def make_requests(state: ServerState, ids: list[int], params: SamplingParams, rid: str, count: int,
                   grammar_param: str = "response_format", **kw: Any) -> list[Req]:
     """`count` sibling requests of one prompt (n / best_of), sharing its KV (server/fanout.py);
@@ -232,17 +245,18 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest,
         raise ApiError(400, "this server has no chat template; start it with --chat-template", "messages")
     count = check_counts(body.n, None, body.stream)
     plan = plan_tools(body.tools, body.tool_choice, state.chat_template.tool_format)
-    messages = [_message(m, i) for i, m in enumerate(body.messages)]
+    images: list[str] = []
+    messages = [_message(m, i, images, state.engine.image_placeholder) for i, m in enumerate(body.messages)]
     try:
         prompt = state.chat_template.render(messages, add_generation_prompt=True, tools=plan.tools)
     except ValueError as e:
         raise ApiError(400, str(e), "messages") from e
-    ids = state.engine.encode(prompt)
+    ids, mm = await prepare_images(state, state.engine.encode(prompt), images, "messages")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
     params = sampling_params(state, body, body.max_completion_tokens or body.max_tokens, len(ids), plan.schema)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    reqs = make_requests(state, ids, params, rid, count, "tools" if plan.schema else "response_format",
+    reqs = make_requests(state, ids, params, rid, count, "tools" if plan.schema else "response_format", mm=mm,
                          return_logprob=body.logprobs,
                          top_logprobs_num=(body.top_logprobs or 0) if body.logprobs else 0)
     queues = submit_all(state, reqs)
@@ -276,11 +290,12 @@ def usage_sum(results: Sequence[dict[str, Any]], per_prompt: int) -> Usage:
     return Usage(prompt_tokens, completion, prompt_tokens + completion, PromptTokensDetails(cached))
 
 
-def _message(m: ChatMessage, index: int) -> dict[str, Any]:
-    """A request message for the template: text content; an assistant's tool_calls with their
+def _message(m: ChatMessage, index: int, images: list[str], placeholder: str | None) -> dict[str, Any]:
+    """A request message for the template: text content (an image_url part becomes the image
+    placeholder there, its URL appended to `images`); an assistant's tool_calls with their
     arguments as objects; a tool message's tool_call_id."""
     out: dict[str, Any] = {"role": m.role, "content": None if m.content is None and m.tool_calls
-                           else _content_text(m.content)}
+                           else _content_text(m.content, index, images, placeholder)}
     calls = message_tool_calls(m.tool_calls, index)
     if calls:
         out["tool_calls"] = calls
@@ -289,17 +304,32 @@ def _message(m: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
-def _content_text(content: Any) -> str:
+def _content_text(content: Any, index: int, images: list[str], placeholder: str | None) -> str:
+    """Text parts joined with newlines; an image part is its placeholder, written where it
+    stands without a separator (as Llama 4's template writes <|image|> before the text)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    parts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
-            raise ApiError(400, f"unsupported content part type {part.type!r} (only text)", "messages")
-        parts.append(part.text)
-    return "\n".join(parts)
+    out = ""
+    last_text = False
+    for k, part in enumerate(content):
+        if part.type == "image_url":
+            if part.image_url is None:
+                raise ApiError(400, f"messages[{index}].content[{k}] is an image_url part without image_url.url",
+                               "messages")
+            if placeholder is None:
+                raise ApiError(400, "image_url content parts need a server started with --enable-multimodal "
+                               "(a Llama 4 checkpoint with its vision tower)", "messages")
+            images.append(part.image_url.url)
+            out += placeholder
+            last_text = False
+        elif part.type == "text" and part.text is not None:
+            out += ("\n" if last_text else "") + part.text
+            last_text = True
+        else:
+            raise ApiError(400, f"unsupported content part type {part.type!r} (text or image_url)", "messages")
+    return out
 
 
 async def _chat_stream(state: ServerState, rid: str, reqs: Sequence[Req], queues: Sequence[asyncio.Queue[Update]],

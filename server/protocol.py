@@ -12,9 +12,15 @@ from typing import Any
 import msgspec
 
 
+class ImageUrl(msgspec.Struct):
+    url: str  # data:image/...;base64,..., http(s)://..., file://... (under --allowed-local-media-path)
+    detail: str | None = None  # OpenAI's auto | low | high: accepted, Llama 4 tiles every image the same way
+
+
 class ContentPart(msgspec.Struct):
-    type: str
+    type: str  # text | image_url
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class FunctionCall(msgspec.Struct):
@@ -111,6 +117,9 @@ class GenerateRequest(msgspec.Struct):
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     rid: str | None = None
+    # --enable-multimodal, as SGLang: one image (URL, data: URL, local path) or a list per prompt,
+    # one <|image|> placeholder each in the text; for a batch, one entry per prompt
+    image_data: str | list[Any] | None = None
 
 
 # ---- responses --------------------------------------------------------------------------------

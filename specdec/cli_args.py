@@ -7,6 +7,7 @@ from typing import Any
 
 from .engine_config import (
     ATTENTION_BACKENDS,
+    DEFAULT_MAX_IMAGES,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     KV_CACHE_DTYPES,
@@ -65,6 +66,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
                    help="Tokens of one prompt fed per forward; longer prompts are prefilled in chunks "
                         "between other requests' decode steps (-1: the whole prompt at once).")
+    m = parser.add_argument_group("images")
+    m.add_argument("--enable-multimodal", action="store_true",
+                   help="Load Llama 4's vision tower and projector (vision_model.*, multi_modal_projector.*) and "
+                   "accept images: image_url chat content parts and /generate's image_data (data: URLs, http(s) "
+                   "URLs, local files under --allowed-local-media-path). Off: text only, the vision tensors "
+                   "are skipped.")
+    m.add_argument("--limit-mm-per-prompt", default=None,
+                   help=f"vLLM's: the most images one prompt may carry, image=N or '{{\"image\": N}}' "
+                   f"(default {DEFAULT_MAX_IMAGES}).")
+    m.add_argument("--allowed-local-media-path", default=None,
+                   help="vLLM's: a folder whose image files requests may name (file:// URLs or absolute paths); "
+                   "default: no local files.")
     g.add_argument("--chat-template", default=None,
                    help="Built-in name (chatml, llama-4, smollm2) or a jinja file; default: the "
                         "checkpoint's (the embedded SmolLM2's becomes smollm2, which adds tools).")

@@ -30,18 +30,28 @@ from specdec.draft.ngram import NgramProposer
 from specdec.draft.proposer import Proposer
 from specdec.kernels import AttentionBackend, cpu_kernels, get_attention_backend
 from specdec.kernels.kv_pool import KVPool
-from specdec.target.config import ModelConfig
+from specdec.target.config import CheckpointLayout, ModelConfig
 from specdec.target.embedded import default_cache_dir, resolve_model_path
 from specdec.target.loader import load_model
 from specdec.target.quant import quantize_model
+from specdec.target.vision import VisionTower, load_vision_tower
+from specdec.target.vision_config import VisionConfig
 
 from .engine_config import EngineConfig
 from .generation_config import load_generation_defaults
 from .grammar import GrammarBackend, RequestGrammar, grammar_spec
 from .kv_budget import KVLayout, KVPlan, plan_kv, static_kv_budget
 from .kv_dtype import apply_kv_scales, kv_storage_dtype
+from .media import MediaLimits
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
+from .multimodal import (
+    IMAGE_TOKEN_NAMES,
+    MultimodalInputs,
+    MultimodalProcessor,
+    image_processor_config,
+    image_tokens_from_tokenizer,
+)
 from .page_allocator import PageAllocator, PageTable, available_memory_bytes, total_memory_bytes
 from .prefix_cache import PrefixCache
 from .request import Req
@@ -87,8 +97,19 @@ class Engine:
         self.generation_defaults = load_generation_defaults(
             self.config.generation_config, self.config.override_generation_config, self.model_path)
         self.model, self.model_config = load_model(self.model_path, self.config.dtype,
-                                                   self.generation_defaults.attn_temperature_tuning)
+                                                   self.generation_defaults.attn_temperature_tuning,
+                                                   self.config.enable_multimodal)
         self.model.to(self.device)
+        self.vision: VisionTower | None = None
+        if self.config.enable_multimodal:
+            if self.model_config.layout is not CheckpointLayout.LLAMA4_CONDITIONAL:
+                raise ValueError(f"--enable-multimodal needs a Llama4ForConditionalGeneration checkpoint; "
+                                 f"{self.model_path} is {self.model_config.architecture} (text only)")
+            if self.config.skip_tokenizer_init:
+                raise ValueError("--enable-multimodal needs the tokenizer (the image layout's tokens): "
+                                 "drop --skip-tokenizer-init")
+            self.vision = load_vision_tower(self.model_path, self.config.dtype, self.model_config)
+            self.vision.to(self.device)
         log.info("loaded %s (%s) in %.1fs on %s", self.model_path, self.model_config.architecture,
                  time.perf_counter() - t0, self.device)
         log.info("default sampling parameters: %s", self.generation_defaults.describe())
@@ -97,6 +118,9 @@ class Engine:
             Path(self.config.tokenizer_path or self.model_path)
         )
         self.eos_token_ids = _eos_ids(self.model_path, self.model_config, self.tokenizer)
+        self.mm_processor = None if self.vision is None else self._mm_processor(self.vision.cfg)
+        # what a chat template writes for an image part (None: this engine takes no images)
+        self.image_placeholder: str | None = None if self.vision is None else IMAGE_TOKEN_NAMES["image"]
         limit = self.model_config.max_position_embeddings
         if self.config.context_length is not None and self.config.context_length > limit:
             raise ValueError(f"--context-length {self.config.context_length} exceeds the model's "
@@ -127,7 +151,7 @@ class Engine:
             self.swa_allocator = PageAllocator(swa_tokens // page_size, page_size)
             swa_pool = KVPool(sum(chunked), swa_tokens, mc.num_kv_heads, mc.head_dim, self.kv_dtype, self.device)
         backend = get_attention_backend(self.config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool)
+        self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool, self.vision)
         self.metrics = EngineMetrics()
         self.spec = self._make_spec_decoder(backend, dtype)
         self.scheduler = Scheduler(
@@ -176,6 +200,24 @@ class Engine:
         log.info("loaded EAGLE3 draft %s in %.1fs (aux layers %s)", spec.draft_model_path,
                  time.perf_counter() - t0, draft.cfg.capture_layers(self.model_config.num_layers))
         return draft
+
+    def _mm_processor(self, vcfg: VisionConfig) -> MultimodalProcessor:
+        tokens = image_tokens_from_tokenizer(self.tokenizer, vcfg.image_token_id, vcfg.boi_token_id,
+                                             vcfg.eoi_token_id)
+        media = self.config.allowed_local_media_path
+        limits = MediaLimits(allowed_local_media_path=None if media is None else Path(media))
+        return MultimodalProcessor(tokens, vcfg.tokens_per_tile, image_processor_config(self.model_path, vcfg.image_size),
+                                   limits, self.config.max_images_per_prompt())
+
+    def prepare_images(self, ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], MultimodalInputs | None]:
+        """The prompt with its image placeholders expanded to Llama 4's layout, and the images
+        to embed (None without images). Raises ValueError (MediaError) naming the problem."""
+        if not images:
+            return list(ids), None
+        if self.mm_processor is None:
+            raise ValueError("this server does not take images: start it with --enable-multimodal "
+                             "(a Llama 4 checkpoint with its vision tower)")
+        return self.mm_processor.prepare(ids, images)
 
     def _make_spec_decoder(self, backend: AttentionBackend, dtype: torch.dtype) -> SpecDecoder | None:
         spec = self.spec_config
@@ -288,8 +330,10 @@ class Engine:
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
         rid: str | None = None,
+        mm: MultimodalInputs | None = None,
     ) -> Req:
-        """Validate one request against the model and the KV cache; raises ValueError."""
+        """Validate one request against the model and the KV cache; raises ValueError. `mm`:
+        the prompt's images (`prepare_images`, which gave `input_ids`)."""
         ids = [int(t) for t in input_ids]
         if not ids:
             raise ValueError("the prompt is empty: at least one token is needed")
@@ -333,6 +377,7 @@ class Engine:
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
             grammar=grammar,
+            mm=mm,
         )
 
     def grammar_backend(self) -> GrammarBackend:
@@ -383,16 +428,21 @@ class Engine:
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        image_data: Any = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (returns a dict) or a batch (returns a list of dicts).
 
         With `stream=True` (single prompt) returns an iterator of dicts whose `text` holds the
         new text since the previous chunk, as `sglang.Engine.generate(stream=True)` does.
+        `image_data` (--enable-multimodal), as in SGLang: an image (URL, data: URL, path under
+        --allowed-local-media-path) or a list of them per prompt, one `<|image|>` each in order.
         """
         ids, params, single = self._normalise(prompt, input_ids, sampling_params)
+        images = per_prompt_images(image_data, len(ids), single)
+        prepared = [self.prepare_images(i, imgs) for i, imgs in zip(ids, images, strict=True)]
         reqs = [
-            self.make_request(i, p, return_logprob, logprob_start_len, top_logprobs_num)
-            for i, p in zip(ids, params, strict=True)
+            self.make_request(i, p, return_logprob, logprob_start_len, top_logprobs_num, mm=mm)
+            for (i, mm), p in zip(prepared, params, strict=True)
         ]
         if stream:
             if not single:
@@ -466,6 +516,21 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         self.shutdown()
+
+
+def per_prompt_images(image_data: Any, n: int, single: bool) -> list[list[Any]]:
+    """SGLang's image_data shapes -> a list of images per prompt: None; one image; a list
+    (the images of a single prompt, or one entry per prompt of a batch, each an image, a list
+    or None)."""
+    if image_data is None:
+        return [[] for _ in range(n)]
+    if not isinstance(image_data, (list, tuple)):
+        image_data = [image_data]
+    if single:
+        return [list(image_data)]
+    if len(image_data) != n:
+        raise ValueError(f"image_data has {len(image_data)} entries for {n} prompts")
+    return [[] if x is None else list(x) if isinstance(x, (list, tuple)) else [x] for x in image_data]
 
 
 def _load_tokenizer(path: Path) -> Any:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .generation_config import GENERATION_CONFIG_MODES, parse_override
+from .media import parse_limit_mm_per_prompt
 from .spec_config import SpecConfig
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -18,6 +19,7 @@ QUANTIZATION_CHOICES = ("w8a16", "w8a8_int8", "w4a16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # fp8 = fp8_e4m3, as vLLM spells it
+DEFAULT_MAX_IMAGES = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,11 @@ class EngineConfig:
     # swa_full_tokens_ratio x the full pool's slots, each request only its current window
     swa_full_tokens_ratio: float = 0.8
     disable_hybrid_swa_memory: bool = False
+    # images (SGLang's --enable-multimodal; vLLM's --limit-mm-per-prompt and
+    # --allowed-local-media-path): Llama 4's vision tower, image_url chat parts, image_data
+    enable_multimodal: bool = False
+    limit_mm_per_prompt: str | Mapping[str, int] | None = None  # image=N or {"image": N}; default 10
+    allowed_local_media_path: str | None = None  # local image files may be read only under this folder
     chat_template: str | None = None
     served_model_name: str | None = None
     trust_remote_code: bool = False  # accepted for compatibility; no downloaded code ever runs
@@ -109,7 +116,18 @@ class EngineConfig:
             raise ValueError(f"generation_config must be auto, vllm or a folder holding generation_config.json; "
                              f"{self.generation_config!r} is not a folder")
         parse_override(self.override_generation_config)  # ValueError naming the bad key
+        self.max_images_per_prompt()  # validates limit_mm_per_prompt
+        if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
+            raise ValueError(f"allowed_local_media_path must be a folder; {self.allowed_local_media_path!r} is not")
         self.spec_config()  # validates the speculative settings
+
+    def max_images_per_prompt(self) -> int:
+        """--limit-mm-per-prompt's image count (default 10: Llama 4 is good up to 8-10 images)."""
+        spec = self.limit_mm_per_prompt
+        if spec is None:
+            return DEFAULT_MAX_IMAGES
+        limits = parse_limit_mm_per_prompt(spec) if isinstance(spec, str) else parse_limit_mm_per_prompt(dict(spec))
+        return limits.get("image", DEFAULT_MAX_IMAGES)
 
     def spec_config(self) -> SpecConfig | None:
         """The validated speculative settings, or None when speculation is off."""

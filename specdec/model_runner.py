@@ -26,7 +26,9 @@ from specdec.kernels.backend import (
 )
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.llama4 import Llama4ForCausalLM
+from specdec.target.vision import VisionTower
 
+from .multimodal import merge_embeds
 from .request import Req
 from .tree import DraftTree, tree_mask
 from .tree import positions as tree_positions
@@ -47,8 +49,9 @@ class ModelRunner:
     hybrid KV, also the chunked layers' pool (`swa_pool`, over the window tables' slots)."""
 
     def __init__(self, model: Llama4ForCausalLM, pool: KVPool, backend: AttentionBackend,
-                 swa_pool: KVPool | None = None) -> None:
+                 swa_pool: KVPool | None = None, vision: VisionTower | None = None) -> None:
         self.model = model
+        self.vision = vision  # --enable-multimodal: image embeddings for requests' <|patch|> positions
         self.pool = pool
         self.swa_pool = swa_pool
         self.backend = backend
@@ -105,7 +108,24 @@ class ModelRunner:
         padded = _pad_decode(seqs) if decode else None
         swa_meta = None if not swa else AttentionMeta(torch.cat(swa_out), tuple(swa),
                                                       _pad_decode(swa) if decode else None)
-        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, padded, swa_meta)
+        embeds = self._image_embeds(reqs, ids, q_starts, q_lens)
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, padded, swa_meta,
+                             embeds)
+
+    def _image_embeds(self, reqs: Sequence[Req], ids: Tensor, q_starts: list[int], q_lens: list[int]) -> Tensor | None:
+        """Input embeddings [T, hidden] with the image rows at the fed <|patch|> positions, when
+        a request of the batch feeds some; else None (the model embeds the ids itself)."""
+        spans = [(row, req.mm, req.num_cached, req.num_cached + n)
+                 for req, row, n in zip(reqs, q_starts, q_lens, strict=True)
+                 if req.mm is not None and req.mm.overlaps(req.num_cached, req.num_cached + n)]
+        if not spans:
+            return None
+        if self.vision is None:
+            raise RuntimeError("a request with images reached an engine without the vision tower")
+        for _, mm, _, _ in spans:
+            assert mm is not None
+            mm.ensure_embeds(self.vision)
+        return merge_embeds(self.model.embed_tokens(ids.to(self.device)), spans)
 
     @torch.inference_mode()
     def verify_trees(
@@ -157,11 +177,16 @@ class ModelRunner:
         q_lens: list[int],
         padded: PaddedKV | None = None,
         swa_meta: AttentionMeta | None = None,
+        embeds: Tensor | None = None,  # [T, hidden] input embeddings (images), else the ids' own
     ) -> ExtendOutput:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), padded=padded)
         batch = ForwardBatch(meta.to(self.device), self.kv_k, self.kv_v, self.backend, capture_layers,
                              None if swa_meta is None else swa_meta.to(self.device))
-        out = self.model(ids.to(self.device), torch.cat(positions).to(self.device), batch)
+        pos = torch.cat(positions).to(self.device)
+        if embeds is not None:
+            out = self.model(None, pos, batch, input_embeds=embeds)
+        else:
+            out = self.model(ids.to(self.device), pos, batch)
         return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
 
     def commit_moves(self, req: Req, moves: list[tuple[int, int]]) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from .accept_stats import AcceptStats
 from .detokenizer import IncrementalDetokenizer
+from .multimodal import MultimodalInputs
 from .page_allocator import PageTable
 from .sampling_params import SamplingParams
 from .swa_table import WindowPageTable
@@ -80,6 +81,8 @@ class Req:
     # hybrid KV (--swa-full-tokens-ratio): the chunked-attention pool's table, holding only the
     # pages of the current chunk window (specdec/swa_table.py); None with a single pool
     swa_table: WindowPageTable | None = None
+    # --enable-multimodal: the prompt's images and where their embeddings go (specdec/multimodal.py)
+    mm: MultimodalInputs | None = None
     _slot_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     _swa_cache: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     _swa_base: int = 0  # position of _swa_cache[0]
@@ -110,6 +113,16 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prompt_key_ids(self) -> list[int]:
+        """prompt_ids as the prefix cache keys them: an image's patch positions carry its digest."""
+        return self.prompt_ids if self.mm is None else self.mm.key_ids
+
+    @property
+    def cache_ids(self) -> list[int]:
+        """all_ids as the prefix cache keys them (see prompt_key_ids)."""
+        return self.all_ids if self.mm is None else self.mm.key_ids + self.output_ids
 
     def uncached_ids(self) -> list[int]:
         """Tokens the next forward must feed: all_ids[num_cached:]."""

@@ -246,7 +246,7 @@ class Scheduler:
         prefills only the rest. The draft's K/V must be there: positions the draft has not
         consumed yet (adaptive speculation skipped it) are not shared (`_final_positions`)."""
         req.cached_tokens = 0
-        if src.finished or src.prompt_ids != req.prompt_ids or src.num_cached < src.prompt_len:
+        if src.finished or src.prompt_key_ids != req.prompt_key_ids or src.num_cached < src.prompt_len:
             return
         if self._wants_prompt_logprobs(req):  # they are computed from a prefill of the whole prompt
             return
@@ -271,7 +271,7 @@ class Scheduler:
         req.cached_tokens = 0
         if self.prefix_cache is None or self._wants_prompt_logprobs(req):
             return
-        chain = self.prefix_cache.match_chain(req.all_ids)
+        chain = self.prefix_cache.match_chain(req.cache_ids)
         swa_cache = self.swa_cache
         if req.swa_table is not None and swa_cache is not None:  # the window pages must be cached too
             chain = chain[: self._window_fit(len(chain), lambda k: swa_cache.get(chain[k][0]) is not None)]
@@ -313,7 +313,7 @@ class Scheduler:
                 if page != RELEASED:
                     swa_cache.put(key, page)
 
-        req.cache_cursor = self.prefix_cache.insert(req.all_ids, req.page_table.pages,
+        req.cache_cursor = self.prefix_cache.insert(req.cache_ids, req.page_table.pages,
                                                     self._final_positions(req), req.cache_cursor, on_page)
 
     def _final_positions(self, req: Req) -> int:

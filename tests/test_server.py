@@ -302,6 +302,9 @@ def test_a_non_streaming_request_whose_client_leaves_is_aborted(server: str, rou
         ({"messages": [{"role": "user", "content": "x"}], "min_p": 2}, 400, "min_p"),
         ({"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 3}, 400, "frequency_penalty"),
         ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400, "repetition_penalty"),
+        # issue 19: images need --enable-multimodal (this server's SmolLM2 is text only)
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, 400, "messages"),
     ],
 )
 def test_bad_requests_get_errors_and_server_survives(server: str, body: Any, status: int, param: str | None) -> None:
@@ -336,6 +339,8 @@ def test_malformed_json_and_oversize_body(server: str) -> None:
         ({"text": "a", "sampling_params": {"regex": "(unclosed"}}, "sampling_params"),
         ({"text": "a", "sampling_params": {"ebnf": "root ::= missing_rule"}}, "sampling_params"),
         ({"text": "a", "sampling_params": {"regex": "a+", "json_schema": "{}"}}, "sampling_params"),
+        ({"text": "a", "image_data": "data:image/png;base64,iVBORw0KGgo="}, "image_data"),  # text-only server
+        ({"text": ["a", "b"], "image_data": ["x"]}, "image_data"),  # one entry per prompt
     ],
 )
 def test_bad_generate_requests_are_refused_before_anything_runs(server: str, body: Any, param: str) -> None:
