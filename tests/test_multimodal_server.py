@@ -184,3 +184,20 @@ def test_image_and_text_chats_at_concurrency_8_all_succeed(server: str) -> None:
     assert "sglang:spec_accept_length" in metrics
     info = httpx.get(f"{server}/get_server_info", timeout=10).json()
     assert info["metrics"]["kv_used_tokens"] == 0  # every request's KV came back
+
+
+def test_image_parts_render_as_placeholders_where_they_stand() -> None:
+    from specdec.server.openai_api import ApiError, _content_text
+    from specdec.server.protocol import ContentPart, ImageUrl
+
+    parts = [ContentPart("text", "a"), ContentPart("image_url", image_url=ImageUrl("u1")), ContentPart("text", "b"),
+             ContentPart("text", "c"), ContentPart("image_url", image_url=ImageUrl("u2"))]
+    images: list[str] = []
+    assert _content_text(parts, 0, images, "<|image|>") == "a<|image|>b\nc<|image|>"
+    assert images == ["u1", "u2"]
+    with pytest.raises(ApiError, match="--enable-multimodal"):
+        _content_text(parts, 0, [], None)
+    with pytest.raises(ApiError, match="without image_url"):
+        _content_text([ContentPart("image_url")], 0, [], "<|image|>")
+    with pytest.raises(ApiError, match="text or image_url"):
+        _content_text([ContentPart("input_audio")], 0, [], "<|image|>")
