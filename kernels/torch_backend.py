@@ -30,8 +30,9 @@ def visibility_mask(seq: SeqAttnMeta, chunk_size: int | None) -> Tensor | None:
     mask = seq.mask
     if mask is None and seq.q_len > 1:
         # causal by kv index: query i sits at kv index kv_len - q_len + i
-        q_idx = torch.arange(seq.kv_len - seq.q_len, seq.kv_len)
-        mask = torch.arange(seq.kv_len)[None, :] <= q_idx[:, None]
+        dev = seq.kv_slots.device  # (the metadata's device: the model's)
+        q_idx = torch.arange(seq.kv_len - seq.q_len, seq.kv_len, device=dev)
+        mask = torch.arange(seq.kv_len, device=dev)[None, :] <= q_idx[:, None]
     if chunk_size is not None:
         same_chunk = (seq.q_positions // chunk_size)[:, None] == (
             seq.kv_positions // chunk_size

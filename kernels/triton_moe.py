@@ -17,7 +17,8 @@ and up halves of that expert's w13 (two fp32 accumulators, tl.dot) and writes
 silu(g) * u in sorted order; kernel 2 multiplies by w2 of the tile's expert and scatters the
 rows back to token order. Tiles past the last expert do no work (their K loop is empty).
 
-Not wired into the model: `MoE.forward` would call this when top_k == 1 on a GPU.
+`MoE.forward` calls it when its `kernel` is "triton": the engine switches every top-1 MoE
+layer with unquantised experts to it on a GPU (`Llama4ForCausalLM.use_triton_moe`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ MLP of `intermediate_size_mlp` -> residual.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,10 @@ from specdec.kernels.backend import ForwardBatch
 from specdec.kernels.torch_backend import FAST_MAX_QUERIES
 
 from .config import ModelConfig
+from .tp import TPShard
+
+if TYPE_CHECKING:
+    from specdec.distributed import TPGroup
 from .layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis, l2_norm
 
 
@@ -53,6 +57,7 @@ class Attention(nn.Module):
         # output, so every backend only upcasts. None: K/V stored as computed.
         self.kv_scales: tuple[float, float, float] | None = None
         self.checkpoint_kv_scales: dict[str, float] = {}  # "k"/"v" -> the checkpoint's k_scale / v_scale
+        self.tp: TPGroup | None = None  # --tp: this rank's heads; o_proj's outputs are partial sums
 
     def forward(
         self,
@@ -93,7 +98,8 @@ class Attention(nn.Module):
         )  # [T, H, D]
         if self.kv_scales is not None:
             out = out * self.kv_scales[1]
-        return self.o_proj(out.reshape(T, self.q_size))
+        out = self.o_proj(out.reshape(T, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class Experts(nn.Module):
@@ -138,13 +144,21 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
         self.shared_expert = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
+        # "torch": the per-expert loop below; "triton": the grouped top-1 GEMMs of
+        # kernels/triton_moe.py (set by the engine on a GPU for unquantised top-1 routing)
+        self.kernel = "torch"
+
     def forward(self, x: Tensor) -> Tensor:  # [T, H]
         logits = self.router(x)  # [T, E]
         top_val, top_idx = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
         scores = torch.sigmoid(top_val.float()).to(x.dtype)
         out = self.shared_expert(x)
+        if self.kernel == "triton":
+            from specdec.kernels.triton_moe import moe_top1_experts
+
+            return out + moe_top1_experts(x, self.experts.w13, self.experts.w2, top_idx[:, 0], scores[:, 0])
         flat_idx = top_idx.flatten()  # [T*k]
-        token_of = torch.arange(x.shape[0]).repeat_interleave(self.top_k)
+        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
         for e in torch.unique(flat_idx).tolist():
             sel = (flat_idx == e).nonzero().squeeze(1)
             tok = token_of[sel]
@@ -164,6 +178,7 @@ class DecoderLayer(nn.Module):
         )
 
         self._fused: FusedLayer | bool | None = None  # None: not yet decided; False: no
+        self.tp: TPGroup | None = None  # --tp: the feed-forward's outputs are partial sums
 
     def fused_weights(self) -> FusedLayer | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` decoder_layer), or None when this
@@ -176,7 +191,8 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, positions: Tensor, rope: Tensor, batch: ForwardBatch
     ) -> Tensor:
         h = x + self.attn(self.input_layernorm(x), positions, rope, batch)
-        return h + self.feed_forward(self.post_attention_layernorm(h))
+        ff = self.feed_forward(self.post_attention_layernorm(h))
+        return h + (ff if self.tp is None else self.tp.all_reduce(ff))
 
 
 @dataclass(frozen=True)
@@ -247,15 +263,24 @@ def fast_path(x: Tensor, batch: ForwardBatch) -> Any:
 class Llama4ForCausalLM(nn.Module):
     """Token ids (or input embeddings) in, final hidden states out; logits on demand."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard | None = None, tp: TPGroup | None = None) -> None:
+        """`shard` / `tp` (--tp N): build this rank's part (target/tp.py) and meet the other
+        ranks at the all-reduces; `cfg` stays the whole model's."""
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.shard = shard
+        self.tp = tp if shard is not None and shard.world > 1 else None
+        local = cfg if shard is None else shard.local_config(cfg)
+        vocab = cfg.vocab_size if shard is None else shard.vocab[1] - shard.vocab[0]
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(local, i) for i in range(cfg.num_layers))
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.tp = layer.attn.tp = self.tp
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head: nn.Module | None = (
-            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (cfg.vocab_size,))
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, (vocab,))
         )
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
         # every layer's fused-kernel weights, flat, when all layers have them (one C++ call for
@@ -283,10 +308,11 @@ class Llama4ForCausalLM(nn.Module):
     ) -> ModelOutput:
         if (input_ids is None) == (input_embeds is None):
             raise ValueError("pass exactly one of input_ids and input_embeds")
-        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        x = self.embed(input_ids) if input_ids is not None else input_embeds
+        assert x is not None
         rope = self.rotary.cis(positions)  # [T, D/2] complex
         captured: dict[int, Tensor] = {}
-        fast = fast_path(x, batch)
+        fast: Any = fast_path(x, batch) if self.tp is None else None  # (the fused layers have no all-reduce)
         if fast is not None:
             seq = batch.attn.seqs[0]
             rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)
@@ -317,10 +343,38 @@ class Llama4ForCausalLM(nn.Module):
         captured[len(self.layers)] = x
         return ModelOutput(self.norm(x), [captured[i] for i in batch.capture_layers])
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads this rank's layers hold (all of them without --tp)."""
+        return self.cfg.num_kv_heads if self.shard is None else self.shard.kv_heads[1] - self.shard.kv_heads[0]
+
+    def embed(self, ids: Tensor) -> Tensor:  # [T] -> [T, hidden]
+        """Token embeddings; with --tp each rank looks up its vocabulary rows (zeros for the
+        other ranks' ids) and the ranks' rows are summed."""
+        if self.tp is None or self.shard is None:
+            return self.embed_tokens(ids)
+        lo, hi = self.shard.vocab
+        mine = (ids >= lo) & (ids < hi)
+        x = self.embed_tokens(torch.where(mine, ids - lo, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)
+
     def compute_logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = F.linear(hidden, self.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.all_gather(logits)  # (ranks hold vocabulary slices)
+
+    def use_triton_moe(self) -> int:
+        """Route the MoE layers' experts through the Triton top-1 kernel (top_k == 1 and
+        unquantised experts only); returns how many layers switched."""
+        n = 0
+        for layer in self.layers:
+            ff = getattr(layer, "feed_forward", None)
+            if isinstance(ff, MoE) and ff.top_k == 1 and ff.experts.quantized is None:
+                ff.kernel = "triton"
+                n += 1
+        return n
 
     def tie_lm_head(self, scheme: str) -> None:
         """Quantisation: tied embeddings get a quantised copy as the lm_head (the embedding

@@ -324,6 +324,28 @@ def test_greedy_output_triton_equals_torch(e2e_target: Checkpoint, tmp_path: Pat
     assert all(len(o) == 8 for o in outs["triton"])
 
 
+@needs_triton
+def test_the_model_s_moe_layers_run_the_triton_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`use_triton_moe` (what the engine does on a GPU) routes every top-1 MoE layer's experts
+    through the grouped kernel: the same greedy tokens and logprobs as the per-expert loop."""
+    ckpt = make_checkpoint(tmp_path, "llama4", num_hidden_layers=3, moe_layers=[0, 2], num_experts_per_tok=1)
+    prompts = random_prompts((5, 13), seed=3)
+    params = {"temperature": 0, "max_new_tokens": 6}
+    engine = ckpt.engine()
+    want = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    calls = []
+    kernel = triton_moe.moe_top1_experts
+    monkeypatch.setattr(triton_moe, "moe_top1_experts", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    assert engine.model.use_triton_moe() == 2
+    got = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
+    assert len(calls) >= 2 * 6  # both MoE layers, every step
+    for w, g in zip(want, got, strict=True):
+        assert g["output_ids"] == w["output_ids"]
+        lw = torch.tensor([e[0] for e in w["meta_info"]["output_token_logprobs"]])
+        lg = torch.tensor([e[0] for e in g["meta_info"]["output_token_logprobs"]])
+        torch.testing.assert_close(lg, lw, atol=1e-4, rtol=0)
+
+
 # ---- start-up errors -----------------------------------------------------------------------------
 
 

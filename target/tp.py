@@ -1,0 +1,109 @@
+"""Tensor parallelism: what one rank of `--tp N` holds of the Llama 4 text model, and the slice
+of each checkpoint tensor it loads.
+
+Megatron's split, as SGLang and vLLM shard Llama 4:
+
+    attention   q heads H/N per rank; KV heads Hkv/N, or one replicated head per rank when
+                Hkv < N (rank r takes head r * Hkv // N); o_proj takes the rank's heads'
+                columns: its outputs are partial sums (all-reduced)
+    dense MLP   gate/up rows and down columns by I_mlp / N (partial sums)
+    MoE         every expert's gate/up rows and down columns by I / N, the shared expert the
+                same (tensor-parallel experts; the router is replicated); one all-reduce of
+                the routed and shared sums
+    embedding   vocabulary rows V/N per rank, the other ranks' ids give zeros (all-reduced)
+    lm_head     vocabulary rows V/N per rank (logits all-gathered)
+    norms       replicated
+
+A row-parallel bias (o_proj's, dense Llama with attention_bias) is added by rank 0 alone.
+Sizes that do not divide by N are refused with a ConfigError naming them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class TPShard:
+    rank: int
+    world: int
+    heads: tuple[int, int]  # [lo, hi) of the q heads
+    kv_heads: tuple[int, int]  # [lo, hi) of the KV heads (one replicated head when Hkv < N)
+    inter: tuple[int, int]  # [lo, hi) of each expert's (and the shared expert's) intermediate dim
+    inter_mlp: tuple[int, int]  # [lo, hi) of the dense MLP's intermediate dim
+    vocab: tuple[int, int]  # [lo, hi) of the vocabulary (embedding and lm_head rows)
+
+    def local_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The rank's model: its heads and intermediate sizes (the vocabulary stays whole in
+        the config; the embedding and lm_head take `vocab`)."""
+        return replace(cfg, num_heads=self.heads[1] - self.heads[0], num_kv_heads=self.kv_heads[1] - self.kv_heads[0],
+                       intermediate_size=self.inter[1] - self.inter[0],
+                       intermediate_size_mlp=self.inter_mlp[1] - self.inter_mlp[0])
+
+
+def _split(total: int, rank: int, world: int, name: str) -> tuple[int, int]:
+    if total % world:
+        raise ConfigError(f"{name} = {total} does not divide by --tp {world}")
+    part = total // world
+    return rank * part, (rank + 1) * part
+
+
+def plan_shard(cfg: ModelConfig, rank: int, world: int) -> TPShard:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of --tp {world}")
+    heads = _split(cfg.num_heads, rank, world, "num_attention_heads")
+    hkv = cfg.num_kv_heads
+    if hkv % world == 0:
+        kv = _split(hkv, rank, world, "num_key_value_heads")
+    elif world % hkv == 0:
+        kv_head = rank * hkv // world  # replicated: world / hkv ranks share each KV head
+        kv = (kv_head, kv_head + 1)
+    else:
+        raise ConfigError(f"num_key_value_heads = {hkv} neither divides by nor divides --tp {world}")
+    inter = _split(cfg.intermediate_size, rank, world, "intermediate_size") if cfg.moe_layers else (0, 0)
+    mlp_layers = cfg.num_layers - len(set(cfg.moe_layers))
+    inter_mlp = _split(cfg.intermediate_size_mlp, rank, world, "intermediate_size_mlp") if mlp_layers else (0, 0)
+    vocab = _split(cfg.vocab_size, rank, world, "vocab_size")
+    return TPShard(rank, world, heads, kv, inter, inter_mlp, vocab)
+
+
+_LAYER = re.compile(r"layers\.\d+\.(.+)")
+
+
+def shard_tensor(shard: TPShard, cfg: ModelConfig, param: str, part: int | None, is_bias: bool,
+                 value: Tensor) -> Tensor:
+    """The rank's slice of one checkpoint tensor (after its load transform) for parameter
+    `param` (unit `part` of a stacked Linear: 0/1/2 = q/k/v, 0/1 = gate/up)."""
+    if shard.world == 1:
+        return value
+    D = cfg.head_dim
+    if param == "embed_tokens.weight" or param == "lm_head.weight":
+        return value[shard.vocab[0]:shard.vocab[1]]
+    m = _LAYER.fullmatch(param)
+    if m is None:
+        return value  # the final norm
+    rest = m.group(1)
+    if rest.startswith("attn.qkv."):
+        lo, hi = shard.heads if part == 0 else shard.kv_heads
+        return value[lo * D:hi * D]
+    if rest == "attn.o_proj.weight":
+        return value[:, shard.heads[0] * D:shard.heads[1] * D]
+    if rest == "attn.o_proj.bias":
+        return value if shard.rank == 0 else torch.zeros_like(value)
+    lo, hi = shard.inter if ("shared_expert" in rest or "experts" in rest) else shard.inter_mlp
+    if rest.endswith("gate_up.weight"):
+        return value[lo:hi]
+    if rest.endswith("down.weight"):
+        return value[:, lo:hi]
+    if rest.endswith("experts.w13"):  # [E, 2I, H], gate rows first
+        inter = value.shape[1] // 2
+        return torch.cat((value[:, lo:hi], value[:, inter + lo:inter + hi]), dim=1)
+    if rest.endswith("experts.w2"):  # [E, H, I]
+        return value[:, :, lo:hi]
+    return value  # norms, the router
