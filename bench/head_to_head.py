@@ -73,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="EAGLE3 trees as steps,topk,draft_tokens, or adaptive (make run's default: "
                    "shapes chosen per step); empty: no speculation")
     p.add_argument("--skip-hf", action="store_true", help="leave out the transformers baseline")
+    p.add_argument("--device", default="auto", help="specdec's and transformers' device: auto (cuda when "
+                   "visible), cpu, cuda, cuda:N")
+    p.add_argument("--attention-backend", default="auto", help="specdec's --attention-backend")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the bundled one)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--contestant", default=None, help=argparse.SUPPRESS)  # internal: run one contestant
@@ -86,10 +89,12 @@ def load_prompts(path: Path, n: int, tokenizer: Any) -> list[list[int]]:
     return [chat_prompt_ids(tokenizer, row["prompt"]) for row in rows]
 
 
-def ours(dtype: str, quantization: str | None, max_new: int, **spec: Any) -> Answer:
+def ours(dtype: str, quantization: str | None, max_new: int, device: str = "auto", attention_backend: str = "auto",
+         **spec: Any) -> Answer:
     from specdec import Engine
 
-    engine = Engine(dtype=dtype, quantization=quantization, log_level="warning", **spec)
+    engine = Engine(dtype=dtype, quantization=quantization, log_level="warning", device=device,
+                    attention_backend=attention_backend, **spec)
 
     def answer(ids: list[int]) -> tuple[list[int], float]:
         out: Any = engine.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": max_new})
@@ -98,13 +103,16 @@ def ours(dtype: str, quantization: str | None, max_new: int, **spec: Any) -> Ans
     return answer
 
 
-def hf_bf16(model_dir: Path, eos: Sequence[int], pad: int | None, max_new: int) -> Answer:
+def hf_bf16(model_dir: Path, eos: Sequence[int], pad: int | None, max_new: int, device: str = "auto") -> Answer:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval()
+    from specdec.engine import resolve_device
+
+    dev = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).eval().to(dev)
 
     def answer(ids: list[int]) -> tuple[list[int], float]:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=dev)
         with torch.inference_mode():  # explicit mask: SmolLM2's pad id also occurs in the prompt
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
                                  do_sample=False, eos_token_id=list(eos), pad_token_id=pad)
@@ -139,9 +147,10 @@ def make_answer(spec: dict[str, Any]) -> Answer:
     torch.set_num_threads(int(spec["threads"]))
     kind, max_new = spec["kind"], int(spec["max_new_tokens"])
     if kind == "hf":
-        return hf_bf16(Path(spec["model_dir"]), spec["eos"], spec["pad"], max_new)
+        return hf_bf16(Path(spec["model_dir"]), spec["eos"], spec["pad"], max_new, spec.get("device", "auto"))
     if kind == "ours":
-        return ours(spec["dtype"], spec["quantization"], max_new, **spec["spec"])
+        return ours(spec["dtype"], spec["quantization"], max_new, spec.get("device", "auto"),
+                    spec.get("attention_backend", "auto"), **spec["spec"])
     if kind == "llama.cpp":
         return llama_cpp(Path(spec["gguf"]), spec["eos"], max_new, int(spec["threads"]))
     raise ValueError(f"unknown contestant kind {kind!r}")
@@ -200,12 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     quant = None if args.quantization in ("none", "") else args.quantization
     label = f"specdec {args.dtype}{'' if quant is None else ' ' + quant}"
 
-    common = {"threads": args.threads, "max_new_tokens": args.max_new_tokens}
+    common = {"threads": args.threads, "max_new_tokens": args.max_new_tokens, "device": args.device}
     specs: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     if not args.skip_hf:
         specs[HF_BF16] = {**common, "kind": "hf", "model_dir": str(model_dir), "eos": eos, "pad": tok.pad_token_id}
-    ours_spec = {**common, "kind": "ours", "dtype": args.dtype, "quantization": quant}
+    ours_spec = {**common, "kind": "ours", "dtype": args.dtype, "quantization": quant,
+                 "attention_backend": args.attention_backend}
     specs[label] = {**ours_spec, "spec": {}}
     for tree in args.trees:
         eagle = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": args.draft_model_path}
