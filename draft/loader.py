@@ -21,6 +21,7 @@ from specdec.target.llama4 import Llama4ForCausalLM
 from specdec.target.loader import (
     DTYPES,
     SKIP,
+    FullEmbeddings,
     LoadError,
     Target,
     checkpoint_files,
@@ -78,7 +79,7 @@ def _has_tensor(files: list[Path], suffix: str) -> bool:
     return False
 
 
-def load_eagle3(path: str | Path, target: Llama4ForCausalLM, dtype: str = "auto") -> Eagle3Draft:
+def load_eagle3(path: str | Path, target: Llama4ForCausalLM | FullEmbeddings, dtype: str = "auto") -> Eagle3Draft:
     """Load an EAGLE3 head for `target`; every tensor is accounted for or LoadError names it."""
     path = Path(path)
     cfg = Eagle3Config.from_path(path)

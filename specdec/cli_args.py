@@ -66,6 +66,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size,
                    help="Tokens of one prompt fed per forward; longer prompts are prefilled in chunks "
                         "between other requests' decode steps (-1: the whole prompt at once).")
+    t = parser.add_argument_group("tensor parallelism")
+    t.add_argument("--tp-size", "--tp", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size,
+                   help="Ranks the target is sharded over (SGLang's --tp-size; vLLM's --tensor-parallel-size): "
+                   "attention heads, KV heads, MLP and expert widths and the vocabulary split N ways, one process "
+                   "per rank over torch.distributed (gloo on the CPU, NCCL on GPUs); rank 0 schedules, samples "
+                   "and runs the EAGLE3 draft.")
+    t.add_argument("--nnodes", type=int, default=d.nnodes, help="Machines the ranks are spread over.")
+    t.add_argument("--node-rank", type=int, default=d.node_rank,
+                   help="This machine's index; node 0 serves, the others run their ranks and wait.")
+    t.add_argument("--dist-init-addr", default=None,
+                   help="host:port where rank 0 meets the others (needed with --nnodes > 1; default: a free "
+                   "local port).")
     m = parser.add_argument_group("images")
     m.add_argument("--enable-multimodal", action="store_true",
                    help="Load Llama 4's vision tower and projector (vision_model.*, multi_modal_projector.*) and "

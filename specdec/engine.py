@@ -32,11 +32,13 @@ from specdec.kernels import AttentionBackend, cpu_kernels, get_attention_backend
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.config import CheckpointLayout, ModelConfig
 from specdec.target.embedded import default_cache_dir, resolve_model_path
-from specdec.target.loader import load_model
+from specdec.target.loader import load_full_embeddings, load_model
 from specdec.target.quant import quantize_model
+from specdec.target.tp import plan_shard
 from specdec.target.vision import VisionTower, load_vision_tower
 from specdec.target.vision_config import VisionConfig
 
+from .distributed import TPGroup, close_group, free_addr, init_group, spawn_workers
 from .engine_config import EngineConfig
 from .generation_config import load_generation_defaults
 from .grammar import GrammarBackend, RequestGrammar, grammar_spec
@@ -60,6 +62,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerLimits
 from .spec_decoder import SpecDecoder, extra_slots_for
 from .swa_table import WindowPageTable, window_pages_needed
+from .tp_worker import footprint
 
 log = logging.getLogger("specdec")
 
@@ -92,98 +95,150 @@ class Engine:
         self.cpu_isa = cpu_kernels.active_isa()
         t0 = time.perf_counter()
         self.device = resolve_device(self.config.device)
-        # the model's default sampling parameters (vLLM's --generation-config and
-        # --override-generation-config; its attn_temperature_tuning goes to the model config)
-        self.generation_defaults = load_generation_defaults(
-            self.config.generation_config, self.config.override_generation_config, self.model_path)
-        self.model, self.model_config = load_model(self.model_path, self.config.dtype,
-                                                   self.generation_defaults.attn_temperature_tuning,
-                                                   self.config.enable_multimodal)
-        self.model.to(self.device)
-        self.vision: VisionTower | None = None
-        if self.config.enable_multimodal:
-            if self.model_config.layout is not CheckpointLayout.LLAMA4_CONDITIONAL:
-                raise ValueError(f"--enable-multimodal needs a Llama4ForConditionalGeneration checkpoint; "
-                                 f"{self.model_path} is {self.model_config.architecture} (text only)")
-            if self.config.skip_tokenizer_init:
-                raise ValueError("--enable-multimodal needs the tokenizer (the image layout's tokens): "
-                                 "drop --skip-tokenizer-init")
-            self.vision = load_vision_tower(self.model_path, self.config.dtype, self.model_config)
-            self.vision.to(self.device)
-        log.info("loaded %s (%s) in %.1fs on %s", self.model_path, self.model_config.architecture,
-                 time.perf_counter() - t0, self.device)
-        log.info("default sampling parameters: %s", self.generation_defaults.describe())
-        quantize_model(self.model, self.config.quantization)  # after placement: kernels per device
-        self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
-            Path(self.config.tokenizer_path or self.model_path)
-        )
-        self.eos_token_ids = _eos_ids(self.model_path, self.model_config, self.tokenizer)
-        self.mm_processor = None if self.vision is None else self._mm_processor(self.vision.cfg)
-        # what a chat template writes for an image part (None: this engine takes no images)
-        self.image_placeholder: str | None = None if self.vision is None else IMAGE_TOKEN_NAMES["image"]
-        limit = self.model_config.max_position_embeddings
-        if self.config.context_length is not None and self.config.context_length > limit:
-            raise ValueError(f"--context-length {self.config.context_length} exceeds the model's "
-                             f"max_position_embeddings ({limit})")
-        self.context_length = self.config.context_length or limit
-        dtype = next(self.model.parameters()).dtype
-        self.kv_dtype = kv_storage_dtype(self.config.kv_cache_dtype, dtype)
-        scales_from = apply_kv_scales(self.model, self.kv_dtype, self.config.quantization_param_path)
-        self.spec_config = self.config.spec_config()
-        self.draft_model = self._load_draft()
-        page_size = self.config.page_size
-        mc = self.model_config
-        chunked = [mc.chunk_size(i) is not None for i in range(mc.num_layers)]
-        # hybrid KV: the chunked layers get a window pool (on by default, as in SGLang)
-        # (a model whose every layer is chunked keeps one pool: the full pool's page tables would
-        # have no layer to hold)
-        self.hybrid_kv = any(chunked) and not all(chunked) and not self.config.disable_hybrid_swa_memory
-        self.kv_layout = self._kv_layout(dtype, sum(chunked) if self.hybrid_kv else 0)
-        self.kv_plan = self._kv_plan()
-        self.max_total_tokens = self.kv_plan.full_tokens
-        self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
-        self.kv_pool = KVPool(mc.num_layers - sum(chunked) if self.hybrid_kv else mc.num_layers,
-                              self.max_total_tokens, mc.num_kv_heads, mc.head_dim, self.kv_dtype, self.device)
-        self.swa_allocator: PageAllocator | None = None
-        swa_pool = None
-        if self.hybrid_kv:
-            swa_tokens = self.kv_plan.swa_tokens
-            self.swa_allocator = PageAllocator(swa_tokens // page_size, page_size)
-            swa_pool = KVPool(sum(chunked), swa_tokens, mc.num_kv_heads, mc.head_dim, self.kv_dtype, self.device)
-        backend = get_attention_backend(self.config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool, self.vision)
-        self.metrics = EngineMetrics()
-        self.spec = self._make_spec_decoder(backend, dtype)
-        self.scheduler = Scheduler(
-            self.runner,
-            self.allocator,
-            SchedulerLimits(
-                max_running_requests=self.config.max_running_requests,
-                max_prefill_tokens=self.config.max_prefill_tokens,
-                context_length=self.context_length,
-                chunked_prefill_size=self.config.chunked_prefill_size,
-            ),
-            self.eos_token_ids,
-            None if self.tokenizer is None else self.detokenize,
-            self.metrics,
-            self.spec,
-            None if self.config.disable_radix_cache else PrefixCache(self.allocator),
-            self.swa_allocator,
-            None if self.config.disable_radix_cache or self.swa_allocator is None else PrefixCache(self.swa_allocator),
-        )
-        self._ids = itertools.count()
-        self._grammar: GrammarBackend | None = None
-        self._grammar_lock = threading.Lock()
-        self._log_kv(scales_from)
-        if self.spec is not None and self.spec.spec.adaptive:
-            from .step_costs import load_or_measure
-            from .tree_chooser import OnlineCosts
+        self.tp: TPGroup | None = None  # --tp N: this process is rank 0 (specdec/distributed.py)
+        self._workers: list[Any] = []
+        self.tp_footprints: list[dict[str, int]] = []  # per rank: weight and KV bytes
+        if self.config.tp_size > 1:
+            self._start_tp(kwargs)
+        try:
+            # the model's default sampling parameters (vLLM's --generation-config and
+            # --override-generation-config; its attn_temperature_tuning goes to the model config)
+            self.generation_defaults = load_generation_defaults(
+                self.config.generation_config, self.config.override_generation_config, self.model_path)
+            self.model, self.model_config = load_model(self.model_path, self.config.dtype,
+                                                       self.generation_defaults.attn_temperature_tuning,
+                                                       self.config.enable_multimodal, self.tp)
+            self.model.to(self.device)
+            self.vision: VisionTower | None = None
+            if self.config.enable_multimodal:
+                if self.model_config.layout is not CheckpointLayout.LLAMA4_CONDITIONAL:
+                    raise ValueError(f"--enable-multimodal needs a Llama4ForConditionalGeneration checkpoint; "
+                                     f"{self.model_path} is {self.model_config.architecture} (text only)")
+                if self.config.skip_tokenizer_init:
+                    raise ValueError("--enable-multimodal needs the tokenizer (the image layout's tokens): "
+                                     "drop --skip-tokenizer-init")
+                self.vision = load_vision_tower(self.model_path, self.config.dtype, self.model_config)
+                self.vision.to(self.device)
+            log.info("loaded %s (%s) in %.1fs on %s", self.model_path, self.model_config.architecture,
+                     time.perf_counter() - t0, self.device)
+            log.info("default sampling parameters: %s", self.generation_defaults.describe())
+            quantize_model(self.model, self.config.quantization)  # after placement: kernels per device
+            if self.device.type == "cuda" and self.model.use_triton_moe():  # top-1 MoE, unquantised experts
+                log.info("MoE experts run the Triton grouped top-1 kernel")
+            self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
+                Path(self.config.tokenizer_path or self.model_path)
+            )
+            self.eos_token_ids = _eos_ids(self.model_path, self.model_config, self.tokenizer)
+            self.mm_processor = None if self.vision is None else self._mm_processor(self.vision.cfg)
+            # what a chat template writes for an image part (None: this engine takes no images)
+            self.image_placeholder: str | None = None if self.vision is None else IMAGE_TOKEN_NAMES["image"]
+            limit = self.model_config.max_position_embeddings
+            if self.config.context_length is not None and self.config.context_length > limit:
+                raise ValueError(f"--context-length {self.config.context_length} exceeds the model's "
+                                 f"max_position_embeddings ({limit})")
+            self.context_length = self.config.context_length or limit
+            dtype = next(self.model.parameters()).dtype
+            self.kv_dtype = kv_storage_dtype(self.config.kv_cache_dtype, dtype)
+            scales_from = apply_kv_scales(self.model, self.kv_dtype, self.config.quantization_param_path)
+            self.spec_config = self.config.spec_config()
+            self.draft_model = self._load_draft()
+            page_size = self.config.page_size
+            mc = self.model_config
+            chunked = [mc.chunk_size(i) is not None for i in range(mc.num_layers)]
+            # hybrid KV: the chunked layers get a window pool (on by default, as in SGLang)
+            # (a model whose every layer is chunked keeps one pool: the full pool's page tables would
+            # have no layer to hold)
+            self.hybrid_kv = any(chunked) and not all(chunked) and not self.config.disable_hybrid_swa_memory
+            self.kv_layout = self._kv_layout(dtype, sum(chunked) if self.hybrid_kv else 0)
+            self.kv_plan = self._kv_plan()
+            self.max_total_tokens = self.kv_plan.full_tokens
+            self.allocator = PageAllocator(self.max_total_tokens // page_size, page_size)
+            self.kv_pool = KVPool(mc.num_layers - sum(chunked) if self.hybrid_kv else mc.num_layers,
+                                  self.max_total_tokens, self.model.kv_heads, mc.head_dim, self.kv_dtype, self.device)
+            self.swa_allocator: PageAllocator | None = None
+            swa_pool = None
+            if self.hybrid_kv:
+                swa_tokens = self.kv_plan.swa_tokens
+                self.swa_allocator = PageAllocator(swa_tokens // page_size, page_size)
+                swa_pool = KVPool(sum(chunked), swa_tokens, self.model.kv_heads, mc.head_dim, self.kv_dtype, self.device)
+            if self.tp is not None:  # the workers build the same pools over their KV heads
+                self.tp.broadcast((len(self.kv_pool.k), self.max_total_tokens,
+                                   0 if swa_pool is None else len(swa_pool.k), 0 if swa_pool is None else swa_pool.num_slots))
+                gathered = self.tp.gather(footprint(self.model, [self.kv_pool, swa_pool]))
+                self.tp_footprints = list(gathered or [])
+                log.info("tensor parallel: %d ranks; weights per rank %s MiB", self.tp.world,
+                         ", ".join(f"{f['weight_bytes'] / 2**20:.1f}" for f in self.tp_footprints))
+            backend = get_attention_backend(self.config.attention_backend, self.device)
+            self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool, self.vision, self.tp)
+            self.metrics = EngineMetrics()
+            self.spec = self._make_spec_decoder(backend, dtype)
+            self.scheduler = Scheduler(
+                self.runner,
+                self.allocator,
+                SchedulerLimits(
+                    max_running_requests=self.config.max_running_requests,
+                    max_prefill_tokens=self.config.max_prefill_tokens,
+                    context_length=self.context_length,
+                    chunked_prefill_size=self.config.chunked_prefill_size,
+                ),
+                self.eos_token_ids,
+                None if self.tokenizer is None else self.detokenize,
+                self.metrics,
+                self.spec,
+                None if self.config.disable_radix_cache else PrefixCache(self.allocator),
+                self.swa_allocator,
+                None if self.config.disable_radix_cache or self.swa_allocator is None else PrefixCache(self.swa_allocator),
+            )
+            self._ids = itertools.count()
+            self._grammar: GrammarBackend | None = None
+            self._grammar_lock = threading.Lock()
+            self._log_kv(scales_from)
+            if self.spec is not None and self.spec.spec.adaptive:
+                from .step_costs import load_or_measure
+                from .tree_chooser import OnlineCosts
 
-            env = self.spec.spec.envelope
-            self.spec.costs = OnlineCosts(load_or_measure(self, env.num_draft_tokens, default_cache_dir()))
-            log.info("adaptive speculation: %d tree shapes within (%s)", len(self.spec.shapes), env.label)
+                env = self.spec.spec.envelope
+                self.spec.costs = OnlineCosts(load_or_measure(self, env.num_draft_tokens, default_cache_dir()))
+                log.info("adaptive speculation: %d tree shapes within (%s)", len(self.spec.shapes), env.label)
+        except BaseException:  # a failed start must not leave the other ranks (or the group) behind
+            self._abort_tp()
+            raise
 
     # ---- set-up helpers -------------------------------------------------------------------------
+    def _start_tp(self, kwargs: dict[str, Any]) -> None:
+        """Rank 0 of --tp N: start this node's other ranks and meet every rank (one group per
+        process: a second tensor-parallel engine needs the first one's `shutdown`)."""
+        dc = self.config.dist_config()
+        if dc.node_rank != 0:
+            raise ValueError("the engine runs on node 0; start the other nodes with `specdec serve --node-rank K`")
+        if self.config.enable_multimodal:
+            raise ValueError("--enable-multimodal with --tp > 1 is not supported yet (the vision tower runs "
+                             "unsharded on one rank)")
+        plan_shard(ModelConfig.from_path(self.model_path), 0, dc.tp_size)  # sizes that do not divide: refused here
+        addr = dc.dist_init_addr or free_addr()
+        self._workers = spawn_workers(range(1, dc.ranks_per_node), dc.tp_size, addr, dict(kwargs, dist_init_addr=addr))
+        try:
+            self.tp = init_group(0, dc.tp_size, addr, self.device, self._workers)
+        except BaseException:
+            self._abort_tp()
+            raise
+
+    def _abort_tp(self) -> None:
+        for p in self._workers:
+            p.terminate()
+        close_group()
+        self.tp = None
+
+    def _stop_tp(self) -> None:
+        if self.tp is None:
+            return
+        self.tp.broadcast(("stop",))
+        for p in self._workers:
+            p.join(timeout=30)
+        close_group()
+        self.tp = None
+        self.runner.tp = None
+
     def _load_draft(self) -> Eagle3Draft | None:
         spec = self.spec_config
         if spec is None or spec.algorithm == "NGRAM":
@@ -194,7 +249,9 @@ class Engine:
                 "(an EAGLE3 head in the SGLang/vLLM checkpoint format)"
             )
         t0 = time.perf_counter()
-        draft = load_eagle3(spec.draft_model_path, self.model, self.config.dtype)
+        # (with --tp the draft runs whole on rank 0: it reads the full embedding / lm_head)
+        target = self.model if self.tp is None else load_full_embeddings(self.model_path, self.model)
+        draft = load_eagle3(spec.draft_model_path, target, self.config.dtype)
         draft.to(self.device)
         quantize_model(draft, self.config.quantization)
         log.info("loaded EAGLE3 draft %s in %.1fs (aux layers %s)", spec.draft_model_path,
@@ -244,11 +301,11 @@ class Engine:
     def _kv_layout(self, dtype: torch.dtype, swa_layers: int) -> KVLayout:
         """What one slot costs in each pool (the draft's K/V, a full layer, stays in the model dtype)."""
         mc = self.model_config
-        full = KVPool.bytes_per_token(mc.num_layers - swa_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype)
+        full = KVPool.bytes_per_token(mc.num_layers - swa_layers, self.model.kv_heads, mc.head_dim, self.kv_dtype)
         if self.draft_model is not None:  # the draft's pool shares the full pool's slot space
             dc = self.draft_model.cfg
             full += KVPool.bytes_per_token(1, dc.num_kv_heads, dc.head_dim, dtype)
-        swa = KVPool.bytes_per_token(swa_layers, mc.num_kv_heads, mc.head_dim, self.kv_dtype) if swa_layers else 0
+        swa = KVPool.bytes_per_token(swa_layers, self.model.kv_heads, mc.head_dim, self.kv_dtype) if swa_layers else 0
         window = 0
         if swa_layers:
             chunk = mc.attention_chunk_size
@@ -502,9 +559,10 @@ class Engine:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Abort everything in flight and free the KV cache."""
+        """Abort everything in flight and free the KV cache; with --tp, stop the other ranks."""
         for r in list(self.scheduler.waiting) + list(self.scheduler.running):
             self.scheduler.abort(r.rid, "engine shut down")
+        self._stop_tp()
 
     def __enter__(self) -> Engine:
         return self

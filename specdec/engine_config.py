@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .dist_config import DistConfig
 from .generation_config import GENERATION_CONFIG_MODES, parse_override
 from .media import parse_limit_mm_per_prompt
 from .spec_config import SpecConfig
@@ -49,6 +50,11 @@ class EngineConfig:
     enable_multimodal: bool = False
     limit_mm_per_prompt: str | Mapping[str, int] | None = None  # image=N or {"image": N}; default 10
     allowed_local_media_path: str | None = None  # local image files may be read only under this folder
+    # tensor parallelism (SGLang's --tp-size / --nnodes / --node-rank / --dist-init-addr)
+    tp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
     chat_template: str | None = None
     served_model_name: str | None = None
     trust_remote_code: bool = False  # accepted for compatibility; no downloaded code ever runs
@@ -117,6 +123,7 @@ class EngineConfig:
                              f"{self.generation_config!r} is not a folder")
         parse_override(self.override_generation_config)  # ValueError naming the bad key
         self.max_images_per_prompt()  # validates limit_mm_per_prompt
+        self.dist_config()  # validates the tensor-parallel layout
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ValueError(f"allowed_local_media_path must be a folder; {self.allowed_local_media_path!r} is not")
         self.spec_config()  # validates the speculative settings
@@ -128,6 +135,9 @@ class EngineConfig:
             return DEFAULT_MAX_IMAGES
         limits = parse_limit_mm_per_prompt(spec) if isinstance(spec, str) else parse_limit_mm_per_prompt(dict(spec))
         return limits.get("image", DEFAULT_MAX_IMAGES)
+
+    def dist_config(self) -> DistConfig:
+        return DistConfig(self.tp_size, self.nnodes, self.node_rank, self.dist_init_addr)
 
     def spec_config(self) -> SpecConfig | None:
         """The validated speculative settings, or None when speculation is off."""

@@ -48,6 +48,10 @@ def serve(args: argparse.Namespace) -> int:
     if not args.graceful_shutdown_timeout >= 0:
         raise ValueError(f"--graceful-shutdown-timeout must be >= 0 seconds, got {args.graceful_shutdown_timeout}")
     kwargs = resolve_speculative_defaults(engine_kwargs(args))
+    if kwargs.get("node_rank", 0) > 0:  # --tp over machines: this node runs its ranks, node 0 serves
+        from specdec.distributed import serve_node
+
+        return serve_node(kwargs)
     print(f"[specdec] loading {kwargs.get('model_path') or 'the embedded SmolLM2-135M-Instruct'} ...",
           file=sys.stderr, flush=True)
     engine = Engine(**kwargs)

@@ -25,9 +25,10 @@ from specdec.kernels.backend import (
     SeqAttnMeta,
 )
 from specdec.kernels.kv_pool import KVPool
-from specdec.target.llama4 import Llama4ForCausalLM
+from specdec.target.llama4 import Llama4ForCausalLM, ModelOutput
 from specdec.target.vision import VisionTower
 
+from .distributed import TPGroup
 from .multimodal import merge_embeds
 from .request import Req
 from .tree import DraftTree, tree_mask
@@ -49,8 +50,12 @@ class ModelRunner:
     hybrid KV, also the chunked layers' pool (`swa_pool`, over the window tables' slots)."""
 
     def __init__(self, model: Llama4ForCausalLM, pool: KVPool, backend: AttentionBackend,
-                 swa_pool: KVPool | None = None, vision: VisionTower | None = None) -> None:
+                 swa_pool: KVPool | None = None, vision: VisionTower | None = None,
+                 tp: TPGroup | None = None) -> None:
         self.model = model
+        # --tp: rank 0's runner tells the worker ranks each forward, logits call and K/V copy
+        # before running it on its own shard (specdec/tp_worker.py runs them there)
+        self.tp = tp if tp is not None and tp.world > 1 else None
         self.vision = vision  # --enable-multimodal: image embeddings for requests' <|patch|> positions
         self.pool = pool
         self.swa_pool = swa_pool
@@ -125,7 +130,7 @@ class ModelRunner:
         for _, mm, _, _ in spans:
             assert mm is not None
             mm.ensure_embeds(self.vision)
-        return merge_embeds(self.model.embed_tokens(ids.to(self.device)), spans)
+        return merge_embeds(self.model.embed(ids.to(self.device)), spans)
 
     @torch.inference_mode()
     def verify_trees(
@@ -180,28 +185,48 @@ class ModelRunner:
         embeds: Tensor | None = None,  # [T, hidden] input embeddings (images), else the ids' own
     ) -> ExtendOutput:
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), padded=padded)
+        pos = torch.cat(positions)
+        if self.tp is not None:
+            self.tp.broadcast(("forward", ids, pos, meta, swa_meta, capture_layers, embeds))
+        out = self.forward_local(ids, pos, meta, swa_meta, capture_layers, embeds)
+        return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
+
+    def forward_local(self, ids: Tensor, positions: Tensor, meta: AttentionMeta, swa_meta: AttentionMeta | None,
+                      capture_layers: tuple[int, ...], embeds: Tensor | None) -> ModelOutput:
+        """One forward of this rank's model over its pools (`meta` on the host)."""
         batch = ForwardBatch(meta.to(self.device), self.kv_k, self.kv_v, self.backend, capture_layers,
                              None if swa_meta is None else swa_meta.to(self.device))
-        pos = torch.cat(positions).to(self.device)
+        pos = positions.to(self.device)
         if embeds is not None:
-            out = self.model(None, pos, batch, input_embeds=embeds)
-        else:
-            out = self.model(ids.to(self.device), pos, batch)
-        return ExtendOutput(out.hidden, out.aux_hidden, q_starts, q_lens)
+            return self.model(None, pos, batch, input_embeds=embeds.to(self.device))
+        return self.model(ids.to(self.device), pos, batch)
 
     def commit_moves(self, req: Req, moves: list[tuple[int, int]]) -> None:
         """Copy K/V of positions src -> dst (pairs of `moves`) in every pool: the accepted path
         of a verified tree, compacted (specdec/spec_decoder.py)."""
         end = max(max(s, d) for s, d in moves) + 1
         slots = req.kv_slots(end)
-        self.pool.copy_slots(slots[[s for s, _ in moves]], slots[[d for _, d in moves]])
+        full = (slots[[s for s, _ in moves]], slots[[d for _, d in moves]])
+        window = None
         if self.swa_pool is not None:
             w = min(min(s, d) for s, d in moves)
             wslots = req.swa_slots(w, end)
-            self.swa_pool.copy_slots(wslots[[s - w for s, _ in moves]], wslots[[d - w for _, d in moves]])
+            window = (wslots[[s - w for s, _ in moves]], wslots[[d - w for _, d in moves]])
+        if self.tp is not None:
+            self.tp.broadcast(("copy", full, window))
+        self.copy_local(full, window)
+
+    def copy_local(self, full: tuple[Tensor, Tensor], window: tuple[Tensor, Tensor] | None) -> None:
+        """K/V of slots src -> dst in this rank's full pool and (hybrid KV) its window pool."""
+        self.pool.copy_slots(*full)
+        if window is not None:
+            assert self.swa_pool is not None
+            self.swa_pool.copy_slots(*window)
 
     def logits(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] fp32, on the CPU
         """Sampling and verification run on the CPU; on a GPU only the logits come back."""
+        if self.tp is not None:
+            self.tp.broadcast(("logits", hidden.cpu()))
         with torch.inference_mode():
             return self.model.compute_logits(hidden).cpu()
 

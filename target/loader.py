@@ -13,7 +13,9 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +23,10 @@ from torch import Tensor, nn
 
 from .config import CheckpointLayout, ModelConfig
 from .llama4 import Llama4ForCausalLM
+from .tp import plan_shard, shard_tensor
+
+if TYPE_CHECKING:
+    from specdec.distributed import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +239,10 @@ def _expected_units(model: nn.Module) -> dict[Unit, tuple[int, ...]]:
 
 
 def load_model(model_path: str | Path, dtype: str = "auto", attn_temperature_tuning: bool | None = None,
-               multimodal: bool = False) -> tuple[Llama4ForCausalLM, ModelConfig]:
-    """Build on meta, materialise, stream every tensor in; strict in both directions.
+               multimodal: bool = False, tp: TPGroup | None = None) -> tuple[Llama4ForCausalLM, ModelConfig]:
+    """Build on meta, materialise, stream every tensor in; strict in both directions. With `tp`
+    (--tp N) build this rank's shard and keep each tensor's slice (target/tp.py); `multimodal`
+    only changes the log line (target/vision.py loads the vision tensors).
 
     `attn_temperature_tuning` (from `--override-generation-config`, vLLM's Llama 4 guide)
     replaces the checkpoint's flag of that name before the model is built (None: keep it)."""
@@ -245,13 +253,15 @@ def load_model(model_path: str | Path, dtype: str = "auto", attn_temperature_tun
         if all(cfg.rope_layers):
             log.warning("attn_temperature_tuning has no effect on %s: it has no NoPE layers", cfg.architecture)
     torch_dtype = resolve_dtype(dtype, cfg)
+    shard = None if tp is None else plan_shard(cfg, tp.rank, tp.world)
     with torch.device("meta"):
-        model = Llama4ForCausalLM(cfg)
+        model = Llama4ForCausalLM(cfg, shard, tp)
     model = model.to(dtype=torch_dtype).to_empty(device="cpu")
     model.requires_grad_(False)
     files = checkpoint_files(path)
     lookup = build_name_table(cfg)
-    missing = fill_weights(model, lookup, files, cfg.architecture, multimodal)
+    tp_slice = None if shard is None else partial(shard_tensor, shard, cfg)
+    missing = fill_weights(model, lookup, files, cfg.architecture, multimodal, tp_slice)
     if missing:
         names = checkpoint_names(cfg, lookup)
         keys = [names.get(u, describe_units([u])) for u in missing]
@@ -303,6 +313,7 @@ def fill_weights(
     files: list[Path],
     owner: str,
     multimodal: bool = False,
+    tp_slice: Callable[[str, int | None, bool, Tensor], Tensor] | None = None,
 ) -> list[Unit]:
     """Stream every checkpoint tensor into its parameter (shard); returns the units never
     filled (the caller decides whether they may come from elsewhere). Raises LoadError on
@@ -337,6 +348,8 @@ def fill_weights(
         if unit in filled:
             raise LoadError(f"tensor {key!r} in {f} fills {target.param} a second time")
         value = (target.transform or _identity)(tensor)
+        if tp_slice is not None:  # --tp: this rank's slice (target/tp.py)
+            value = tp_slice(target.param, target.shard, target.is_bias, value)
         want = expected[unit]
         if tuple(value.shape) != want:
             raise LoadError(
@@ -354,3 +367,36 @@ def fill_weights(
         log.info("skipped %d vision/projector tensors (%s)", skipped,
                  "the vision tower loads them" if multimodal else "multimodal is off")
     return sorted(set(expected) - filled, key=str)
+
+
+class FullEmbeddings(nn.Module):
+    """The target's whole embedding and lm_head, for an EAGLE3 draft that runs on rank 0 of
+    --tp N (the target's own are vocabulary slices there); what `load_eagle3` reads of a target."""
+
+    def __init__(self, cfg: ModelConfig, embed: Tensor, lm_head: Tensor | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.lm_head: nn.Module | None = None
+        if lm_head is not None:
+            from .layers import Linear
+
+            self.lm_head = Linear(cfg.hidden_size, (cfg.vocab_size,))
+            self.lm_head.weight.data = lm_head
+
+
+def load_full_embeddings(model_path: str | Path, model: Llama4ForCausalLM) -> FullEmbeddings:
+    cfg = model.cfg
+    prefix = "language_model." if cfg.layout is CheckpointLayout.LLAMA4_CONDITIONAL else ""
+    want = {prefix + "model.embed_tokens.weight": "embed"}
+    if not cfg.tie_word_embeddings:
+        want[prefix + "lm_head.weight"] = "lm_head"
+    dtype = next(model.parameters()).dtype
+    found: dict[str, Tensor] = {}
+    for _, key, tensor in iter_tensors(checkpoint_files(Path(model_path)), tuple(want)):
+        if key in want:
+            found[want[key]] = tensor.to(dtype)
+    missing = [k for k, v in want.items() if v not in found]
+    if missing:
+        raise LoadError(f"checkpoint {model_path} is missing {', '.join(missing)}")
+    return FullEmbeddings(cfg, found["embed"], found.get("lm_head"))

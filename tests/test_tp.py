@@ -1,0 +1,189 @@
+"""Tensor parallelism on this CPU (`--tp 2` over gloo, two processes): each rank's shard against
+a slice of the full checkpoint, greedy output identical to --tp 1 and to transformers on tiny
+Llama 4 checkpoints (interleaved and all-MoE layers, chunked and NoPE layers), EAGLE3 on and
+off, seeded sampling reproducible, weights and KV per rank ~1/2, refusals that name the size.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specdec.distributed import free_addr
+from specdec.target.config import ConfigError, ModelConfig
+from specdec.target.loader import load_model
+from specdec.target.tp import plan_shard, shard_tensor
+
+from .spec_models import make_random_eagle3
+from .tiny_models import VOCAB, Checkpoint, compare_with_hf, make_checkpoint, random_prompts
+
+pytestmark = pytest.mark.slow
+
+INTERLEAVED: dict[str, Any] = {
+    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "moe_layers": [1, 3],
+    "num_experts_per_tok": 1, "attention_chunk_size": 8, "no_rope_layers": [1, 1, 0, 1], "use_qk_norm": True,
+    "attn_temperature_tuning": True, "floor_scale": 8,
+}
+ALL_MOE: dict[str, Any] = {
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "moe_layers": [0, 1, 2],
+    "num_experts_per_tok": 1, "attention_chunk_size": 16, "no_rope_layers": [1, 0, 1],
+}
+PROMPTS = random_prompts((6, 21, 37), seed=5)
+GREEDY = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def interleaved(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    return make_checkpoint(tmp_path_factory.mktemp("tp_interleaved"), "llama4", seed=2, **INTERLEAVED)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tp_head")
+    make_random_eagle3(path, target_hidden=32, vocab=VOCAB, aux_layer_ids=(0, 1, 2))
+    return path
+
+
+class _Rank:
+    """Stands in for a TPGroup when only one rank's shard is loaded (no collectives run)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_loads_its_slice_of_every_tensor(interleaved: Checkpoint, rank: int) -> None:
+    cfg = ModelConfig.from_path(interleaved.path)
+    model, _ = load_model(interleaved.path, "float32", tp=_Rank(rank, 2))  # type: ignore[arg-type]
+    full, _ = load_model(interleaved.path, "float32")
+    shard = plan_shard(cfg, rank, 2)
+    params = dict(model.named_parameters())
+    D = cfg.head_dim
+    for name, p in full.named_parameters():
+        got = params[name]
+        if name.endswith("attn.qkv.weight"):  # q heads 2r, 2r+1; the KV head r
+            q, k, v = p.split((4 * D, 2 * D, 2 * D))
+            want = torch.cat((q[2 * rank * D:(2 * rank + 2) * D], k[rank * D:(rank + 1) * D],
+                              v[rank * D:(rank + 1) * D]))
+        elif name.endswith("attn.o_proj.weight"):
+            want = p[:, 2 * rank * D:(2 * rank + 2) * D]
+        elif name.endswith("experts.w13"):  # [E, 2I, H]: this rank's half of gate and of up
+            i = p.shape[1] // 2
+            h = i // 2
+            want = torch.cat((p[:, rank * h:(rank + 1) * h], p[:, i + rank * h:i + (rank + 1) * h]), dim=1)
+        elif name.endswith("gate_up.weight"):  # gate rows, then up rows: this rank's half of each
+            i = p.shape[0] // 2
+            h = i // 2
+            want = torch.cat((p[rank * h:(rank + 1) * h], p[i + rank * h:i + (rank + 1) * h]))
+        elif name in ("embed_tokens.weight", "lm_head.weight"):
+            want = p[rank * VOCAB // 2:(rank + 1) * VOCAB // 2]
+        else:
+            want = shard_tensor(shard, cfg, name, None, False, p)
+        assert torch.equal(got, want), name
+    raw = load_file(str(next(interleaved.path.glob("*.safetensors"))))
+    down = raw["model.layers.0.feed_forward.down_proj.weight"]  # a dense layer's down: columns
+    n = down.shape[1] // 2
+    assert torch.equal(params["layers.0.feed_forward.down.weight"], down[:, rank * n:(rank + 1) * n])
+
+
+def test_sizes_that_do_not_divide_are_refused(interleaved: Checkpoint) -> None:
+    cfg = ModelConfig.from_path(interleaved.path)
+    with pytest.raises(ConfigError, match="num_attention_heads = 4 does not divide by --tp 3"):
+        plan_shard(cfg, 0, 3)
+    with pytest.raises(ConfigError, match="num_key_value_heads = 2 neither divides"):
+        plan_shard(ModelConfig.from_hf_dict({**_raw(interleaved), "num_attention_heads": 6}), 0, 3)
+    assert plan_shard(cfg, 3, 4).kv_heads == (1, 2)  # 2 KV heads over 4 ranks: replicated
+
+
+def test_an_engine_refuses_a_tp_its_model_cannot_split_and_leaves_nothing_behind(interleaved: Checkpoint,
+                                                                                  tp2: Any) -> None:
+    with pytest.raises(ValueError, match="num_attention_heads = 4 does not divide by --tp 3"):
+        interleaved.engine(tp_size=3)
+    engine = tp2()  # the process can still start a tensor-parallel engine
+    assert engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)["output_ids"]
+
+
+def _raw(ckpt: Checkpoint) -> dict[str, Any]:
+    import json
+
+    return dict(json.loads((ckpt.path / "config.json").read_text()))
+
+
+@pytest.fixture()
+def tp2(interleaved: Checkpoint) -> Iterator[Any]:
+    engines: list[Any] = []
+
+    def make(ckpt: Checkpoint = interleaved, **kw: Any) -> Any:
+        engine = ckpt.engine(tp_size=2, **kw)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
+def test_tp2_equals_tp1_and_transformers(interleaved: Checkpoint, tp2: Any) -> None:
+    engine = tp2()
+    assert engine.tp is not None and engine.tp.world == 2
+    compare_with_hf(engine, interleaved.hf, PROMPTS, max_new_tokens=10, tol=1e-3)
+    one = interleaved.engine()
+    want = [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == want
+    assert engine.allocator.num_free_pages == engine.allocator.num_pages
+    # weights and KV per rank: about half of one rank's (the norms and the router are replicated)
+    whole = sum(p.numel() * p.element_size() for p in one.model.parameters())
+    pools = [one.runner.pool] + ([one.runner.swa_pool] if one.runner.swa_pool is not None else [])
+    kv_whole = sum(t.numel() * t.element_size() for pool in pools for t in (*pool.k, *pool.v))
+    for f in engine.tp_footprints:
+        assert 0.5 * whole <= f["weight_bytes"] < 0.56 * whole
+        assert f["kv_bytes"] == kv_whole // 2
+
+
+def test_tp2_all_moe_layers_with_a_replicated_kv_head(tmp_path: Path, tp2: Any) -> None:
+    ckpt = make_checkpoint(tmp_path, "llama4", seed=4, **ALL_MOE)
+    engine = tp2(ckpt)
+    assert engine.model.kv_heads == 1
+    compare_with_hf(engine, ckpt.hf, PROMPTS, max_new_tokens=8, tol=1e-3)
+
+
+def test_tp2_with_eagle3_is_lossless_and_sampling_reproducible(interleaved: Checkpoint, head: Path,
+                                                               tp2: Any) -> None:
+    spec = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": str(head),
+            "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6}
+    engine = tp2(**spec)
+    want = [o["output_ids"] for o in interleaved.engine().generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == want
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
+    sampled = {"temperature": 0.9, "seed": 11, "max_new_tokens": 12, "ignore_eos": True}
+    first = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=sampled)]
+    again = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=sampled)]
+    one = interleaved.engine(**spec)
+    assert first == again == [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=sampled)]
+
+
+def test_two_nodes_on_loopback(interleaved: Checkpoint) -> None:
+    """--nnodes 2: node 1 is `specdec serve --node-rank 1` (launch_server), a process of its own that runs rank 1
+    and waits; the engine on node 0 meets it at --dist-init-addr."""
+    addr = free_addr()
+    args = ["--model-path", str(interleaved.path), "--dtype", "float32", "--skip-tokenizer-init",
+            "--max-total-tokens", "1024", "--page-size", "16", "--tp", "2", "--nnodes", "2",
+            "--dist-init-addr", addr, "--log-level", "warning"]
+    node1 = subprocess.Popen([sys.executable, "-m", "specdec.launch_server", *args, "--node-rank", "1"])
+    try:
+        engine = interleaved.engine(tp_size=2, nnodes=2, node_rank=0, dist_init_addr=addr)
+        want = [o["output_ids"] for o in interleaved.engine().generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+        assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == want
+        engine.shutdown()
+        assert node1.wait(timeout=60) == 0  # node 1 leaves when node 0 stops
+    finally:
+        if node1.poll() is None:
+            node1.kill()
