@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing as mp
+import signal
 import threading
 from typing import Any
 
@@ -129,7 +130,8 @@ def spawn_workers(ranks: range, world: int, addr: str, engine_kwargs: dict[str, 
     return procs
 
 
-def serve_worker(rank: int, world: int, addr: str, engine_kwargs: dict[str, Any], threads: int | None = None) -> None:
+def serve_worker(rank: int, world: int, addr: str, engine_kwargs: dict[str, Any], threads: int | None = None,
+                 spawned: bool = True) -> None:
     """A worker rank: build this rank's shard and pools, then run rank 0's commands until it
     says stop (or goes away)."""
     from .tp_worker import TPWorker
@@ -138,9 +140,16 @@ def serve_worker(rank: int, world: int, addr: str, engine_kwargs: dict[str, Any]
                         format=f"[specdec tp{rank}] %(message)s")
     if threads is not None:
         torch.set_num_threads(threads)
+    if spawned:  # rank 0 decides when this rank stops (a terminal's Ctrl-C reaches the whole group)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker = TPWorker(rank, world, addr, engine_kwargs)
     try:
         worker.run()
+    except RuntimeError as e:  # rank 0 went away without saying stop (killed, or crashed)
+        if "Connection closed" not in str(e) and "Connection reset" not in str(e):
+            raise
+        log.warning("rank %d: rank 0 went away; stopping", rank)
     finally:
         close_group()
 
@@ -156,7 +165,7 @@ def serve_node(engine_kwargs: dict[str, Any]) -> int:
                           engine_kwargs)
     log.info("node %d: ranks %d..%d of %d, meeting rank 0 at %s", dc.node_rank, first, first + len(rest),
              dc.tp_size, dc.dist_init_addr)
-    serve_worker(first, dc.tp_size, dc.dist_init_addr, engine_kwargs)
+    serve_worker(first, dc.tp_size, dc.dist_init_addr, engine_kwargs, spawned=False)
     for p in procs:
         p.join()
     return 0
