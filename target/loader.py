@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import CheckpointLayout, ModelConfig
 from .llama4 import Llama4ForCausalLM
-from .tp import plan_shard, shard_tensor
+from .tp import TensorSlice, plan_shard, tensor_slice
 
 if TYPE_CHECKING:
     from specdec.distributed import TPGroup
@@ -66,6 +66,9 @@ class Target:
     is_bias: bool = False
     transform: Transform | None = None
     kv_scale: str | None = None  # "k" / "v": an fp8 KV scale of the attention module `param`
+    # the checkpoint dim of each dim after `transform` (None: the same), so a --tp rank can read
+    # only its slice (`read_slice`); every transform maps whole heads / rows to whole ones
+    dim_map: tuple[int, ...] | None = None
 
 
 def _identity(t: Tensor) -> Tensor:
@@ -87,14 +90,23 @@ def _transpose_last(t: Tensor) -> Tensor:
     return t.transpose(-1, -2)
 
 
+def pairs_per_head(head_dim: int) -> Transform:
+    """`half_split_to_pairs` for any number of whole heads of `head_dim` rows (a rank's slice)."""
+
+    def permute(t: Tensor) -> Tensor:
+        return t.reshape(-1, 2, head_dim // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    return permute
+
+
 SKIP = Target(param="")  # tensors deliberately not loaded (vision tower while text-only)
 _SKIP_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
 def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
     """Returns a function mapping a checkpoint tensor name to its Target (None: unexpected)."""
-    perm_q = half_split_to_pairs(cfg.num_heads) if cfg.permute_qk else None
-    perm_k = half_split_to_pairs(cfg.num_kv_heads) if cfg.permute_qk else None
+    perm_q = pairs_per_head(cfg.head_dim) if cfg.permute_qk else None
+    perm_k = perm_q
     mlp = "mlp" if cfg.layout is CheckpointLayout.LLAMA else "feed_forward"
     layer_rules: list[tuple[re.Pattern[str], Callable[[int, bool], Target]]] = []
 
@@ -135,9 +147,11 @@ def build_name_table(cfg: ModelConfig) -> Callable[[str], Target | None]:
     # MoE
     rule(r"feed_forward\.router\.weight", lambda n, b: Target(f"layers.{n}.feed_forward.router.weight", 0))
     rule(r"feed_forward\.experts\.gate_up_proj",  # [E, H, 2I] gate first -> [E, 2I, H]
-         lambda n, b: Target(f"layers.{n}.feed_forward.experts.w13", None, False, _transpose_last))
+         lambda n, b: Target(f"layers.{n}.feed_forward.experts.w13", None, False, _transpose_last,
+                             dim_map=(0, 2, 1)))
     rule(r"feed_forward\.experts\.down_proj",  # [E, I, H] -> [E, H, I]
-         lambda n, b: Target(f"layers.{n}.feed_forward.experts.w2", None, False, _transpose_last))
+         lambda n, b: Target(f"layers.{n}.feed_forward.experts.w2", None, False, _transpose_last,
+                             dim_map=(0, 2, 1)))
     for i, proj in enumerate(("gate", "up")):
         rule(rf"feed_forward\.shared_expert\.{proj}_proj\.weight", shared_expert(i))
     rule(r"feed_forward\.shared_expert\.down_proj\.weight",
@@ -218,6 +232,37 @@ def iter_tensors(files: list[Path], prefixes: tuple[str, ...] | None = None) -> 
             raise LoadError(f"{f}: corrupt or truncated safetensors file ({e})") from e
 
 
+Reader = Callable[[TensorSlice | None, tuple[int, ...] | None], Tensor]
+
+
+def iter_lazy(files: list[Path]) -> Iterator[tuple[Path, str, Reader]]:
+    """Every tensor name of `files` with a reader of it: the whole tensor, or a slice (the
+    ranges of a dim after the tensor's load transform, `dim_map` giving its dim in the file),
+    read alone from the file. A reader is valid until the next name."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                for key in fh.keys():
+
+                    def read(sl: TensorSlice | None, dim_map: tuple[int, ...] | None, key: str = key,
+                             f: Path = f) -> Tensor:
+                        try:
+                            if sl is None or sl.zero:
+                                return fh.get_tensor(key)
+                            handle = fh.get_slice(key)
+                            dim = sl.dim if dim_map is None else dim_map[sl.dim]
+                            ndim = len(handle.get_shape())
+                            parts = [handle[(slice(None),) * dim + (slice(lo, hi),) + (slice(None),) * (ndim - dim - 1)]
+                                     for lo, hi in sl.ranges]
+                            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+                        except (SafetensorError, RuntimeError, ValueError) as e:
+                            raise LoadError(f"{f}: cannot read tensor {key!r} ({e})") from e
+
+                    yield f, key, read
+        except SafetensorError as e:
+            raise LoadError(f"{f}: corrupt or truncated safetensors file ({e})") from e
+
+
 def _expected_units(model: nn.Module) -> dict[Unit, tuple[int, ...]]:
     """Every (param, shard, is_bias) unit that must be filled, with its shape."""
     from .layers import Linear
@@ -260,7 +305,7 @@ def load_model(model_path: str | Path, dtype: str = "auto", attn_temperature_tun
     model.requires_grad_(False)
     files = checkpoint_files(path)
     lookup = build_name_table(cfg)
-    tp_slice = None if shard is None else partial(shard_tensor, shard, cfg)
+    tp_slice = None if shard is None else partial(tensor_slice, shard, cfg)
     missing = fill_weights(model, lookup, files, cfg.architecture, multimodal, tp_slice)
     if missing:
         names = checkpoint_names(cfg, lookup)
@@ -313,11 +358,12 @@ def fill_weights(
     files: list[Path],
     owner: str,
     multimodal: bool = False,
-    tp_slice: Callable[[str, int | None, bool, Tensor], Tensor] | None = None,
+    tp_slice: Callable[[str, int | None, bool], TensorSlice | None] | None = None,
 ) -> list[Unit]:
     """Stream every checkpoint tensor into its parameter (shard); returns the units never
     filled (the caller decides whether they may come from elsewhere). Raises LoadError on
-    an unexpected, duplicate or mis-shaped tensor, naming it and its file."""
+    an unexpected, duplicate or mis-shaped tensor, naming it and its file. `tp_slice` (--tp):
+    the part of each tensor this rank keeps; only that part is read from the file."""
     from .layers import Linear
 
     expected = _expected_units(model)
@@ -325,13 +371,16 @@ def fill_weights(
     modules = dict(model.named_modules())
     filled: set[Unit] = set()
     skipped = 0
-    for f, key, tensor in iter_tensors(files):
+    for f, key, read in iter_lazy(files):
         target = lookup(key)
         if target is None:
             raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of {owner} takes it)")
         if target is SKIP:
             skipped += key.startswith(_SKIP_PREFIXES)  # (a tied lm_head is skipped silently)
             continue
+        sl = None if tp_slice is None or target.kv_scale is not None else tp_slice(
+            target.param, target.shard, target.is_bias)
+        tensor = read(sl, target.dim_map)
         if target.kv_scale is not None:
             attn = modules.get(target.param)
             if attn is None or tensor.numel() != 1:
@@ -348,8 +397,8 @@ def fill_weights(
         if unit in filled:
             raise LoadError(f"tensor {key!r} in {f} fills {target.param} a second time")
         value = (target.transform or _identity)(tensor)
-        if tp_slice is not None:  # --tp: this rank's slice (target/tp.py)
-            value = tp_slice(target.param, target.shard, target.is_bias, value)
+        if sl is not None and sl.zero:  # --tp: a row-parallel bias, added by rank 0 alone
+            value = torch.zeros_like(value)
         want = expected[unit]
         if tuple(value.shape) != want:
             raise LoadError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -76,34 +77,56 @@ def plan_shard(cfg: ModelConfig, rank: int, world: int) -> TPShard:
 _LAYER = re.compile(r"layers\.\d+\.(.+)")
 
 
-def shard_tensor(shard: TPShard, cfg: ModelConfig, param: str, part: int | None, is_bias: bool,
-                 value: Tensor) -> Tensor:
-    """The rank's slice of one checkpoint tensor (after its load transform) for parameter
-    `param` (unit `part` of a stacked Linear: 0/1/2 = q/k/v, 0/1 = gate/up)."""
+class TensorSlice(NamedTuple):
+    """A rank's part of a tensor: the ranges of one dim, concatenated; `zero`: the rank holds
+    zeros of that shape (a row-parallel bias is added by rank 0 alone)."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+    zero: bool = False
+
+
+def tensor_slice(shard: TPShard, cfg: ModelConfig, param: str, part: int | None, is_bias: bool) -> TensorSlice | None:
+    """Which part of parameter `param`'s checkpoint tensor (after its load transform; unit
+    `part` of a stacked Linear: 0/1/2 = q/k/v, 0/1 = gate/up) this rank loads; None: all of it."""
     if shard.world == 1:
-        return value
+        return None
     D = cfg.head_dim
-    if param == "embed_tokens.weight" or param == "lm_head.weight":
-        return value[shard.vocab[0]:shard.vocab[1]]
+    if param in ("embed_tokens.weight", "lm_head.weight"):
+        return TensorSlice(0, (shard.vocab,))
     m = _LAYER.fullmatch(param)
     if m is None:
-        return value  # the final norm
+        return None  # the final norm
     rest = m.group(1)
     if rest.startswith("attn.qkv."):
         lo, hi = shard.heads if part == 0 else shard.kv_heads
-        return value[lo * D:hi * D]
+        return TensorSlice(0, ((lo * D, hi * D),))
     if rest == "attn.o_proj.weight":
-        return value[:, shard.heads[0] * D:shard.heads[1] * D]
+        return TensorSlice(1, ((shard.heads[0] * D, shard.heads[1] * D),))
     if rest == "attn.o_proj.bias":
-        return value if shard.rank == 0 else torch.zeros_like(value)
+        return None if shard.rank == 0 else TensorSlice(0, (), zero=True)
     lo, hi = shard.inter if ("shared_expert" in rest or "experts" in rest) else shard.inter_mlp
     if rest.endswith("gate_up.weight"):
-        return value[lo:hi]
+        return TensorSlice(0, ((lo, hi),))
     if rest.endswith("down.weight"):
-        return value[:, lo:hi]
+        return TensorSlice(1, ((lo, hi),))
     if rest.endswith("experts.w13"):  # [E, 2I, H], gate rows first
-        inter = value.shape[1] // 2
-        return torch.cat((value[:, lo:hi], value[:, inter + lo:inter + hi]), dim=1)
+        inter = cfg.intermediate_size
+        return TensorSlice(1, ((lo, hi), (inter + lo, inter + hi)))
     if rest.endswith("experts.w2"):  # [E, H, I]
-        return value[:, :, lo:hi]
-    return value  # norms, the router
+        return TensorSlice(2, ((lo, hi),))
+    return None  # norms, the router
+
+
+def apply_slice(value: Tensor, sl: TensorSlice | None) -> Tensor:
+    if sl is None:
+        return value
+    if sl.zero:
+        return torch.zeros_like(value)
+    return torch.cat([value.narrow(sl.dim, lo, hi - lo) for lo, hi in sl.ranges], dim=sl.dim)
+
+
+def shard_tensor(shard: TPShard, cfg: ModelConfig, param: str, part: int | None, is_bias: bool,
+                 value: Tensor) -> Tensor:
+    """The rank's slice of a whole (transformed) tensor: `tensor_slice` applied."""
+    return apply_slice(value, tensor_slice(shard, cfg, param, part, is_bias))

@@ -93,6 +93,41 @@ def test_each_rank_loads_its_slice_of_every_tensor(interleaved: Checkpoint, rank
     assert torch.equal(params["layers.0.feed_forward.down.weight"], down[:, rank * n:(rank + 1) * n])
 
 
+def test_a_rank_reads_only_its_slices_from_the_file(interleaved: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharded tensors come through safetensors' get_slice; only replicated ones are read whole."""
+    import specdec.target.loader as loader
+
+    whole: list[str] = []
+    real = loader.safe_open
+
+    class Spy:
+        def __init__(self, *a: Any, **k: Any) -> None:
+            self.fh = real(*a, **k)
+
+        def __enter__(self) -> Any:
+            fh = self.fh.__enter__()
+
+            class Handle:
+                def keys(self) -> Any:
+                    return fh.keys()
+
+                def get_tensor(self, key: str) -> Any:
+                    whole.append(key)
+                    return fh.get_tensor(key)
+
+                def get_slice(self, key: str) -> Any:
+                    return fh.get_slice(key)
+
+            return Handle()
+
+        def __exit__(self, *a: Any) -> Any:
+            return self.fh.__exit__(*a)
+
+    monkeypatch.setattr(loader, "safe_open", Spy)
+    load_model(interleaved.path, "float32", tp=_Rank(1, 2))  # type: ignore[arg-type]
+    assert whole and all(k.endswith(("norm.weight", "router.weight")) for k in whole), whole
+
+
 def test_sizes_that_do_not_divide_are_refused(interleaved: Checkpoint) -> None:
     cfg = ModelConfig.from_path(interleaved.path)
     with pytest.raises(ConfigError, match="num_attention_heads = 4 does not divide by --tp 3"):
@@ -151,6 +186,14 @@ def test_tp2_all_moe_layers_with_a_replicated_kv_head(tmp_path: Path, tp2: Any) 
     ckpt = make_checkpoint(tmp_path, "llama4", seed=4, **ALL_MOE)
     engine = tp2(ckpt)
     assert engine.model.kv_heads == 1
+    compare_with_hf(engine, ckpt.hf, PROMPTS, max_new_tokens=8, tol=1e-3)
+
+
+def test_tp2_dense_llama_with_biases(tmp_path: Path, tp2: Any) -> None:
+    """A dense Llama checkpoint: q/k rows permuted per head at load (each rank permutes only its
+    heads' rows), attention biases (o_proj's added once)."""
+    ckpt = make_checkpoint(tmp_path, "llama", seed=6, attention_bias=True)
+    engine = tp2(ckpt)
     compare_with_hf(engine, ckpt.hf, PROMPTS, max_new_tokens=8, tol=1e-3)
 
 
