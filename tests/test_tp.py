@@ -230,3 +230,36 @@ def test_two_nodes_on_loopback(interleaved: Checkpoint) -> None:
     finally:
         if node1.poll() is None:
             node1.kill()
+
+
+def test_a_tp2_server_with_adaptive_eagle3_answers_and_stops_cleanly(interleaved: Checkpoint, head: Path,
+                                                                     tmp_path: Path) -> None:
+    """`specdec serve --tp 2` with EAGLE3 and adaptive trees (their step costs measured through
+    both ranks at start): /generate gives --tp 1's greedy tokens; on SIGINT every rank stops."""
+    import time
+
+    import httpx
+
+    from .live_server import live_server
+
+    def spawned() -> set[str]:
+        out = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
+        return set(out.split())
+
+    before = spawned()
+    args = ["--model-path", str(interleaved.path), "--dtype", "float32", "--skip-tokenizer-init",
+            "--max-total-tokens", "1024", "--tp", "2", "--speculative-algorithm", "EAGLE3",
+            "--speculative-draft-model-path", str(head), "--log-level", "warning"]
+    want = interleaved.engine().generate(input_ids=PROMPTS[1], sampling_params=GREEDY)["output_ids"]
+    with live_server(args, tmp_path / "server.log") as base:
+        r = httpx.post(f"{base}/generate", json={"input_ids": PROMPTS[1], "sampling_params": GREEDY}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["output_ids"] == want
+        assert httpx.get(f"{base}/get_server_info", timeout=10).json()["tp_size"] == 2
+        ranks = spawned() - before
+        assert ranks  # rank 1's process
+    for _ in range(100):  # (live_server has sent SIGINT and waited for the server)
+        if not ranks & spawned():
+            break
+        time.sleep(0.2)
+    assert not ranks & spawned(), "a rank outlived the server"
