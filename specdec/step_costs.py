@@ -76,6 +76,7 @@ def fingerprint(engine: Engine, batch: tuple[int, ...], tokens: tuple[int, ...])
         "kernels": cpu_kernels.sources_hash(engine.cpu_isa),
         "flags": sorted(cpu_isa.cpu_flags()), "cpu": cpu_model, "threads": torch.get_num_threads(),
         "batch": batch, "tokens": tokens, "page_size": engine.config.page_size,
+        "tp": engine.config.tp_size,  # (a step's cost under --tp includes the ranks' collectives)
     }
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
