@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .sampling_params import is_int, is_number
+
 __all__ = [
     "ImageProcessorConfig",
     "ImageTokens",
@@ -53,14 +55,6 @@ __all__ = [
 _PIL_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR: the only `resample` the reference uses
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True, slots=True)
 class ImageProcessorConfig:
     """How images are cut into tiles; defaults are Llama 4 Scout / Maverick's
@@ -74,17 +68,17 @@ class ImageProcessorConfig:
     resize_to_max_canvas: bool = False  # True: upscale to the largest canvas the image fits
 
     def __post_init__(self) -> None:
-        if not _is_int(self.tile_size) or self.tile_size < 1:
+        if not is_int(self.tile_size) or self.tile_size < 1:
             raise ValueError(f"tile_size must be a positive integer, got {self.tile_size!r}")
-        if not _is_int(self.max_patches) or self.max_patches < 1:
+        if not is_int(self.max_patches) or self.max_patches < 1:
             raise ValueError(f"max_patches must be a positive integer, got {self.max_patches!r}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
-            if len(value) != 3 or not all(_is_number(v) for v in value):
+            if len(value) != 3 or not all(is_number(v) for v in value):
                 raise ValueError(f"{name} must be three numbers (R, G, B), got {value!r}")
         if not all(self.image_std):
             raise ValueError(f"image_std must not contain 0, got {self.image_std!r}")
-        if not _is_number(self.rescale_factor) or self.rescale_factor <= 0:
+        if not is_number(self.rescale_factor) or self.rescale_factor <= 0:
             raise ValueError(f"rescale_factor must be a positive number, got {self.rescale_factor!r}")
         if not isinstance(self.resize_to_max_canvas, bool):
             raise ValueError(f"resize_to_max_canvas must be a bool, got {self.resize_to_max_canvas!r}")

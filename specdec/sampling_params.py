@@ -23,11 +23,11 @@ GREEDY_TEMPERATURE_EPS = 1e-6
 logits by them would overflow."""
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -82,7 +82,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         for name in (
             "temperature",
@@ -93,14 +93,14 @@ class SamplingParams:
             "repetition_penalty",
         ):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             raise ValueError(
                 f"top_k must be an integer >= -1 (-1 or 0 = disabled), got {self.top_k!r}"
             )
@@ -126,14 +126,14 @@ class SamplingParams:
                 f"got {type(self.stop_token_ids).__name__}"
             )
         for t in self.stop_token_ids:
-            if not _is_int(t) or t < 0:
+            if not is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids entries must be integers >= 0, got {t!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.logit_bias, (tuple, list)):
             raise ValueError(f"logit_bias must be (token_id, bias) pairs, got {type(self.logit_bias).__name__}")
@@ -142,9 +142,9 @@ class SamplingParams:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"logit_bias entries must be (token_id, bias) pairs, got {pair!r}")
             tid, bias = pair
-            if not _is_int(tid) or tid < 0:
+            if not is_int(tid) or tid < 0:
                 raise ValueError(f"logit_bias token ids must be integers >= 0, got {tid!r}")
-            if not _is_number(bias) or not -100 <= bias <= 100:
+            if not is_number(bias) or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {tid}")
             pairs.append((tid, float(bias)))
         object.__setattr__(self, "logit_bias", tuple(sorted(dict(pairs).items())))
