@@ -56,7 +56,7 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, obj: Any = None) -> Any:
-        """Rank 0's `obj` on every rank (pickled; tensors go to the CPU first)."""
+        """Rank 0's `obj` on every rank (pickled: callers send host tensors, e.g. metadata before `.to`)."""
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.commands)
         return box[0]
