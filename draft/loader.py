@@ -27,7 +27,7 @@ from specdec.target.loader import (
     checkpoint_files,
     describe_units,
     fill_weights,
-    half_split_to_pairs,
+    pairs_per_head,
 )
 
 from .eagle3 import Eagle3Draft
@@ -37,8 +37,7 @@ _LAYER_PREFIX = re.compile(r"(?:midlayer|midlayers\.0|layers\.0)\.(.+)")
 
 
 def _name_table(cfg: Eagle3Config) -> Callable[[str], Target | None]:
-    perm_q = half_split_to_pairs(cfg.num_heads)
-    perm_k = half_split_to_pairs(cfg.num_kv_heads)
+    perm_q = perm_k = pairs_per_head(cfg.head_dim)
     layer: dict[str, Target] = {
         "input_layernorm.weight": Target("input_layernorm.weight"),
         "hidden_norm.weight": Target("hidden_norm.weight"),

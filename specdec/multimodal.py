@@ -17,7 +17,7 @@ SGLang pads image tokens with a hash), so equal prompts with different images ne
 
 from __future__ import annotations
 
-import logging
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +28,6 @@ from torch import Tensor
 
 from .image_processor import ImageProcessorConfig, ImageTokens, image_prompt_ids, preprocess
 from .media import LoadedImage, MediaError, MediaLimits, load_image
-
-log = logging.getLogger(__name__)
 
 IMAGE_TOKEN_NAMES = {
     "image_start": "<|image_start|>",
@@ -81,13 +79,11 @@ class MultimodalInputs:
         return bool(self.positions.numel()) and int(self.positions[0]) < end and int(self.positions[-1]) >= start
 
 
-def merge_embeds(x: Tensor, spans: Sequence[tuple[int, MultimodalInputs | None, int, int]]) -> Tensor:
+def merge_embeds(x: Tensor, spans: Sequence[tuple[int, MultimodalInputs, int, int]]) -> Tensor:
     """x [T, H] token embeddings of a batch; each span (first row, inputs, start, end) says that
     rows [first, first + end - start) hold positions [start, end) of a request: its patch
     positions there get the image rows. Returns x (changed in place)."""
     for row, mm, start, end in spans:
-        if mm is None:
-            continue
         hit = mm.rows(start, end)
         if hit is not None:
             offs, emb = hit
@@ -167,8 +163,6 @@ def image_tokens_from_tokenizer(tokenizer: Any, patch_id: int, boi_id: int, eoi_
 def image_processor_config(model_path: Path, tile_size: int) -> ImageProcessorConfig:
     """The checkpoint's preprocessor_config.json if it has one, else Llama 4's defaults with
     the vision config's tile size."""
-    import json
-
     f = model_path / "preprocessor_config.json"
     if not f.exists():
         return ImageProcessorConfig.from_vision(tile_size)

@@ -67,7 +67,7 @@ class Target:
     transform: Transform | None = None
     kv_scale: str | None = None  # "k" / "v": an fp8 KV scale of the attention module `param`
     # the checkpoint dim of each dim after `transform` (None: the same), so a --tp rank can read
-    # only its slice (`read_slice`); every transform maps whole heads / rows to whole ones
+    # only its slice (`iter_lazy`); every transform maps whole heads / rows to whole ones
     dim_map: tuple[int, ...] | None = None
 
 
@@ -75,23 +75,13 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def half_split_to_pairs(num_heads: int) -> Transform:
-    """Rows of each head [x_0..x_{D/2-1}, y_0..] -> [x_0, y_0, x_1, y_1, ...]."""
-
-    def permute(t: Tensor) -> Tensor:
-        rows = t.shape[0]
-        d = rows // num_heads
-        return t.reshape(num_heads, 2, d // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
-
-    return permute
-
-
 def _transpose_last(t: Tensor) -> Tensor:
     return t.transpose(-1, -2)
 
 
 def pairs_per_head(head_dim: int) -> Transform:
-    """`half_split_to_pairs` for any number of whole heads of `head_dim` rows (a rank's slice)."""
+    """Rows of each head [x_0..x_{D/2-1}, y_0..] -> [x_0, y_0, x_1, y_1, ...], for any number of
+    whole heads of `head_dim` rows (all of them, or a --tp rank's)."""
 
     def permute(t: Tensor) -> Tensor:
         return t.reshape(-1, 2, head_dim // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
@@ -212,24 +202,6 @@ def checkpoint_files(model_path: Path) -> list[Path]:
     if not files:
         raise LoadError(f"no *.safetensors files in {model_path}")
     return files
-
-
-def iter_tensors(files: list[Path], prefixes: tuple[str, ...] | None = None) -> Iterator[tuple[Path, str, Tensor]]:
-    """Every tensor of `files` (only those whose names start with one of `prefixes`, if given:
-    the others are not read)."""
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as fh:
-                for key in fh.keys():
-                    if prefixes is not None and not key.startswith(prefixes):
-                        continue
-                    try:
-                        tensor = fh.get_tensor(key)
-                    except (SafetensorError, RuntimeError, ValueError) as e:
-                        raise LoadError(f"{f}: cannot read tensor {key!r} ({e})") from e
-                    yield f, key, tensor
-        except SafetensorError as e:
-            raise LoadError(f"{f}: corrupt or truncated safetensors file ({e})") from e
 
 
 Reader = Callable[[TensorSlice | None, tuple[int, ...] | None], Tensor]
@@ -442,9 +414,9 @@ def load_full_embeddings(model_path: str | Path, model: Llama4ForCausalLM) -> Fu
         want[prefix + "lm_head.weight"] = "lm_head"
     dtype = next(model.parameters()).dtype
     found: dict[str, Tensor] = {}
-    for _, key, tensor in iter_tensors(checkpoint_files(Path(model_path)), tuple(want)):
+    for _, key, read in iter_lazy(checkpoint_files(Path(model_path))):
         if key in want:
-            found[want[key]] = tensor.to(dtype)
+            found[want[key]] = read(None, None).to(dtype)
     missing = [k for k, v in want.items() if v not in found]
     if missing:
         raise LoadError(f"checkpoint {model_path} is missing {', '.join(missing)}")

@@ -124,9 +124,3 @@ def apply_slice(value: Tensor, sl: TensorSlice | None) -> Tensor:
     if sl.zero:
         return torch.zeros_like(value)
     return torch.cat([value.narrow(sl.dim, lo, hi - lo) for lo, hi in sl.ranges], dim=sl.dim)
-
-
-def shard_tensor(shard: TPShard, cfg: ModelConfig, param: str, part: int | None, is_bias: bool,
-                 value: Tensor) -> Tensor:
-    """The rank's slice of a whole (transformed) tensor: `tensor_slice` applied."""
-    return apply_slice(value, tensor_slice(shard, cfg, param, part, is_bias))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .loader import LoadError, checkpoint_files, iter_tensors, resolve_dtype
+from .loader import SKIP, LoadError, Target, checkpoint_files, fill_weights, resolve_dtype
 from .vision_config import VisionConfig
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class VisionTower(nn.Module):
 
 def load_vision_tower(model_path: str | Path, dtype: str, text_cfg: ModelConfig) -> VisionTower:
     """Build the tower on meta, materialise it, fill every parameter from the checkpoint's
-    vision_model.* / multi_modal_projector.* tensors exactly once (strict both ways)."""
+    vision_model.* / multi_modal_projector.* tensors exactly once (strict both ways, as the text
+    model: `fill_weights`)."""
     t0 = time.perf_counter()
     path = Path(model_path)
     cfg = VisionConfig.from_path(path)
@@ -205,19 +206,11 @@ def load_vision_tower(model_path: str | Path, dtype: str, text_cfg: ModelConfig)
     tower = tower.to(dtype=resolve_dtype(dtype, text_cfg)).to_empty(device="cpu")
     tower.requires_grad_(False)
     tower.vision_model.cis = rope_2d(cfg)  # (buffers come back uninitialised from meta)
-    params = dict(tower.named_parameters())
-    filled: set[str] = set()
-    for f, key, tensor in iter_tensors(checkpoint_files(path), VISION_PREFIXES):
-        p = params.get(key)
-        if p is None:
-            raise LoadError(f"unexpected tensor {key!r} in {f} (no parameter of the vision tower takes it)")
-        if key in filled:
-            raise LoadError(f"tensor {key!r} in {f} fills {key} a second time")
-        if tuple(tensor.shape) != tuple(p.shape):
-            raise LoadError(f"tensor {key!r} in {f} has shape {tuple(tensor.shape)}; expected {tuple(p.shape)}")
-        p.data.copy_(tensor)
-        filled.add(key)
-    missing = sorted(set(params) - filled)
+    def lookup(key: str) -> Target:  # the tower's parameters carry the checkpoint's names
+        return Target(key) if key.startswith(VISION_PREFIXES) else SKIP
+
+    units = fill_weights(tower, lookup, checkpoint_files(path), "the vision tower")
+    missing = [name for name, _, _ in units]
     if missing:
         more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
         raise LoadError(f"checkpoint {path} is missing vision tensor(s) {', '.join(missing[:8])}{more}")

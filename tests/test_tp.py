@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from specdec.distributed import free_addr
 from specdec.target.config import ConfigError, ModelConfig
 from specdec.target.loader import load_model
-from specdec.target.tp import plan_shard, shard_tensor
+from specdec.target.tp import apply_slice, plan_shard, tensor_slice
 
 from .spec_models import make_random_eagle3
 from .tiny_models import VOCAB, Checkpoint, compare_with_hf, make_checkpoint, random_prompts
@@ -85,7 +85,7 @@ def test_each_rank_loads_its_slice_of_every_tensor(interleaved: Checkpoint, rank
         elif name in ("embed_tokens.weight", "lm_head.weight"):
             want = p[rank * VOCAB // 2:(rank + 1) * VOCAB // 2]
         else:
-            want = shard_tensor(shard, cfg, name, None, False, p)
+            want = apply_slice(p, tensor_slice(shard, cfg, name, None, False))
         assert torch.equal(got, want), name
     raw = load_file(str(next(interleaved.path.glob("*.safetensors"))))
     down = raw["model.layers.0.feed_forward.down_proj.weight"]  # a dense layer's down: columns
