@@ -133,8 +133,7 @@ class EngineConfig:
         spec = self.limit_mm_per_prompt
         if spec is None:
             return DEFAULT_MAX_IMAGES
-        limits = parse_limit_mm_per_prompt(spec) if isinstance(spec, str) else parse_limit_mm_per_prompt(dict(spec))
-        return limits.get("image", DEFAULT_MAX_IMAGES)
+        return parse_limit_mm_per_prompt(spec).get("image", DEFAULT_MAX_IMAGES)
 
     def dist_config(self) -> DistConfig:
         return DistConfig(self.tp_size, self.nnodes, self.node_rank, self.dist_init_addr)
