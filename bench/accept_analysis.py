@@ -3,7 +3,7 @@
 For each speculative config (`--configs steps,topk,draft_tokens ...`, or a `--sweep` over
 steps x topk x draft tokens) the prompts run through the offline engine (a fresh
 `specdec.Engine` per config, same model) and every verify step is recorded through
-`SpecDecoder.trace`: tokens accepted and emitted, the tree depth and the position along the
+`SpecWorker.trace`: tokens accepted and emitted, the tree depth and the position along the
 response. A non-speculative baseline runs on the same prompts in the same process, so the
 tokens/s ratio compares like with like.
 

@@ -25,6 +25,7 @@ from specdec.multimodal import merge_embeds
 from specdec.request import Req
 from specdec.sampler import processed_probs
 from specdec.spec_config import SpecConfig
+from specdec.spec_state import DraftRoot, PendingFeatures
 from specdec.tree import DraftTree, static_rank_tree, tree_from_candidates
 from specdec.tree_shape import TreeShape
 
@@ -32,12 +33,6 @@ from .eagle3 import Eagle3Draft
 from .ngram_merge import MIN_SAMPLED_COPY_MATCH, NgramIndex, attach_chain, merge_greedy
 from .proposer import Proposer
 from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder, top_children
-
-
-@dataclass
-class _RootState:
-    hidden: Tensor  # [H] pre-norm draft hidden of the root's forward
-    logits: Tensor  # [draft_vocab] fp32
 
 
 @dataclass
@@ -83,7 +78,7 @@ class Eagle3Proposer(Proposer):
 
     # ---- extend: commit draft K/V for new positions ----------------------------------------------
     @torch.inference_mode()
-    def extend(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
+    def extend(self, reqs: Sequence[Req], pending: Sequence[PendingFeatures]) -> None:
         ids: list[int] = []
         feats: list[Tensor] = []
         positions: list[Tensor] = []
@@ -91,12 +86,11 @@ class Eagle3Proposer(Proposer):
         out_slots: list[Tensor] = []
         last_rows: list[int] = []
         row = 0
-        for req, start, feat in zip(reqs, starts, features, strict=True):
-            assert feat is not None
-            m = feat.shape[0]
-            end = start + m
-            ids.extend(req.all_ids[start + 1 : end + 1])  # shift by one: pair h_p with x_{p+1}
-            feats.append(feat)
+        for req, p in zip(reqs, pending, strict=True):
+            m = p.features.shape[0]
+            start, end = p.start, p.start + m
+            ids.extend(p.ids)  # shifted by one: h_p pairs with x_{p+1}
+            feats.append(p.features)
             slots = req.kv_slots(end)
             kv_pos = torch.arange(end)
             seqs.append(SeqAttnMeta(row, m, slots, kv_pos[start:], kv_pos, None))
@@ -107,24 +101,22 @@ class Eagle3Proposer(Proposer):
         x = self.draft.project_features(list(torch.cat(feats).split(self.draft.cfg.target_hidden_size, dim=-1)))
         id_t = torch.tensor(ids, device=self.device)
         out = self.draft(id_t, x, torch.cat(positions).to(self.device), self._batch(seqs, out_slots),
-                         self._image_embeds(reqs, starts, features, id_t))
+                         self._image_embeds(reqs, pending, id_t))
         rows = torch.tensor(last_rows)
         logits = self.draft.draft_logits(out.logits_hidden[rows]).cpu()  # [B, Vd]
         for i, req in enumerate(reqs):
-            req.spec_state = _RootState(out.hidden[last_rows[i]], logits[i])
+            req.spec.root = DraftRoot(out.hidden[last_rows[i]], logits[i])
 
-    def _image_embeds(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None],
-                      ids: Tensor) -> Tensor | None:
+    def _image_embeds(self, reqs: Sequence[Req], pending: Sequence[PendingFeatures], ids: Tensor) -> Tensor | None:
         """The draft's input embeddings with the target's image rows at <|patch|> positions (the
         draft sees position p + 1's token beside p's features), as vLLM and SGLang feed EAGLE3
         with images; None when no request's span holds one (or the widths differ)."""
         spans = []
         row = 0
-        for req, start, feat in zip(reqs, starts, features, strict=True):
-            assert feat is not None
-            m = feat.shape[0]
-            if req.mm is not None and req.mm.embeds is not None and req.mm.overlaps(start + 1, start + 1 + m):
-                spans.append((row, req.mm, start + 1, start + 1 + m))
+        for req, p in zip(reqs, pending, strict=True):
+            m = p.features.shape[0]
+            if req.mm is not None and req.mm.embeds is not None and req.mm.overlaps(p.start + 1, p.start + 1 + m):
+                spans.append((row, req.mm, p.start + 1, p.start + 1 + m))
             row += m
         if not spans:
             return None
@@ -164,9 +156,9 @@ class Eagle3Proposer(Proposer):
         earlier in its own prompt and output (up to `budget` tokens), and the matched n."""
         if not self.spec.ngram_merge:
             return [], 0
-        if req.ngram_index is None:
-            req.ngram_index = NgramIndex(self.spec.ngram_min_match, self.spec.ngram_max_match)
-        return req.ngram_index.chain(req.all_ids, budget)
+        if req.spec.ngram is None:
+            req.spec.ngram = NgramIndex(self.spec.ngram_min_match, self.spec.ngram_max_match)
+        return req.spec.ngram.chain(req.all_ids, budget)
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:
@@ -180,11 +172,11 @@ class Eagle3Proposer(Proposer):
         constrained = any(r.grammar is not None for r in reqs)
         # the roots' children of every greedy request in one log-softmax + top-k
         kmax = max((sh.topk for sh, g in zip(shapes, greedy, strict=True) if g), default=0)
-        roots = [self._grammar_masked(r, [], r.spec_state.logits) for r, g in zip(reqs, greedy, strict=True) if g]
+        states = [_root(r) for r in reqs]
+        roots = [self._grammar_masked(r, [], st.logits) for r, st, g in zip(reqs, states, greedy, strict=True) if g]
         root_kids = iter(zip(*top_children(torch.stack(roots), kmax, self.hot_ids), strict=True)) if roots else None
-        for req, shape, is_greedy, (chain, n) in zip(reqs, shapes, greedy, chains, strict=True):
+        for req, shape, is_greedy, (chain, n), state in zip(reqs, shapes, greedy, chains, states, strict=True):
             assert shape.speculates and shape.fits(self.spec.envelope), shape
-            state: _RootState = req.spec_state
             root = req.all_ids[-1]
             if is_greedy:
                 assert root_kids is not None
@@ -296,6 +288,13 @@ class Eagle3Proposer(Proposer):
         positions = torch.cat([s.q_positions for s in seqs])
         out = self.draft(ids.to(self.device), feats, positions.to(self.device), self._batch(seqs, out_slots))
         return out.hidden, self.draft.draft_logits(out.logits_hidden).cpu()
+
+
+def _root(req: Req) -> DraftRoot:
+    root = req.spec.root
+    if root is None:
+        raise RuntimeError(f"request {req.rid}: the draft has not seen its last committed position")
+    return root
 
 
 def _path_tokens(b: GreedyTreeBuilder | SampledTreeBuilder, node: int) -> list[int]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor
-
 from specdec.request import Req
 from specdec.spec_config import SpecConfig
+from specdec.spec_state import PendingFeatures
 from specdec.tree import DraftTree
 from specdec.tree_shape import TreeShape
 
@@ -60,7 +59,7 @@ class NgramProposer(Proposer):
     def __init__(self, spec: SpecConfig) -> None:
         self.spec = spec
 
-    def extend(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
+    def extend(self, reqs: Sequence[Req], pending: Sequence[PendingFeatures]) -> None:
         """Nothing to compute: the context itself is the model."""
 
     def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:

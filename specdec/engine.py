@@ -47,6 +47,7 @@ from .kv_dtype import apply_kv_scales, kv_storage_dtype
 from .media import MediaLimits
 from .metrics import EngineMetrics
 from .model_runner import ModelRunner
+from .model_worker import ModelWorker
 from .multimodal import (
     IMAGE_TOKEN_NAMES,
     MultimodalInputs,
@@ -60,7 +61,7 @@ from .request import Req
 from .sampler import make_generator
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerLimits
-from .spec_decoder import SpecDecoder, extra_slots_for
+from .spec_worker import SpecWorker, extra_slots_for
 from .swa_table import WindowPageTable, window_pages_needed
 from .tp_worker import footprint
 
@@ -171,9 +172,10 @@ class Engine:
             backend = get_attention_backend(self.config.attention_backend, self.device)
             self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool, self.vision, self.tp)
             self.metrics = EngineMetrics()
-            self.spec = self._make_spec_decoder(backend, dtype)
+            self.spec = self._make_spec_worker(backend, dtype)
+            self.worker = ModelWorker(self.runner, self.spec)
             self.scheduler = Scheduler(
-                self.runner,
+                self.worker,
                 self.allocator,
                 SchedulerLimits(
                     max_running_requests=self.config.max_running_requests,
@@ -184,7 +186,6 @@ class Engine:
                 self.eos_token_ids,
                 None if self.tokenizer is None else self.detokenize,
                 self.metrics,
-                self.spec,
                 None if self.config.disable_radix_cache else PrefixCache(self.allocator),
                 self.swa_allocator,
                 None if self.config.disable_radix_cache or self.swa_allocator is None else PrefixCache(self.swa_allocator),
@@ -276,7 +277,7 @@ class Engine:
                              "(a Llama 4 checkpoint with its vision tower)")
         return self.mm_processor.prepare(ids, images)
 
-    def _make_spec_decoder(self, backend: AttentionBackend, dtype: torch.dtype) -> SpecDecoder | None:
+    def _make_spec_worker(self, backend: AttentionBackend, dtype: torch.dtype) -> SpecWorker | None:
         spec = self.spec_config
         if spec is None:
             return None
@@ -288,10 +289,10 @@ class Engine:
             pool = KVPool(1, self.max_total_tokens, dc.num_kv_heads, dc.head_dim, dtype, self.device)
             proposer = Eagle3Proposer(self.draft_model, pool, backend, spec,
                                       self.model_config.num_layers, self.model_config.vocab_size)
-        return SpecDecoder(spec, proposer, self.runner, self.metrics)
+        return SpecWorker(spec, proposer, self.runner, self.metrics)
 
     def _extra_slots(self) -> int:
-        """Slots beyond the fed tokens one speculative step needs (SpecDecoder.extra_slots,
+        """Slots beyond the committed prefix one speculative step needs (SpecWorker.extra_slots,
         known before the decoder is built: the pools are sized from it)."""
         spec = self.spec_config
         if spec is None:

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
-from .accept_stats import AcceptStats
 from .detokenizer import IncrementalDetokenizer
 from .multimodal import MultimodalInputs
 from .page_allocator import PageTable
 from .sampling_params import SamplingParams
+from .spec_state import SpecState
 from .swa_table import WindowPageTable
-from .tree import DraftTree
-from .tree_shape import TreeShape
 
 # (logprob, token_id, text); logprob is None for the first prompt position.
 LogprobEntry = tuple[float | None, int, str | None]
@@ -53,21 +51,14 @@ class Req:
     input_top_logprobs: list[list[LogprobEntry] | None] = field(default_factory=list)
     output_top_logprobs: list[list[LogprobEntry]] = field(default_factory=list)
     num_preemptions: int = 0
-    # speculative decoding: the tree to verify next, proposer state, SGLang's figures
-    draft_tree: DraftTree | None = None
-    spec_state: Any = None
+    # speculative decoding: the model worker's state between steps (specdec/spec_state.py) and
+    # SGLang's figures, counted by the scheduler from each step's result
+    spec: SpecState = field(default_factory=SpecState)
     spec_verify_ct: int = 0
     spec_num_correct_drafts: int = 0  # accepted draft tokens
     spec_num_proposed_drafts: int = 0  # sum over verify steps of the tree's depth
     spec_emitted_tokens: int = 0  # tokens emitted by verify steps (accepted + 1 each)
-    # adaptive speculation: the shape of draft_tree, steps per shape label, acceptance so far,
-    # and target features (start position, [m, 3H]) the draft has not consumed yet (steps
-    # without speculation skip the draft; it catches up when the request speculates again)
-    spec_shape: TreeShape | None = None
-    spec_shape_counts: dict[str, int] = field(default_factory=dict)
-    accept_stats: AcceptStats | None = None
-    draft_pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    ngram_index: Any = None  # draft.ngram_merge.NgramIndex over all_ids (--speculative-ngram-merge)
+    spec_shape_counts: dict[str, int] = field(default_factory=dict)  # steps per tree shape label
     # structured outputs: the grammar state over output_ids (specdec.grammar.RequestGrammar)
     grammar: Any = None
     # parallel sampling (n > 1, best_of): the sibling whose prompt KV this request shares, and
@@ -190,10 +181,7 @@ class Req:
         }
 
     def release_kv(self) -> None:
-        self.draft_tree = None
-        self.spec_state = None
-        self.spec_shape = None
-        self.draft_pending.clear()
+        self.spec.reset()
         self.page_table.release()
         self._slot_cache = self._slot_cache[:0]
         if self.swa_table is not None:

@@ -1,10 +1,12 @@
 """Continuous batching over the paged KV cache.
 
-Each `step()` is either a prefill step (admit waiting requests whose whole uncached
-sequence fits in free pages and in the prefill token budget, and run them together) or a
-decode step (one new token for every running request). A decode step that cannot get a slot
-preempts the most recently admitted request: its pages are freed and it goes back to the
-front of the queue, to be recomputed from prompt + output later (SGLang's "retract").
+Each `step()` is `schedule()`, the model worker's `run()`, then `postprocess()`
+(specdec/step_batch.py). A step is either an extend step (admit waiting requests whose whole
+uncached sequence fits in free pages and in the prefill token budget, and feed them together;
+or one request's next prefill chunk) or a decode step (new tokens for every running request:
+one, or under speculation what its verified tree gives). A decode step that cannot get its
+slots preempts the most recently admitted request: its pages are freed and it goes back to
+the front of the queue, to be recomputed from prompt + output later (SGLang's "retract").
 Requests therefore wait when KV is full; they never fail because of it.
 """
 
@@ -15,19 +17,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .detokenizer import IncrementalDetokenizer
-from .grammar import apply_bitmask
 from .metrics import EngineMetrics
-from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
 from .prefix_cache import PrefixCache, cursor_after
 from .request import LogprobEntry, Req
-from .sampler import apply_penalties, processed_probs, sample
-from .spec_decoder import SpecDecoder
+from .step_batch import ReqOutput, ScheduledBatch, StepKind, StepResult
 from .stop_strings import first_stop
 from .swa_table import RELEASED
 
@@ -44,25 +44,37 @@ class SchedulerLimits:
     chunked_prefill_size: int = -1  # tokens of one prompt per forward; -1: the whole prompt
 
 
+class Worker(Protocol):
+    """What the scheduler needs of a model worker (specdec/model_worker.py; tests use fakes)."""
+
+    @property
+    def chunk_size(self) -> int | None: ...  # hybrid KV: the chunked layers' chunk, else None
+
+    @property
+    def draft_has_kv(self) -> bool: ...  # the draft's K/V must cover positions before they are shared
+
+    def slots_needed(self, req: Req) -> int: ...  # positions [0, n) the request's next decode step writes
+
+    def run(self, batch: ScheduledBatch) -> StepResult: ...
+
+
 class Scheduler:
     """Owns the waiting queue and the running batch; called from one thread only."""
 
     def __init__(
         self,
-        runner: ModelRunner,
+        worker: Worker,
         allocator: PageAllocator,
         limits: SchedulerLimits,
         eos_token_ids: Sequence[int],
         detokenize: Callable[[list[int], bool], str] | None,
         metrics: EngineMetrics | None = None,
-        spec: SpecDecoder | None = None,
         prefix_cache: PrefixCache | None = None,
         swa_allocator: PageAllocator | None = None,
         swa_cache: PrefixCache | None = None,
     ) -> None:
-        self.runner = runner
+        self.worker = worker
         self.metrics = metrics or EngineMetrics()
-        self.spec = spec
         self.allocator = allocator
         self.limits = limits
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -74,6 +86,8 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self._chunk_turn = True  # whether a pending prefill chunk goes before other work next step
+        self._failed: list[Req] = []  # failed while being scheduled: answered with this step's
+        self._admitted = False  # the scheduled extend step admits requests (not a chunk's)
 
     # ---- queue management ---------------------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -98,39 +112,105 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[Req]:
-        """Run one forward; returns the requests that received tokens (finished ones included).
+        """Schedule, run and postprocess one step; returns the requests that received tokens or
+        finished (failed ones included)."""
+        batch = self.schedule()
+        result: StepResult | None = None
+        if batch is not None:
+            try:
+                result = self.worker.run(batch)
+            except Exception as e:  # the step's requests fail; waiting ones stay queued
+                log.exception("an engine step failed; failing its %d request(s)", len(batch.reqs))
+                for req in batch.reqs:
+                    if not req.finished:
+                        self.fail(req, e)
+        touched = self._failed + ([] if batch is None else self.postprocess(batch, result))
+        self._failed = []
+        self.running = [r for r in self.running if not r.finished]
+        self._update_gauges()
+        return touched
+
+    def schedule(self) -> ScheduledBatch | None:
+        """The next step's batch, its KV slots reserved, or None when there is nothing to run.
 
         Chunked prefill: a prompt longer than `chunked_prefill_size` is fed a chunk per forward;
         the request sits in `running` meanwhile (its KV reserved whole at admission) and its
         chunks alternate with the steps of everything else, so a long prompt neither blocks
         the other requests' decoding nor needs its whole length of activations at once."""
         chunk = self._next_chunk()
+        self._admitted = False
         if chunk is not None:
-
-            def run_chunk() -> None:  # (a window that cannot be had fails this request alone)
-                self._reserve_window(chunk)
-                self._run([chunk])
-
-            touched = self._guarded([chunk], run_chunk)
             self._chunk_turn = False
-        else:
-            batch = self._admit()
-            if batch:
-                touched = self._guarded(batch, lambda: self._run(batch))
-                self.running.extend(r for r in batch if not r.finished)
-            elif self.running:
-                self._reserve_decode_slots()
-                touched = [r for r in self.running if not self._mid_prefill(r)]
-                spec = self.spec
-                self._guarded(touched, lambda: spec.step(touched, self._append) if spec is not None
-                              else self._run(touched))
-            else:
-                return []
-            # a new long prompt that just had its first chunk waits a turn like any other chunk
-            self._chunk_turn = not any(self._mid_prefill(r) for r in batch)
-        self.running = [r for r in self.running if not r.finished]
-        self._update_gauges()
-        return touched
+            try:  # (a window that cannot be had fails this request alone)
+                self._reserve_window(chunk)
+            except Exception as e:
+                log.exception("request %s: no window for its next prefill chunk", chunk.rid)
+                self.fail(chunk, e)
+                self._failed.append(chunk)
+                return None
+            return ScheduledBatch(StepKind.EXTEND, (chunk,), (tuple(self._feed(chunk)),), len(self.running))
+        batch = self._admit()
+        if batch:
+            self.running.extend(batch)
+            self._admitted = True
+            return ScheduledBatch(StepKind.EXTEND, tuple(batch), tuple(tuple(self._feed(r)) for r in batch),
+                                  len(self.running))
+        self._chunk_turn = True
+        if not self.running:
+            return None
+        self._reserve_decode_slots()
+        decoding = tuple(r for r in self.running if not self._mid_prefill(r))
+        return ScheduledBatch(StepKind.DECODE, decoding, running=len(decoding)) if decoding else None
+
+    def postprocess(self, batch: ScheduledBatch, result: StepResult | None) -> list[Req]:
+        """Apply a step's result: committed positions, prompt logprobs, new tokens (stops
+        checked), speculative figures, then each request's pages: what the step did not commit
+        freed, a prompt's final pages offered to the prefix cache. `result` None: the step failed."""
+        if result is not None:
+            for req, out in zip(batch.reqs, result.outputs, strict=True):
+                if req.finished:  # failed earlier in this step
+                    continue
+                if out.error is not None:
+                    self.fail(req, out.error)
+                    continue
+                self._apply(req, out)
+        if batch.kind is StepKind.EXTEND:
+            for req, feed in zip(batch.reqs, batch.feeds, strict=True):
+                if len(feed) > 1 and not req.finished:  # a prompt's pages are final: others may share them
+                    self._cache_pages(req)
+            if self._admitted:
+                # a new long prompt that just had its first chunk waits a turn like any other chunk
+                self._chunk_turn = not any(self._mid_prefill(r) for r in batch.reqs)
+        return list(batch.reqs)
+
+    def _apply(self, req: Req, out: ReqOutput) -> None:
+        req.num_cached = out.num_cached
+        lps = out.prompt_logprobs
+        if lps is not None:
+            req.input_logprobs_done = True
+            if not self._guard(req, lambda: self._prompt_logprobs(req, out.prompt_logprob_start, lps)):
+                return
+        if out.spec is not None:
+            self._record_spec(req, out)
+        for j, token in enumerate(out.tokens):
+            self._append(req, token, None if out.logprobs is None else out.logprobs[j])
+            if req.finished:
+                return
+        if not self._mid_prefill(req):  # free the tree's and the draft's slots the step did not commit
+            req.truncate_kv(req.num_cached)
+
+    def _record_spec(self, req: Req, out: ReqOutput) -> None:
+        """SGLang's per-request and engine-wide figures of a speculative step."""
+        assert out.spec is not None
+        shape, accepted, depth = out.spec.shape, out.spec.accepted, out.spec.depth
+        req.spec_shape_counts[shape.label] = req.spec_shape_counts.get(shape.label, 0) + 1
+        self.metrics.record_shape(shape.label)
+        if shape.speculates:  # (NO_SPEC: a plain decode step)
+            req.spec_verify_ct += 1
+            req.spec_num_correct_drafts += accepted
+            req.spec_num_proposed_drafts += depth
+            req.spec_emitted_tokens += len(out.tokens)
+            self.metrics.record_verify(accepted, len(out.tokens), depth)
 
     @staticmethod
     def _mid_prefill(req: Req) -> bool:
@@ -155,19 +235,16 @@ class Scheduler:
             return ids[:size]
         return ids
 
-    def _guarded(self, batch: list[Req], run: Callable[[], object]) -> list[Req]:
-        """Run one step's forward over `batch`; if it raises, the step's requests fail (each
-        answered with the error, its KV freed) and nothing else does: waiting requests stay
-        queued. (A failure in one request's own work, e.g. its logprobs, fails it alone:
-        `_append` and `_input_logprobs` guard each request.)"""
+    def _guard(self, req: Req, work: Callable[[], object]) -> bool:
+        """Run this request's own work (its logprobs, its token's text); if it raises, the
+        request fails alone. True when it went through."""
         try:
-            run()
+            work()
+            return True
         except Exception as e:
-            log.exception("an engine step failed; failing its %d request(s)", len(batch))
-            for req in batch:
-                if not req.finished:
-                    self.fail(req, e)
-        return batch
+            log.exception("request %s failed", req.rid)
+            self.fail(req, e)
+            return False
 
     def fail(self, req: Req, error: BaseException) -> None:
         """Finish `req` with an internal error (finish reason abort, the error in its message)
@@ -176,11 +253,6 @@ class Scheduler:
         req.finished_at = time.perf_counter()
         req.release_kv()
         self.metrics.requests_aborted += 1
-
-    @property
-    def _extra_slots(self) -> int:
-        """Slots beyond the fed tokens a request needs for its next step."""
-        return 0 if self.spec is None else self.spec.extra_slots
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -194,9 +266,9 @@ class Scheduler:
             m.swa_total_tokens = self.swa_allocator.num_pages * self.swa_allocator.page_size
 
     def _window_end(self, req: Req) -> int:
-        """Hybrid KV: the end of the positions `req`'s next forward needs in the window pool
-        (the tokens it feeds, and a speculative step's slots once its prompt is done)."""
-        return min(req.seq_len, req.num_cached + len(self._feed(req))) + self._extra_slots
+        """Hybrid KV: the end of the positions `req`'s next prefill forward feeds (the window
+        pool holds those of its chunk so far; a decode step's are `Worker.slots_needed`)."""
+        return min(req.seq_len, req.num_cached + len(self._feed(req)))
 
     def _reserve_window(self, req: Req) -> None:
         """Hybrid KV: window pages for `req`'s next prefill chunk (its full-pool slots were
@@ -227,7 +299,7 @@ class Scheduler:
             if batch and need > budget:
                 req.release_kv()  # (a shared prefix is taken again when it is admitted)
                 break
-            if not req.reserve_kv(req.seq_len + self._extra_slots, self._window_end(req)):
+            if not req.reserve_kv(req.seq_len, self._window_end(req)):
                 req.release_kv()
                 break  # out of pages: wait until running requests free some
             self.waiting.popleft()
@@ -287,7 +359,7 @@ class Scheduler:
     def _window_first_page(self, pages: int) -> int:
         """Hybrid KV: the first window page a request starting at `pages` whole pages needs."""
         pos = pages * self.allocator.page_size
-        chunk = self.runner.chunk_size
+        chunk = self.worker.chunk_size
         assert chunk is not None
         return (pos - pos % chunk) // self.allocator.page_size
 
@@ -320,7 +392,7 @@ class Scheduler:
         """Leading positions of `req` whose K/V no later step rewrites and (under EAGLE3/EAGLE,
         a draft with K/V of its own) whose draft K/V is written from target features: what
         siblings and the prefix cache may share."""
-        if self.spec is not None and self.spec.capture_layers:
+        if self.worker.draft_has_kv:
             return min(req.num_cached, req.draft_kv_len)
         return req.num_cached
 
@@ -335,9 +407,7 @@ class Scheduler:
             if self._mid_prefill(req):  # not in this step (its full-pool slots are reserved; its window per chunk)
                 i += 1
                 continue
-            # plain decode feeds the one uncached token; a speculative step needs its tree
-            need = req.seq_len if self.spec is None else req.num_cached + self._extra_slots
-            if req.reserve_kv(need):
+            if req.reserve_kv(self.worker.slots_needed(req)):
                 i += 1
                 continue
             victim = self.running[-1]
@@ -358,57 +428,7 @@ class Scheduler:
         self.waiting.appendleft(req)
         log.info("KV cache full: preempted request %s (it will be recomputed)", req.rid)
 
-    # ---- forward + sampling ----------------------------------------------------------------------
-    def _run(self, batch: list[Req]) -> list[Req]:
-        """Feed each request's uncached tokens (prefill or a chunk of it, or one token at a plain
-        decode step) and sample the next token where the prompt is done; under speculation,
-        then draft the first trees (a chunk only feeds the draft its features)."""
-        tokens = [self._feed(r) for r in batch]
-        starts = [r.num_cached for r in batch]
-        capture = () if self.spec is None else self.spec.capture_layers
-        out = self.runner.extend(batch, tokens, capture)
-        for r, toks in zip(batch, tokens, strict=True):
-            r.num_cached += len(toks)
-        done = [i for i, r in enumerate(batch) if r.num_cached == r.seq_len]  # fed everything
-        if done:
-            last = out.last_rows()[done]
-            logits = self.runner.logits(out.hidden[last])  # [D, vocab]
-            self._input_logprobs(batch, out.hidden, out.q_starts)
-            ready = [batch[i] for i in done]
-            next_ids = self._sample(ready, logits)
-            want_lp = any(r.return_logprob for r in ready)
-            logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-            for j, req in enumerate(ready):
-                self._append(req, int(next_ids[j]), None if logprobs is None else logprobs[j])
-        if self.spec is not None:
-            every = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None  # [T, 3H], once
-            live = [i for i in done if not batch[i].finished]
-            chunked = [i for i in range(len(batch)) if i not in done and not batch[i].finished]
-            feats = [None if every is None else every.narrow(0, out.q_starts[i], out.q_lens[i]) for i in range(len(batch))]
-            if chunked:
-                self.spec.absorb([batch[i] for i in chunked], [starts[i] for i in chunked], [feats[i] for i in chunked])
-            if live:
-                self.spec.draft([batch[i] for i in live], [starts[i] for i in live], [feats[i] for i in live],
-                                batch_size=len(self.running) + len(live))
-            for i in live:
-                batch[i].truncate_kv(batch[i].num_cached)
-        for req, toks in zip(batch, tokens, strict=True):  # a prompt's pages are final: others may share them
-            if len(toks) > 1 and not req.finished:
-                self._cache_pages(req)
-        return batch
-
-    def _sample(self, batch: list[Req], logits: Tensor) -> Tensor:  # [B]
-        params = [r.params for r in batch]
-        logits = grammar_masked(batch, logits)
-        if all(p.is_greedy for p in params) and not any(r.params.adjusts_logits for r in batch):
-            return logits.argmax(dim=-1)
-        if any(r.params.adjusts_logits for r in batch):
-            logits = apply_penalties(
-                logits, params, [r.prompt_ids for r in batch], [r.output_ids for r in batch]
-            )
-        probs = processed_probs(logits, params)
-        return sample(probs, [r.generator for r in batch])
-
+    # ---- output ----------------------------------------------------------------------------------
     def _token_text(self, token: int) -> str | None:
         return None if self.detokenize is None else self.detokenize([token], False)
 
@@ -420,44 +440,21 @@ class Scheduler:
             top = [(float(v), int(t), self._token_text(int(t))) for v, t in zip(vals, ids)]
         return entry, top
 
-    def _input_logprobs(self, batch: list[Req], hidden: Tensor, q_starts: list[int]) -> None:
-        """Prompt logprobs from `logprob_start_len` on, computed at the first prefill only."""
-        for req, start in zip(batch, q_starts, strict=True):
-            if not req.return_logprob or req.input_logprobs_done or req.logprob_start_len < 0:
-                continue
-            req.input_logprobs_done = True
-            try:
-                self._prompt_logprobs(req, hidden, start)
-            except Exception as e:  # this request's own work: it fails, the batch goes on
-                log.exception("prompt logprobs of request %s failed", req.rid)
-                self.fail(req, e)
-
-    def _prompt_logprobs(self, req: Req, hidden: Tensor, start: int) -> None:
-        first = min(req.logprob_start_len, req.prompt_len)
-        if first == 0:
+    def _prompt_logprobs(self, req: Req, first: int, lps: Tensor) -> None:
+        """Prompt logprob entries from the rows scoring prompt tokens first, first + 1, ..."""
+        if req.logprob_start_len == 0:  # the first prompt token has none
             req.input_token_logprobs.append((None, req.prompt_ids[0], self._token_text(req.prompt_ids[0])))
             req.input_top_logprobs.append(None)
-            first = 1
-        if first >= req.prompt_len:
-            return
-        # logits at row p-1 score prompt token p
-        rows = torch.arange(start + first - 1, start + req.prompt_len - 1)
-        lps = torch.log_softmax(self.runner.logits(hidden[rows]), dim=-1)
-        for j, p in enumerate(range(first, req.prompt_len)):
-            entry, top = self._entries(lps[j], req.prompt_ids[p], req.top_logprobs_num)
+        for j in range(int(lps.shape[0])):
+            entry, top = self._entries(lps[j], req.prompt_ids[first + j], req.top_logprobs_num)
             req.input_token_logprobs.append(entry)
             req.input_top_logprobs.append(top if req.top_logprobs_num else None)
 
     def _append(self, req: Req, token: int, logprobs: Tensor | None) -> None:
         """Emit one token (and its logprobs) and check for a finish; an error in this request's
         own work fails it alone."""
-        if req.finished:  # failed earlier in this step
-            return
-        try:
-            self._emit(req, token, logprobs)
-        except Exception as e:
-            log.exception("emitting a token of request %s failed", req.rid)
-            self.fail(req, e)
+        if not req.finished:  # (failed earlier in this step)
+            self._guard(req, lambda: self._emit(req, token, logprobs))
 
     def _emit(self, req: Req, token: int, logprobs: Tensor | None) -> None:
         now = time.perf_counter()
@@ -509,14 +506,3 @@ class Scheduler:
         self.metrics.prompt_tokens += req.prompt_len
         self.metrics.generation_tokens += req.output_len
 
-
-def grammar_masked(batch: Sequence[Req], logits: Tensor) -> Tensor:
-    """`logits` [B, V] with each constrained request's row masked to what its grammar allows
-    next (a copy when any row is constrained; the raw logits stay for logprobs)."""
-    rows = [i for i, r in enumerate(batch) if r.grammar is not None]
-    if not rows:
-        return logits
-    masks = torch.cat([batch[i].grammar.next_bitmask() for i in rows])  # [R, W]
-    out = logits.clone()
-    out[rows] = apply_bitmask(logits[rows], masks)
-    return out

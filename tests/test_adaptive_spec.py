@@ -135,7 +135,7 @@ def test_the_chooser_reruns_less_often_while_nothing_speculates(
     speculates (no drafts, so no new evidence that could change the choice)."""
     from dataclasses import replace
 
-    from specdec import spec_decoder
+    from specdec import spec_worker
     from specdec.tree_chooser import OnlineCosts
 
     engine = _adaptive(target, draft)
@@ -147,8 +147,8 @@ def test_the_chooser_reruns_less_often_while_nothing_speculates(
                                             draft_step_overhead_ms=0.0, verify_overhead_ms=0.0))
     monkeypatch.setattr(engine.spec.costs, "observe", lambda *a: None)  # no host costs learnt from timings
     calls = []
-    real = spec_decoder.choose_shapes
-    monkeypatch.setattr(spec_decoder, "choose_shapes", lambda *a: calls.append(1) or real(*a))
+    real = spec_worker.choose_shapes
+    monkeypatch.setattr(spec_worker, "choose_shapes", lambda *a: calls.append(1) or real(*a))
     out = engine.generate(input_ids=random_prompts((5,), seed=2)[0],
                           sampling_params={"temperature": 0, "max_new_tokens": 33, "ignore_eos": True})
     steps = sum(out["meta_info"]["spec_tree_shapes"].values())  # decode steps, speculative or not

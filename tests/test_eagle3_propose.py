@@ -49,7 +49,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
 
 def _first_trees(target: Checkpoint, draft: Path, prompts: list[list[int]], params: list[dict[str, Any]],
                  tree: tuple[int, int, int]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The tree each request drafts right after its prefill, all requests in one batch."""
+    """The tree each request drafts in its first decode step, all requests in one batch."""
     steps, topk, ndt = tree
     engine = target.engine(speculative_algorithm="EAGLE3", speculative_draft_model_path=str(draft),
                            speculative_num_steps=steps, speculative_eagle_topk=topk,
@@ -57,11 +57,10 @@ def _first_trees(target: Checkpoint, draft: Path, prompts: list[list[int]], para
     reqs = [engine.make_request(ids, _params(p)) for ids, p in zip(prompts, params, strict=True)]
     for r in reqs:
         engine.scheduler.add(r)
-    engine.scheduler.step()  # prefill every request (one batch) and draft its first tree
-    out = []
-    for r in reqs:
-        assert r.draft_tree is not None
-        out.append((r.draft_tree.tokens, r.draft_tree.parents))
+    engine.scheduler.step()  # prefill every request (one batch); the draft takes its features
+    batch = engine.scheduler.schedule()  # the first decode step: its slots reserved
+    assert batch is not None and batch.reqs == tuple(reqs)
+    out = [(t.tokens, t.parents) for t in engine.spec.draft(batch.reqs, len(reqs))]
     engine.shutdown()
     return out
 

@@ -183,7 +183,7 @@ def test_a_second_turn_reuses_full_and_window_pages(ckpt: Checkpoint, head: Path
                           "speculative_draft_model_path": str(head), "speculative_num_steps": 3,
                           "speculative_eagle_topk": 1, "speculative_num_draft_tokens": 4,
                           "speculative_adaptive": "off"}
-    first = random_prompts((37,), seed=8)[0]
+    first = random_prompts((41,), seed=8)[0]
     engine = ckpt.engine(**kw)
     out1 = engine.generate(input_ids=first, sampling_params={"temperature": 0, "max_new_tokens": 20,
                                                              "ignore_eos": True})

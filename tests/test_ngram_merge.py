@@ -204,8 +204,9 @@ def test_ngram_merge_needs_a_draft_model() -> None:
 @pytest.mark.parametrize("tree", [(5, 4, 8), (3, 1, 4), (6, 4, 16)])
 def test_slots_reserved_for_a_fully_accepted_copy_chain(target: Checkpoint, tmp_path: Path,
                                                         tree: tuple[int, int, int]) -> None:
-    """A step may accept a copy chain num_draft_tokens - 1 deep (deeper than num_steps); the
-    next draft then writes its scratch K/V after those: the reservation must cover both."""
+    """A step drafts into the draft's scratch slots, verifies its tree (num_draft_tokens slots)
+    and may accept a copy chain num_draft_tokens - 1 deep (deeper than num_steps), whose draft
+    K/V it writes in the same step: the reservation covers each of them."""
     draft = tmp_path / "draft"
     make_random_eagle3(draft, 32, VOCAB, seed=0)
     steps, topk, ndt = tree
@@ -213,4 +214,7 @@ def test_slots_reserved_for_a_fully_accepted_copy_chain(target: Checkpoint, tmp_
                            speculative_num_steps=steps, speculative_eagle_topk=topk,
                            speculative_num_draft_tokens=ndt, speculative_ngram_merge=True)
     spec = engine.spec
-    assert spec.extra_slots >= ndt + spec.proposer.temp_slots
+    assert spec.extra_slots == max(ndt, spec.proposer.temp_slots)
+    req = engine.make_request([1, 2, 3], engine.sampling_params({"max_new_tokens": 4}))
+    req.num_cached = 2
+    assert engine.worker.slots_needed(req) == 2 + spec.extra_slots

@@ -68,7 +68,9 @@ def instrument(engine: Any, timers: Timers) -> None:
     timers.wrap(engine.runner, "extend", "target forward")
     timers.wrap(engine.runner, "verify_trees", "target forward")
     timers.wrap(engine.runner, "logits", "lm_head")
-    timers.wrap(engine.scheduler, "_sample", "sample")
+    from specdec import model_worker
+
+    timers.wrap(model_worker, "sample_next", "sample")
     from specdec.kernels import cpu_kernels
 
     ext = cpu_kernels.extension()
@@ -80,7 +82,6 @@ def instrument(engine: Any, timers: Timers) -> None:
         return
     timers.wrap(spec, "_verify_one", "verify")
     timers.wrap(spec, "_commit_kv", "kv commit")
-    timers.wrap(spec, "features", "features")  # (before the step gathered them in one call)
     timers.wrap(spec, "choose", "choose")
     prop = spec.proposer
     timers.wrap(prop, "extend", "draft extend")

@@ -1,23 +1,28 @@
-"""One speculative step for a batch: verify every request's tree in one target forward,
-commit the accepted path's K/V, emit tokens, then let the proposer draft the next trees.
+"""The speculative half of the model worker: draft each request's tree, verify every tree
+in one target forward, commit the accepted path's K/V, and hand the draft the new features.
 
-K/V commit: tree node i was written at slot position c + i. The accepted path
-[0, n_1, ..., n_a] (n_j >= j, strictly increasing) is compacted to positions c, ..., c + a;
-copying in path order never overwrites a source still needed (every later n_j' > j).
-Positions past c + a + 1 are freed after drafting (the draft's scratch slots live there).
+One decode step of requests with c committed tokens each (specdec/model_worker.py calls it):
 
-Tree shapes: every request's next tree takes the configured shape, or, under adaptive
-speculation, the shape the chooser picks for it from this machine's step costs, its own
-acceptance statistics and the batch (specdec/tree_chooser.py). A step without speculation
-(`NO_SPEC`) verifies the root alone, which is a plain decode step; the draft is then skipped
-and the target features it did not see wait in `req.draft_pending` until the request
-speculates again.
+1. `draft`: the shape of each request's tree (the configured one, or under adaptive
+   speculation the chooser's pick from this machine's step costs, the request's acceptance
+   statistics and the batch as it is: specdec/tree_chooser.py), then the proposer's trees.
+   `NO_SPEC` is the root alone, a plain decode step, and skips the draft.
+2. `verify`: one target forward over all trees; each request's accepted path [0, n_1, .., n_a]
+   (n_j >= j, strictly increasing) is compacted to positions c, .., c + a; copying in path
+   order never overwrites a source still needed (every later n_j' > j).
+3. the accepted path's target features go to the draft at once (`record`), so the draft's K/V
+   of committed positions is final when the step ends (the prefix cache and n > 1 siblings
+   share it); a request that did not speculate keeps them pending until it speculates again.
+
+The step's K/V slots: the tree (N nodes), then the draft's scratch slots of the next tree;
+`slots_needed` says how many, the scheduler reserves them, and frees what the step did not
+commit afterwards.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -32,6 +37,8 @@ from .model_runner import ModelRunner
 from .request import Req
 from .sampler import apply_penalties, processed_probs
 from .spec_config import SpecConfig
+from .spec_state import PendingFeatures
+from .step_batch import ReqOutput, SpecOutcome
 from .tree import DraftTree, depths, path_to, prune_tree
 from .tree_chooser import OnlineCosts, choose_shapes
 from .tree_shape import TreeShape, candidate_shapes
@@ -42,12 +49,9 @@ RECHOOSE_EVERY = 4  # steps an unchanged batch keeps its chosen shapes
 # no evidence), only the learnt host costs can, so the chooser's ~1 ms is spent less often
 RECHOOSE_IDLE = 16
 
-# append(req, token, raw logprobs row or None) emits one token and checks for a finish
-AppendFn = Callable[[Req, int, Tensor | None], None]
-
 
 class VerifyRecord(NamedTuple):
-    """One request's verify step, recorded only while `SpecDecoder.trace` is a list."""
+    """One request's verify step, recorded only while `SpecWorker.trace` is a list."""
 
     rid: str
     position: int  # output tokens before this step
@@ -57,7 +61,7 @@ class VerifyRecord(NamedTuple):
     shape: str = ""  # the tree's shape label (adaptive speculation picks it per step)
 
 
-class SpecDecoder:
+class SpecWorker:
     def __init__(
         self, spec: SpecConfig, proposer: Proposer, runner: ModelRunner, metrics: EngineMetrics
     ) -> None:
@@ -84,25 +88,24 @@ class SpecDecoder:
 
     @property
     def extra_slots(self) -> int:
-        """Slots a request needs beyond its cached prefix for one speculative step:
-        the tree (N nodes), or up to num_steps + 1 newly committed tokens plus the draft's
-        scratch slots."""
+        """Slots a decode step needs beyond the request's committed prefix: the tree (N nodes),
+        or the draft's scratch slots and up to num_steps + 1 newly committed positions."""
         return extra_slots_for(self.spec, self.proposer.temp_slots)
 
     # ---- drafting -------------------------------------------------------------------------------
     def _choose(self, reqs: Sequence[Req], batch_size: int) -> list[TreeShape]:
-        """Each request's next shape: the envelope, or the adaptive chooser's pick for a step of
+        """Each request's shape: the envelope, or the adaptive chooser's pick for a step of
         `batch_size` requests (the others counted as plain steps)."""
         if not self.spec.adaptive or self.costs is None:
             return [self.spec.envelope] * len(reqs)
         # the estimates move slowly: the same batch keeps its shapes for RECHOOSE_EVERY steps
         key = (tuple(id(r) for r in reqs), batch_size)
-        if key == self._last_key and self._reuse > 0 and all(r.spec_shape is not None for r in reqs):
+        if key == self._last_key and self._reuse > 0 and all(r.spec.shape is not None for r in reqs):
             self._reuse -= 1
-            return [r.spec_shape for r in reqs]  # type: ignore[misc]
+            return [r.spec.shape for r in reqs]  # type: ignore[misc]
         expected = []
         for r in reqs:
-            stats = r.accept_stats or self.global_stats
+            stats = r.spec.accept or self.global_stats
             expected.append(expected_accepted(stats.q(self.global_stats), self.shapes))
         padding = [[0.0] * len(self.shapes)] * max(0, batch_size - len(reqs))
         chosen = list(choose_shapes(self.costs.costs, self.shapes, expected + padding).shapes[: len(reqs)])
@@ -110,56 +113,46 @@ class SpecDecoder:
         self._last_key, self._reuse = key, (RECHOOSE_IDLE if idle else RECHOOSE_EVERY) - 1
         return chosen
 
-    def draft(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None],
-              batch_size: int | None = None) -> None:
-        """Feed newly committed positions to the proposer and draft each request's next tree,
-        of the shape chosen for it (a root-only tree where it does not speculate)."""
+    def draft(self, reqs: Sequence[Req], batch_size: int) -> list[DraftTree]:
+        """Each request's tree for this step, of the shape chosen for it (its root alone where
+        it does not speculate); a request that speculates again first gives the draft the
+        features it skipped."""
+        shapes = self.choose(reqs, batch_size)
+        trees: list[DraftTree] = []
+        drafted: list[Req] = []
+        for req, shape in zip(reqs, shapes, strict=True):
+            if req.spec.accept is None:
+                req.spec.accept = AcceptStats(self.spec.num_steps, self.spec.topk)
+            req.spec.shape = shape
+            trees.append(DraftTree((req.all_ids[-1],), (-1,)))
+            if shape.speculates:
+                drafted.append(req)
+        self._consume([r for r in drafted if r.spec.pending])
+        if drafted:
+            proposed = iter(self.proposer.propose(drafted, [r.spec.shape for r in drafted]))  # type: ignore[misc]
+            trees = [next(proposed) if shape.speculates else tree for tree, shape in zip(trees, shapes, strict=True)]
+        return trees
+
+    def record(self, reqs: Sequence[Req], pending: Sequence[PendingFeatures]) -> None:
+        """Newly committed positions' target features: the draft takes them now, unless the
+        request's last step did not speculate (they wait in its pending list until it does)."""
+        for req, feats in zip(reqs, pending, strict=True):
+            req.spec.pending.append(feats)
+        self._consume([r for r in reqs if r.spec.shape is None or r.spec.shape.speculates])
+
+    def _consume(self, reqs: Sequence[Req]) -> None:
+        """Extend the draft over each request's pending features (one batched forward)."""
         if not reqs:
             return
-        shapes = self.choose(reqs, len(reqs) if batch_size is None else batch_size)
-        ext_reqs: list[Req] = []
-        ext_starts: list[int] = []
-        ext_feats: list[Tensor | None] = []
-        for req, start, feat, shape in zip(reqs, starts, features, shapes, strict=True):
-            if req.accept_stats is None:
-                req.accept_stats = AcceptStats(self.spec.num_steps, self.spec.topk)
-            req.spec_shape = shape
-            if feat is not None:
-                req.draft_pending.append((start, feat))
-            if not shape.speculates:
-                req.draft_tree = DraftTree((req.all_ids[-1],), (-1,))
-                continue
-            pending = req.draft_pending
-            ext_reqs.append(req)
-            ext_starts.append(pending[0][0] if pending else start)
-            ext_feats.append(torch.cat([f for _, f in pending]) if pending else feat)
-            req.draft_pending = []
-        if not ext_reqs:
-            return
-        self.proposer.extend(ext_reqs, ext_starts, ext_feats)
-        _record_draft_kv(ext_reqs, ext_starts, ext_feats)
-        ext_shapes = [r.spec_shape for r in ext_reqs]
-        for req, tree in zip(ext_reqs, self.proposer.propose(ext_reqs, ext_shapes), strict=True):  # type: ignore[arg-type]
-            req.draft_tree = tree
-
-    def absorb(self, reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
-        """A prefill chunk committed these positions: the draft takes their target features now
-        (its K/V stays a chunk behind, and no chunk's features are kept), with none of a tree:
-        the prompt is not done."""
-        ext_reqs: list[Req] = []
-        ext_starts: list[int] = []
-        ext_feats: list[Tensor | None] = []
-        for req, start, feat in zip(reqs, starts, features, strict=True):
-            if feat is None:
-                continue
-            pending = [*req.draft_pending, (start, feat)]
-            req.draft_pending = []
-            ext_reqs.append(req)
-            ext_starts.append(pending[0][0])
-            ext_feats.append(torch.cat([f for _, f in pending]))
-        if ext_reqs:
-            self.proposer.extend(ext_reqs, ext_starts, ext_feats)
-            _record_draft_kv(ext_reqs, ext_starts, ext_feats)
+        merged = []
+        for req in reqs:
+            p = req.spec.pending
+            merged.append(p[0] if len(p) == 1 else PendingFeatures(
+                p[0].start, torch.cat([f.features for f in p]), tuple(t for f in p for t in f.ids)))
+            req.spec.pending = []
+        self.proposer.extend(reqs, merged)
+        for req, m in zip(reqs, merged, strict=True):  # the draft's K/V now covers these positions
+            req.draft_kv_len = m.start + int(m.features.shape[0])
 
     @staticmethod
     def rows_of(x: Tensor, rows: Tensor) -> Tensor:
@@ -171,18 +164,25 @@ class SpecDecoder:
         return x[rows]
 
     # ---- verification ---------------------------------------------------------------------------
-    def step(self, reqs: list[Req], append: AppendFn) -> None:
+    def step(self, reqs: Sequence[Req], batch_size: int) -> list[ReqOutput]:
+        """Draft, verify and commit one step of `reqs` (slots reserved); one output each."""
         t0 = time.perf_counter()
-        shapes = [r.spec_shape or self.spec.envelope for r in reqs]
-        accepted_total = 0
-        trees: list[DraftTree] = []
+        trees = self.draft(reqs, batch_size)
+        shapes = [r.spec.shape or self.spec.envelope for r in reqs]
+        outputs = self.verify(reqs, trees)
+        if self.costs is not None:  # learn the host's share of a step from its wall time
+            accepted = sum(o.spec.accepted for o in outputs if o.spec is not None)
+            self.costs.observe(shapes, shapes, float(accepted), 1000.0 * (time.perf_counter() - t0))
+        return outputs
+
+    def verify(self, reqs: Sequence[Req], trees: Sequence[DraftTree]) -> list[ReqOutput]:
         masks: list[Tensor | None] = []  # constrained requests: the grammar's mask at every node
-        for r in reqs:
-            assert r.draft_tree is not None, f"request {r.rid} has no draft tree"
-            tree, mask = constrain_tree(r, r.draft_tree)
-            trees.append(tree)
+        pruned: list[DraftTree] = []
+        for r, t in zip(reqs, trees, strict=True):
+            tree, mask = constrain_tree(r, t)
+            pruned.append(tree)
             masks.append(mask)
-        out = self.runner.verify_trees(reqs, trees, self.capture_layers)
+        out = self.runner.verify_trees(reqs, pruned, self.capture_layers)
         logits = self.runner.logits(out.hidden)  # [sum N, vocab]
         want_lp = any(r.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
@@ -190,10 +190,9 @@ class SpecDecoder:
         argmax = logits.argmax(dim=-1).tolist() if any(_plain_greedy(r) for r in reqs) else None
         # every node's features once; each request keeps its accepted path's rows
         all_feats = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None
-        next_reqs: list[Req] = []
-        starts: list[int] = []
-        feats: list[Tensor | None] = []
-        for req, tree, mask, q0 in zip(reqs, trees, masks, out.q_starts, strict=True):
+        outputs: list[ReqOutput] = []
+        pending: list[PendingFeatures] = []
+        for req, tree, mask, q0 in zip(reqs, pruned, masks, out.q_starts, strict=True):
             rows = slice(q0, q0 + tree.size)
             if argmax is not None and _plain_greedy(req):
                 result = verify_greedy(tree, argmax[rows])
@@ -202,40 +201,23 @@ class SpecDecoder:
             path = [0, *result.accepted]
             c = req.num_cached
             self._commit_kv(req, c, path)
-            req.num_cached = c + len(path)
-            req.draft_tree = None
-            emitted = [tree.tokens[n] for n in result.accepted] + [result.next_token]
-            accepted_total += len(result.accepted)
+            emitted = (*(tree.tokens[n] for n in result.accepted), result.next_token)
             depth = max(depths(tree))
-            shape = req.spec_shape or self.spec.envelope
-            req.spec_shape_counts[shape.label] = req.spec_shape_counts.get(shape.label, 0) + 1
-            self.metrics.record_shape(shape.label)
+            shape = req.spec.shape or self.spec.envelope
             if shape.speculates:  # NO_SPEC: the root alone, a plain decode step
-                req.spec_verify_ct += 1
-                req.spec_num_correct_drafts += len(result.accepted)
-                req.spec_num_proposed_drafts += depth
-                req.spec_emitted_tokens += len(emitted)
-                self.metrics.record_verify(len(result.accepted), len(emitted), depth)
-                if req.accept_stats is not None:
-                    req.accept_stats.observe(tree, result.accepted)
+                if req.spec.accept is not None:
+                    req.spec.accept.observe(tree, result.accepted)
                 self.global_stats.observe(tree, result.accepted)
                 if self.trace is not None:
                     self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted),
                                                    depth, shape.label))
-            for j, token in enumerate(emitted):
-                append(req, token, None if logprobs is None else logprobs[q0 + path[j]])
-                if req.finished:
-                    break
-            if not req.finished:
-                next_reqs.append(req)
-                starts.append(c)
-                feats.append(None if all_feats is None else self.rows_of(all_feats, torch.tensor(path) + q0))
-        self.draft(next_reqs, starts, feats, batch_size=len(next_reqs))
-        for req in next_reqs:
-            req.truncate_kv(req.num_cached)
-        if self.costs is not None and next_reqs:  # learn the host's share of a step from its wall time
-            drafted = [r.spec_shape or self.spec.envelope for r in next_reqs]
-            self.costs.observe(shapes, drafted, float(accepted_total), 1000.0 * (time.perf_counter() - t0))
+            lp = None if logprobs is None else logprobs[torch.tensor(path) + q0]
+            outputs.append(ReqOutput(c + len(path), emitted, lp, spec=SpecOutcome(shape, len(result.accepted), depth)))
+            if all_feats is not None:
+                pending.append(PendingFeatures(c, self.rows_of(all_feats, torch.tensor(path) + q0), emitted))
+        if all_feats is not None:
+            self.record(reqs, pending)
+        return outputs
 
     def _verify_one(self, req: Req, tree: DraftTree, logits: Tensor, mask: Tensor | None = None) -> VerifyResult:
         """logits [N, vocab]: the target's scores after each tree node; mask [N, W]: the
@@ -261,11 +243,13 @@ class SpecDecoder:
 
 
 def extra_slots_for(spec: SpecConfig, temp_slots: int) -> int:
-    """`SpecDecoder.extra_slots` for a proposer needing `temp_slots` scratch slots."""
+    """`SpecWorker.extra_slots` for a proposer needing `temp_slots` scratch slots: a decode step
+    drafts into the draft pool's scratch slots [c, c + temp_slots), verifies the tree in the
+    target's slots [c, c + N), then writes the accepted path's draft K/V over the scratch ones."""
     # a tree is at most num_steps deep, unless copied text extends it (--speculative-ngram-merge:
     # a copy chain may take the whole budget, num_draft_tokens - 1 deep)
     deepest = spec.num_draft_tokens - 1 if spec.ngram_merge else spec.num_steps
-    return max(spec.num_draft_tokens, deepest + 1 + temp_slots)
+    return max(spec.num_draft_tokens, deepest + 1, temp_slots)
 
 
 def _plain_greedy(req: Req) -> bool:
@@ -286,9 +270,3 @@ def constrain_tree(req: Req, tree: DraftTree) -> tuple[DraftTree, Tensor | None]
     kept = [i for i, k in enumerate(keep) if k]
     return prune_tree(tree, keep), mask[kept]
 
-
-def _record_draft_kv(reqs: Sequence[Req], starts: Sequence[int], features: Sequence[Tensor | None]) -> None:
-    """The draft's K/V now covers each request's positions up to the features it was fed."""
-    for req, start, feat in zip(reqs, starts, features, strict=True):
-        if feat is not None:
-            req.draft_kv_len = start + int(feat.shape[0])
