@@ -72,6 +72,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "attention heads, KV heads, MLP and expert widths and the vocabulary split N ways, one process "
                    "per rank over torch.distributed (gloo on the CPU, NCCL on GPUs); rank 0 schedules, samples "
                    "and runs the EAGLE3 draft.")
+    t.add_argument("--ep-size", "--ep", "--expert-parallel-size", dest="ep_size", type=int, default=d.ep_size,
+                   help="Expert parallelism (SGLang's --ep-size): the --tp ranks form this many groups, each "
+                   "holding 1/ep of the MoE experts (split within the group by tp/ep); --ep-size = --tp places "
+                   "whole experts. Must divide --tp; 1: every expert split over all ranks.")
+    t.add_argument("--enable-expert-parallel", action="store_const", const=-1, dest="ep_size",
+                   help="vLLM's flag: --ep-size = --tp.")
     t.add_argument("--nnodes", type=int, default=d.nnodes, help="Machines the ranks are spread over.")
     t.add_argument("--node-rank", type=int, default=d.node_rank,
                    help="This machine's index; node 0 serves, the others run their ranks and wait.")

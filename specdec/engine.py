@@ -108,7 +108,8 @@ class Engine:
                 self.config.generation_config, self.config.override_generation_config, self.model_path)
             self.model, self.model_config = load_model(self.model_path, self.config.dtype,
                                                        self.generation_defaults.attn_temperature_tuning,
-                                                       self.config.enable_multimodal, self.tp)
+                                                       self.config.enable_multimodal, self.tp,
+                                                       self.config.dist_config().ep_size)
             self.model.to(self.device)
             self.vision: VisionTower | None = None
             if self.config.enable_multimodal:
@@ -215,7 +216,8 @@ class Engine:
         if self.config.enable_multimodal:
             raise ValueError("--enable-multimodal with --tp > 1 is not supported yet (the vision tower runs "
                              "unsharded on one rank)")
-        plan_shard(ModelConfig.from_path(self.model_path), 0, dc.tp_size)  # sizes that do not divide: refused here
+        # sizes that do not divide: refused here
+        plan_shard(ModelConfig.from_path(self.model_path), 0, dc.tp_size, dc.ep_size)
         addr = dc.dist_init_addr or free_addr()
         self._workers = spawn_workers(range(1, dc.ranks_per_node), dc.tp_size, addr, dict(kwargs, dist_init_addr=addr))
         try:

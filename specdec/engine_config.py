@@ -55,6 +55,7 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
+    ep_size: int = 1  # SGLang's --ep-size: MoE experts placed over groups of ranks
     chat_template: str | None = None
     served_model_name: str | None = None
     trust_remote_code: bool = False  # accepted for compatibility; no downloaded code ever runs
@@ -136,7 +137,8 @@ class EngineConfig:
         return parse_limit_mm_per_prompt(spec).get("image", DEFAULT_MAX_IMAGES)
 
     def dist_config(self) -> DistConfig:
-        return DistConfig(self.tp_size, self.nnodes, self.node_rank, self.dist_init_addr)
+        ep = self.tp_size if self.ep_size == -1 else self.ep_size  # (-1: --enable-expert-parallel)
+        return DistConfig(self.tp_size, self.nnodes, self.node_rank, self.dist_init_addr, ep)
 
     def spec_config(self) -> SpecConfig | None:
         """The validated speculative settings, or None when speculation is off."""

@@ -77,6 +77,7 @@ def fingerprint(engine: Engine, batch: tuple[int, ...], tokens: tuple[int, ...])
         "flags": sorted(cpu_isa.cpu_flags()), "cpu": cpu_model, "threads": torch.get_num_threads(),
         "batch": batch, "tokens": tokens, "page_size": engine.config.page_size,
         "tp": engine.config.tp_size,  # (a step's cost under --tp includes the ranks' collectives)
+        "ep": engine.config.dist_config().ep_size,
     }
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

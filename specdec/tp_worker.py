@@ -52,7 +52,8 @@ class TPWorker:
         self.group: TPGroup = init_group(rank, world, addr, self.device)
         path = resolve_model_path(cfg.model_path)
         defaults = load_generation_defaults(cfg.generation_config, cfg.override_generation_config, path)
-        self.model, mc = load_model(path, cfg.dtype, defaults.attn_temperature_tuning, tp=self.group)
+        self.model, mc = load_model(path, cfg.dtype, defaults.attn_temperature_tuning, tp=self.group,
+                                    ep_size=cfg.dist_config().ep_size)
         self.model.to(self.device)
         quantize_model(self.model, cfg.quantization)
         dtype = next(self.model.parameters()).dtype

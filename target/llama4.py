@@ -20,7 +20,7 @@ from specdec.kernels.backend import ForwardBatch
 from specdec.kernels.torch_backend import FAST_MAX_QUERIES
 
 from .config import ModelConfig
-from .tp import TPShard
+from .tp import ExpertPart, TPShard
 
 if TYPE_CHECKING:
     from specdec.distributed import TPGroup
@@ -136,12 +136,15 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """Top-k sigmoid router; the score multiplies the expert *input*; shared expert always on."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, part: ExpertPart | None = None) -> None:
+        """`part` (--tp / --ep-size): the routed experts this rank holds and their width; the
+        router stays whole (tokens routed to other ranks' experts add nothing here)."""
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
         self.num_experts = cfg.num_experts
         self.router = Linear(cfg.hidden_size, (cfg.num_experts,))
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.part = part or ExpertPart(0, cfg.num_experts, cfg.intermediate_size)
+        self.experts = Experts(self.part.hi - self.part.lo, cfg.hidden_size, self.part.inter)
         self.shared_expert = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
         # "torch": the per-expert loop below; "triton": the grouped top-1 GEMMs of
@@ -159,22 +162,25 @@ class MoE(nn.Module):
             return out + moe_top1_experts(x, self.experts.w13, self.experts.w2, top_idx[:, 0], scores[:, 0])
         flat_idx = top_idx.flatten()  # [T*k]
         token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
+        lo, hi = self.part.lo, self.part.hi
         for e in torch.unique(flat_idx).tolist():
+            if not lo <= e < hi:  # another rank's expert (--ep-size)
+                continue
             sel = (flat_idx == e).nonzero().squeeze(1)
             tok = token_of[sel]
             routed_in = x[tok] * scores.flatten()[sel, None]
-            out.index_add_(0, tok, self.experts.forward_one(e, routed_in))
+            out.index_add_(0, tok, self.experts.forward_one(e - lo, routed_in))
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, part: ExpertPart | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer_id)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward: nn.Module = (
-            MoE(cfg) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+            MoE(cfg, part) if cfg.is_moe_layer(layer_id) else GatedMLP(cfg.hidden_size, cfg.intermediate_size_mlp)
         )
 
         self._fused: FusedLayer | bool | None = None  # None: not yet decided; False: no
@@ -274,7 +280,8 @@ class Llama4ForCausalLM(nn.Module):
         vocab = cfg.vocab_size if shard is None else shard.vocab[1] - shard.vocab[0]
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(local, i) for i in range(cfg.num_layers))
+        part = None if shard is None or not cfg.moe_layers else shard.expert_part
+        self.layers = nn.ModuleList(DecoderLayer(local, i, part) for i in range(cfg.num_layers))
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)
             layer.tp = layer.attn.tp = self.tp
@@ -366,12 +373,13 @@ class Llama4ForCausalLM(nn.Module):
         return logits if self.tp is None else self.tp.all_gather(logits)  # (ranks hold vocabulary slices)
 
     def use_triton_moe(self) -> int:
-        """Route the MoE layers' experts through the Triton top-1 kernel (top_k == 1 and
-        unquantised experts only); returns how many layers switched."""
+        """Route the MoE layers' experts through the Triton top-1 kernel (top_k == 1,
+        unquantised experts, all of them on this rank); returns how many layers switched."""
         n = 0
         for layer in self.layers:
             ff = getattr(layer, "feed_forward", None)
-            if isinstance(ff, MoE) and ff.top_k == 1 and ff.experts.quantized is None:
+            whole = ff.part.hi - ff.part.lo == ff.num_experts if isinstance(ff, MoE) else False
+            if isinstance(ff, MoE) and ff.top_k == 1 and ff.experts.quantized is None and whole:
                 ff.kernel = "triton"
                 n += 1
         return n

@@ -224,8 +224,9 @@ def iter_lazy(files: list[Path]) -> Iterator[tuple[Path, str, Reader]]:
                             handle = fh.get_slice(key)
                             dim = sl.dim if dim_map is None else dim_map[sl.dim]
                             ndim = len(handle.get_shape())
-                            parts = [handle[(slice(None),) * dim + (slice(lo, hi),) + (slice(None),) * (ndim - dim - 1)]
-                                     for lo, hi in sl.ranges]
+                            lead = () if sl.experts is None else (slice(*sl.experts),)  # (dim 0 in both layouts)
+                            parts = [handle[lead + (slice(None),) * (dim - len(lead)) + (slice(lo, hi),)
+                                            + (slice(None),) * (ndim - dim - 1)] for lo, hi in sl.ranges]
                             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
                         except (SafetensorError, RuntimeError, ValueError) as e:
                             raise LoadError(f"{f}: cannot read tensor {key!r} ({e})") from e
@@ -256,9 +257,11 @@ def _expected_units(model: nn.Module) -> dict[Unit, tuple[int, ...]]:
 
 
 def load_model(model_path: str | Path, dtype: str = "auto", attn_temperature_tuning: bool | None = None,
-               multimodal: bool = False, tp: TPGroup | None = None) -> tuple[Llama4ForCausalLM, ModelConfig]:
+               multimodal: bool = False, tp: TPGroup | None = None,
+               ep_size: int = 1) -> tuple[Llama4ForCausalLM, ModelConfig]:
     """Build on meta, materialise, stream every tensor in; strict in both directions. With `tp`
-    (--tp N) build this rank's shard and keep each tensor's slice (target/tp.py); `multimodal`
+    (--tp N; `ep_size`: --ep-size) build this rank's shard and keep each tensor's slice
+    (target/tp.py); `multimodal`
     only changes the log line (target/vision.py loads the vision tensors).
 
     `attn_temperature_tuning` (from `--override-generation-config`, vLLM's Llama 4 guide)
@@ -270,7 +273,7 @@ def load_model(model_path: str | Path, dtype: str = "auto", attn_temperature_tun
         if all(cfg.rope_layers):
             log.warning("attn_temperature_tuning has no effect on %s: it has no NoPE layers", cfg.architecture)
     torch_dtype = resolve_dtype(dtype, cfg)
-    shard = None if tp is None else plan_shard(cfg, tp.rank, tp.world)
+    shard = None if tp is None else plan_shard(cfg, tp.rank, tp.world, ep_size)
     with torch.device("meta"):
         model = Llama4ForCausalLM(cfg, shard, tp)
     model = model.to(dtype=torch_dtype).to_empty(device="cpu")

@@ -7,9 +7,13 @@ Megatron's split, as SGLang and vLLM shard Llama 4:
                 Hkv < N (rank r takes head r * Hkv // N); o_proj takes the rank's heads'
                 columns: its outputs are partial sums (all-reduced)
     dense MLP   gate/up rows and down columns by I_mlp / N (partial sums)
-    MoE         every expert's gate/up rows and down columns by I / N, the shared expert the
-                same (tensor-parallel experts; the router is replicated); one all-reduce of
-                the routed and shared sums
+    MoE         tensor-parallel experts (--ep-size 1): every expert's gate/up rows and down
+                columns by I / N; expert-parallel (--ep-size P, P dividing N): the ranks form P
+                groups of N / P, group g holds experts [g E / P, (g + 1) E / P) and splits
+                each of them by I / (N / P) (P = N: whole experts, no expert is split); the
+                shared expert's gate/up rows and down columns by I / N either way; the router
+                is replicated and tokens routed elsewhere add nothing; one all-reduce of the
+                routed and shared sums
     embedding   vocabulary rows V/N per rank, the other ranks' ids give zeros (all-reduced)
     lm_head     vocabulary rows V/N per rank (logits all-gathered)
     norms       replicated
@@ -30,15 +34,31 @@ from torch import Tensor
 from .config import ConfigError, ModelConfig
 
 
+class ExpertPart(NamedTuple):
+    """The routed experts an MoE layer of one rank holds: global ids [lo, hi), each of
+    intermediate width `inter`."""
+
+    lo: int
+    hi: int
+    inter: int
+
+
 @dataclass(frozen=True, slots=True)
 class TPShard:
     rank: int
     world: int
     heads: tuple[int, int]  # [lo, hi) of the q heads
     kv_heads: tuple[int, int]  # [lo, hi) of the KV heads (one replicated head when Hkv < N)
-    inter: tuple[int, int]  # [lo, hi) of each expert's (and the shared expert's) intermediate dim
+    inter: tuple[int, int]  # [lo, hi) of the shared expert's intermediate dim
     inter_mlp: tuple[int, int]  # [lo, hi) of the dense MLP's intermediate dim
     vocab: tuple[int, int]  # [lo, hi) of the vocabulary (embedding and lm_head rows)
+    experts: tuple[int, int] = (0, 0)  # [lo, hi) of the routed experts held (all of them at --ep-size 1)
+    expert_inter: tuple[int, int] = (0, 0)  # [lo, hi) of each held expert's intermediate dim
+    ep: int = 1  # --ep-size
+
+    @property
+    def expert_part(self) -> ExpertPart:
+        return ExpertPart(self.experts[0], self.experts[1], self.expert_inter[1] - self.expert_inter[0])
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
         """The rank's model: its heads and intermediate sizes (the vocabulary stays whole in
@@ -48,16 +68,20 @@ class TPShard:
                        intermediate_size_mlp=self.inter_mlp[1] - self.inter_mlp[0])
 
 
-def _split(total: int, rank: int, world: int, name: str) -> tuple[int, int]:
+def _split(total: int, rank: int, world: int, name: str, flag: str = "--tp") -> tuple[int, int]:
     if total % world:
-        raise ConfigError(f"{name} = {total} does not divide by --tp {world}")
+        raise ConfigError(f"{name} = {total} does not divide by {flag} {world}")
     part = total // world
     return rank * part, (rank + 1) * part
 
 
-def plan_shard(cfg: ModelConfig, rank: int, world: int) -> TPShard:
+def plan_shard(cfg: ModelConfig, rank: int, world: int, ep: int = 1) -> TPShard:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} of --tp {world}")
+    if ep < 1 or world % ep:
+        raise ConfigError(f"--ep-size {ep} must divide --tp {world}")
+    if ep > 1 and not cfg.moe_layers:
+        raise ConfigError(f"--ep-size {ep}: {cfg.architecture} has no MoE layers (no experts to place)")
     heads = _split(cfg.num_heads, rank, world, "num_attention_heads")
     hkv = cfg.num_kv_heads
     if hkv % world == 0:
@@ -71,7 +95,13 @@ def plan_shard(cfg: ModelConfig, rank: int, world: int) -> TPShard:
     mlp_layers = cfg.num_layers - len(set(cfg.moe_layers))
     inter_mlp = _split(cfg.intermediate_size_mlp, rank, world, "intermediate_size_mlp") if mlp_layers else (0, 0)
     vocab = _split(cfg.vocab_size, rank, world, "vocab_size")
-    return TPShard(rank, world, heads, kv, inter, inter_mlp, vocab)
+    experts, expert_inter = (0, 0), (0, 0)
+    if cfg.moe_layers:
+        group = world // ep  # the ranks sharing one expert group, each with a width slice
+        experts = _split(cfg.num_experts, rank // group, ep, "num_local_experts", "--ep-size")
+        expert_inter = _split(cfg.intermediate_size, rank % group, group, "intermediate_size",
+                              f"--tp / --ep-size = {world} / {ep} =")
+    return TPShard(rank, world, heads, kv, inter, inter_mlp, vocab, experts, expert_inter, ep)
 
 
 _LAYER = re.compile(r"layers\.\d+\.(.+)")
@@ -84,6 +114,7 @@ class TensorSlice(NamedTuple):
     dim: int
     ranges: tuple[tuple[int, int], ...]
     zero: bool = False
+    experts: tuple[int, int] | None = None  # and of dim 0 (stacked experts) only these
 
 
 def tensor_slice(shard: TPShard, cfg: ModelConfig, param: str, part: int | None, is_bias: bool) -> TensorSlice | None:
@@ -105,16 +136,17 @@ def tensor_slice(shard: TPShard, cfg: ModelConfig, param: str, part: int | None,
         return TensorSlice(1, ((shard.heads[0] * D, shard.heads[1] * D),))
     if rest == "attn.o_proj.bias":
         return None if shard.rank == 0 else TensorSlice(0, (), zero=True)
-    lo, hi = shard.inter if ("shared_expert" in rest or "experts" in rest) else shard.inter_mlp
+    if rest.endswith(("experts.w13", "experts.w2")):  # [E, 2I, H] gate rows first; [E, H, I]
+        lo, hi = shard.expert_inter
+        inter = cfg.intermediate_size
+        if rest.endswith("w13"):
+            return TensorSlice(1, ((lo, hi), (inter + lo, inter + hi)), experts=shard.experts)
+        return TensorSlice(2, ((lo, hi),), experts=shard.experts)
+    lo, hi = shard.inter if "shared_expert" in rest else shard.inter_mlp
     if rest.endswith("gate_up.weight"):
         return TensorSlice(0, ((lo, hi),))
     if rest.endswith("down.weight"):
         return TensorSlice(1, ((lo, hi),))
-    if rest.endswith("experts.w13"):  # [E, 2I, H], gate rows first
-        inter = cfg.intermediate_size
-        return TensorSlice(1, ((lo, hi), (inter + lo, inter + hi)))
-    if rest.endswith("experts.w2"):  # [E, H, I]
-        return TensorSlice(2, ((lo, hi),))
     return None  # norms, the router
 
 
@@ -123,4 +155,6 @@ def apply_slice(value: Tensor, sl: TensorSlice | None) -> Tensor:
         return value
     if sl.zero:
         return torch.zeros_like(value)
+    if sl.experts is not None:
+        value = value[sl.experts[0]:sl.experts[1]]
     return torch.cat([value.narrow(sl.dim, lo, hi - lo) for lo, hi in sl.ranges], dim=sl.dim)

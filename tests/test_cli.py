@@ -24,6 +24,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         (("--page-size", "0"), "page_size"),
         (("--quantization", "fp3"), "--quantization"),
         (("--device", "tpu"), "device must be one of"),
+        (("--tp", "2", "--ep-size", "3"), "--ep-size 3 must divide --tp 2"),
     ],
 )
 def test_bad_flags_exit_nonzero_with_one_line(args: tuple[str, ...], message: str) -> None:
@@ -44,7 +45,8 @@ def test_help_documents_every_flag() -> None:
                  "--speculative-accept-threshold-single", "--speculative-accept-threshold-acc",
                  "--speculative-token-map", "--mem-fraction-static", "--kv-cache-dtype",
                  "--quantization-param-path", "--swa-full-tokens-ratio", "--disable-hybrid-swa-memory",
-                 "--chunked-prefill-size", "--disable-radix-cache"):
+                 "--chunked-prefill-size", "--disable-radix-cache", "--tp-size", "--ep-size",
+                 "--enable-expert-parallel", "--nnodes", "--node-rank", "--dist-init-addr"):
         assert flag in out, flag
 
 

@@ -36,7 +36,7 @@ class FakeWorker:
     draft_has_kv = False
 
     def __init__(self, extra: int = 0, accept: int = 1, fail_rids: frozenset[str] = frozenset()) -> None:
-        assert extra == 0 and accept == 1 or accept <= extra
+        assert (extra == 0 and accept == 1) or accept <= extra
         self.extra, self.accept = extra, accept
         self.fail_rids = fail_rids  # requests whose own work fails (ReqOutput.error)
         self.raise_next = False  # the next step's forward raises

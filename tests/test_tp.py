@@ -93,6 +93,34 @@ def test_each_rank_loads_its_slice_of_every_tensor(interleaved: Checkpoint, rank
     assert torch.equal(params["layers.0.feed_forward.down.weight"], down[:, rank * n:(rank + 1) * n])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_expert_parallel_ranks_hold_their_experts_whole(interleaved: Checkpoint, rank: int) -> None:
+    """--tp 2 --ep-size 2: rank r holds experts [2r, 2r + 2) of 4 whole, and the shared
+    expert's half as under plain --tp; every other tensor is the --tp 2 slice."""
+    cfg = ModelConfig.from_path(interleaved.path)
+    model, _ = load_model(interleaved.path, "float32", tp=_Rank(rank, 2), ep_size=2)  # type: ignore[arg-type]
+    tp_only, _ = load_model(interleaved.path, "float32", tp=_Rank(rank, 2))  # type: ignore[arg-type]
+    full = dict(load_model(interleaved.path, "float32")[0].named_parameters())
+    shard = plan_shard(cfg, rank, 2, ep=2)
+    assert shard.experts == (2 * rank, 2 * rank + 2) and shard.expert_inter == (0, cfg.intermediate_size)
+    theirs = dict(tp_only.named_parameters())
+    for name, got in model.named_parameters():
+        if name.endswith(("experts.w13", "experts.w2")):
+            assert torch.equal(got, full[name][2 * rank:2 * rank + 2]), name
+        else:
+            assert torch.equal(got, theirs[name]), name
+
+
+def test_expert_groups_split_their_experts_within_the_group(interleaved: Checkpoint) -> None:
+    """--tp 4 --ep-size 2: two groups of two ranks; each group holds half the experts and
+    splits each of them in two."""
+    cfg = ModelConfig.from_hf_dict({**_raw(interleaved), "num_key_value_heads": 4})
+    got = [(s.experts, s.expert_inter, s.inter) for s in (plan_shard(cfg, r, 4, ep=2) for r in range(4))]
+    half, quarter = cfg.intermediate_size // 2, cfg.intermediate_size // 4
+    assert got == [((0, 2), (0, half), (0, quarter)), ((0, 2), (half, 2 * half), (quarter, 2 * quarter)),
+                   ((2, 4), (0, half), (2 * quarter, 3 * quarter)), ((2, 4), (half, 2 * half), (3 * quarter, 4 * quarter))]
+
+
 def test_a_rank_reads_only_its_slices_from_the_file(interleaved: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sharded tensors come through safetensors' get_slice; only replicated ones are read whole."""
     import specdec.target.loader as loader
@@ -135,6 +163,13 @@ def test_sizes_that_do_not_divide_are_refused(interleaved: Checkpoint) -> None:
     with pytest.raises(ConfigError, match="num_key_value_heads = 2 neither divides"):
         plan_shard(ModelConfig.from_hf_dict({**_raw(interleaved), "num_attention_heads": 6}), 0, 3)
     assert plan_shard(cfg, 3, 4).kv_heads == (1, 2)  # 2 KV heads over 4 ranks: replicated
+    with pytest.raises(ConfigError, match="--ep-size 3 must divide --tp 2"):
+        plan_shard(cfg, 0, 2, ep=3)
+    with pytest.raises(ConfigError, match="num_local_experts = 3 does not divide by --ep-size 2"):
+        plan_shard(ModelConfig.from_hf_dict({**_raw(interleaved), "num_local_experts": 3}), 0, 2, ep=2)
+    dense = {k: v for k, v in _raw(interleaved).items() if k not in ("moe_layers",)}
+    with pytest.raises(ConfigError, match="no MoE layers"):
+        plan_shard(ModelConfig.from_hf_dict({**dense, "moe_layers": []}), 0, 2, ep=2)
 
 
 def test_an_engine_refuses_a_tp_its_model_cannot_split_and_leaves_nothing_behind(interleaved: Checkpoint,
@@ -180,6 +215,25 @@ def test_tp2_equals_tp1_and_transformers(interleaved: Checkpoint, tp2: Any) -> N
     for f in engine.tp_footprints:
         assert 0.5 * whole <= f["weight_bytes"] < 0.56 * whole
         assert f["kv_bytes"] == kv_whole // 2
+
+
+def test_tp2_ep2_equals_tp1_and_transformers_with_eagle3(interleaved: Checkpoint, head: Path, tp2: Any) -> None:
+    """Whole experts per rank (--ep-size 2; vLLM's --enable-expert-parallel is the same here):
+    transformers' greedy tokens, --tp 1's with EAGLE3 on, and weights per rank still ~1/2."""
+    engine = tp2(ep_size=-1)
+    assert engine.config.dist_config().ep_size == 2
+    compare_with_hf(engine, interleaved.hf, PROMPTS, max_new_tokens=10, tol=1e-3)
+    one = interleaved.engine()
+    whole = sum(p.numel() * p.element_size() for p in one.model.parameters())
+    for f in engine.tp_footprints:
+        assert 0.5 * whole <= f["weight_bytes"] < 0.56 * whole
+    engine.shutdown()
+    spec = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": str(head),
+            "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6}
+    eagle = tp2(ep_size=2, **spec)
+    want = [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    outs = eagle.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == want and all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
 
 
 def test_tp2_all_moe_layers_with_a_replicated_kv_head(tmp_path: Path, tp2: Any) -> None:
