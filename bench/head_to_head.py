@@ -263,8 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lossless = ""
         if r.name.startswith(label + " +"):
             lossless = "yes" if r.outputs == plain.outputs else "NO"
+        vs_hf = f"{r.tok_s / base.tok_s:>9.2f}x" if base else f"{'-':>10}"  # (--skip-hf)
         print(f"{r.name:<48} {r.tokens[0]:>7} {r.tok_s:>7.1f} "
-              f"{(r.tok_s / base.tok_s if base else float('nan')):>9.2f}x {r.tok_s / plain.tok_s:>8.2f}x "
+              f"{vs_hf} {r.tok_s / plain.tok_s:>8.2f}x "
               f"{statistics.mean(r.accept):>7.2f}  {lossless}")
     for note in notes:
         print(note)
