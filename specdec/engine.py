@@ -291,7 +291,7 @@ class Engine:
             pool = KVPool(1, self.max_total_tokens, dc.num_kv_heads, dc.head_dim, dtype, self.device)
             proposer = Eagle3Proposer(self.draft_model, pool, backend, spec,
                                       self.model_config.num_layers, self.model_config.vocab_size)
-        return SpecWorker(spec, proposer, self.runner, self.metrics)
+        return SpecWorker(spec, proposer, self.runner)
 
     def _extra_slots(self) -> int:
         """Slots beyond the committed prefix one speculative step needs (SpecWorker.extra_slots,

@@ -53,7 +53,7 @@ class ModelWorker:
         if batch.kind is StepKind.EXTEND:
             return StepResult(tuple(self._extend(batch.reqs, batch.feeds)))
         if self.spec is not None:
-            return StepResult(tuple(self.spec.step(batch.reqs, batch.running)))
+            return StepResult(tuple(self.spec.step(batch.reqs, len(batch.reqs))))
         return StepResult(tuple(self._extend(batch.reqs, [r.uncached_ids() for r in batch.reqs])))
 
     def _extend(self, reqs: Sequence[Req], feeds: Sequence[Sequence[int]]) -> list[ReqOutput]:

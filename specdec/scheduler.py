@@ -148,19 +148,18 @@ class Scheduler:
                 self.fail(chunk, e)
                 self._failed.append(chunk)
                 return None
-            return ScheduledBatch(StepKind.EXTEND, (chunk,), (tuple(self._feed(chunk)),), len(self.running))
+            return ScheduledBatch(StepKind.EXTEND, (chunk,), (tuple(self._feed(chunk)),))
         batch = self._admit()
         if batch:
             self.running.extend(batch)
             self._admitted = True
-            return ScheduledBatch(StepKind.EXTEND, tuple(batch), tuple(tuple(self._feed(r)) for r in batch),
-                                  len(self.running))
+            return ScheduledBatch(StepKind.EXTEND, tuple(batch), tuple(tuple(self._feed(r)) for r in batch))
         self._chunk_turn = True
         if not self.running:
             return None
         self._reserve_decode_slots()
         decoding = tuple(r for r in self.running if not self._mid_prefill(r))
-        return ScheduledBatch(StepKind.DECODE, decoding, running=len(decoding)) if decoding else None
+        return ScheduledBatch(StepKind.DECODE, decoding) if decoding else None
 
     def postprocess(self, batch: ScheduledBatch, result: StepResult | None) -> list[Req]:
         """Apply a step's result: committed positions, prompt logprobs, new tokens (stops

@@ -14,9 +14,9 @@ One decode step of requests with c committed tokens each (specdec/model_worker.p
    of committed positions is final when the step ends (the prefix cache and n > 1 siblings
    share it); a request that did not speculate keeps them pending until it speculates again.
 
-The step's K/V slots: the tree (N nodes), then the draft's scratch slots of the next tree;
-`slots_needed` says how many, the scheduler reserves them, and frees what the step did not
-commit afterwards.
+The step's K/V slots past the committed prefix: the draft's scratch slots, the tree's N, the
+accepted path's (`extra_slots_for` says how many); the scheduler reserves them and frees what
+the step did not commit afterwards.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from specdec.draft.proposer import Proposer
 
 from .accept_stats import AcceptStats, expected_accepted
 from .grammar import apply_bitmask
-from .metrics import EngineMetrics
 from .model_runner import ModelRunner
 from .request import Req
 from .sampler import apply_penalties, processed_probs
@@ -63,12 +62,10 @@ class VerifyRecord(NamedTuple):
 
 class SpecWorker:
     def __init__(
-        self, spec: SpecConfig, proposer: Proposer, runner: ModelRunner, metrics: EngineMetrics
-    ) -> None:
+        self, spec: SpecConfig, proposer: Proposer, runner: ModelRunner) -> None:
         self.spec = spec
         self.proposer = proposer
         self.runner = runner
-        self.metrics = metrics
         # set to a list to record every verify step (bench/accept_analysis.py); None costs nothing
         self.trace: list[VerifyRecord] | None = None
         envelope = spec.envelope
@@ -88,8 +85,7 @@ class SpecWorker:
 
     @property
     def extra_slots(self) -> int:
-        """Slots a decode step needs beyond the request's committed prefix: the tree (N nodes),
-        or the draft's scratch slots and up to num_steps + 1 newly committed positions."""
+        """Slots a decode step needs beyond the request's committed prefix (`extra_slots_for`)."""
         return extra_slots_for(self.spec, self.proposer.temp_slots)
 
     # ---- drafting -------------------------------------------------------------------------------
@@ -211,10 +207,11 @@ class SpecWorker:
                 if self.trace is not None:
                     self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted),
                                                    depth, shape.label))
-            lp = None if logprobs is None else logprobs[torch.tensor(path) + q0]
+            path_rows = torch.tensor(path) + q0
+            lp = None if logprobs is None else logprobs[path_rows]
             outputs.append(ReqOutput(c + len(path), emitted, lp, spec=SpecOutcome(shape, len(result.accepted), depth)))
             if all_feats is not None:
-                pending.append(PendingFeatures(c, self.rows_of(all_feats, torch.tensor(path) + q0), emitted))
+                pending.append(PendingFeatures(c, self.rows_of(all_feats, path_rows), emitted))
         if all_feats is not None:
             self.record(reqs, pending)
         return outputs

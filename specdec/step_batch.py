@@ -33,7 +33,6 @@ class ScheduledBatch:
     reqs: tuple[Req, ...]
     # EXTEND: the tokens each request feeds after its num_cached cached ones; DECODE: empty
     feeds: tuple[tuple[int, ...], ...] = ()
-    running: int = 0  # requests decoding after this step (the batch adaptive speculation sizes trees for)
 
     def __post_init__(self) -> None:
         if self.kind is StepKind.EXTEND and len(self.feeds) != len(self.reqs):

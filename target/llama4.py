@@ -378,8 +378,8 @@ class Llama4ForCausalLM(nn.Module):
         n = 0
         for layer in self.layers:
             ff = getattr(layer, "feed_forward", None)
-            whole = ff.part.hi - ff.part.lo == ff.num_experts if isinstance(ff, MoE) else False
-            if isinstance(ff, MoE) and ff.top_k == 1 and ff.experts.quantized is None and whole:
+            if (isinstance(ff, MoE) and ff.top_k == 1 and ff.experts.quantized is None
+                    and ff.part.hi - ff.part.lo == ff.num_experts):
                 ff.kernel = "triton"
                 n += 1
         return n

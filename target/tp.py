@@ -54,7 +54,6 @@ class TPShard:
     vocab: tuple[int, int]  # [lo, hi) of the vocabulary (embedding and lm_head rows)
     experts: tuple[int, int] = (0, 0)  # [lo, hi) of the routed experts held (all of them at --ep-size 1)
     expert_inter: tuple[int, int] = (0, 0)  # [lo, hi) of each held expert's intermediate dim
-    ep: int = 1  # --ep-size
 
     @property
     def expert_part(self) -> ExpertPart:
@@ -101,7 +100,7 @@ def plan_shard(cfg: ModelConfig, rank: int, world: int, ep: int = 1) -> TPShard:
         experts = _split(cfg.num_experts, rank // group, ep, "num_local_experts", "--ep-size")
         expert_inter = _split(cfg.intermediate_size, rank % group, group, "intermediate_size",
                               f"--tp / --ep-size = {world} / {ep} =")
-    return TPShard(rank, world, heads, kv, inter, inter_mlp, vocab, experts, expert_inter, ep)
+    return TPShard(rank, world, heads, kv, inter, inter_mlp, vocab, experts, expert_inter)
 
 
 _LAYER = re.compile(r"layers\.\d+\.(.+)")
