@@ -319,12 +319,12 @@ class Llama4ForCausalLM(nn.Module):
         assert x is not None
         rope = self.rotary.cis(positions)  # [T, D/2] complex
         captured: dict[int, Tensor] = {}
-        fast: Any = fast_path(x, batch) if self.tp is None else None  # (the fused layers have no all-reduce)
+        fast: Any = fast_path(x, batch)
         if fast is not None:
             seq = batch.attn.seqs[0]
             rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)
             mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
-            stack = self._stack_weights()
+            stack = self._stack_weights() if self.tp is None else None  # (one call has no all-reduce)
             if stack is not None:  # every layer in one call
                 a0: Attention = self.layers[0].attn  # type: ignore[assignment]
                 capture = list(batch.capture_layers)
@@ -341,10 +341,15 @@ class Llama4ForCausalLM(nn.Module):
             fused = layer.fused_weights() if fast is not None else None
             if fused is not None:
                 a: Attention = layer.attn
-                x = fast.decoder_layer(
-                    x.contiguous(), rope_real, *fused.weights, a.eps, a.num_heads, a.num_kv_heads, a.head_dim,
-                    batch.kv_k[i], batch.kv_v[i], batch.attn.out_slots, seq.kv_slots, mask, a.scale, fused.act_bits,
-                )
+                x, w = x.contiguous(), fused.weights
+                kv = (batch.kv_k[i], batch.kv_v[i], batch.attn.out_slots, seq.kv_slots, mask, a.scale, fused.act_bits)
+                if self.tp is None:
+                    x = fast.decoder_layer(x, rope_real, *w, a.eps, a.num_heads, a.num_kv_heads, a.head_dim, *kv)
+                else:  # --tp: this rank's heads and MLP slice; the partial sums meet between the halves
+                    attn = fast.decoder_layer_attention(x, rope_real, *w[:5], a.eps, a.num_heads, a.num_kv_heads,
+                                                        a.head_dim, *kv)
+                    h = x + self.tp.all_reduce(attn)
+                    x = h + self.tp.all_reduce(fast.decoder_layer_mlp(h, *w[5:], a.eps, fused.act_bits))
             else:
                 x = layer(x, positions, rope, batch)
         captured[len(self.layers)] = x

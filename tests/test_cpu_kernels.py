@@ -308,6 +308,82 @@ def test_decoder_stack_returns_the_captured_layer_inputs(tmp_path, monkeypatch) 
     assert torch.equal(got[1][0], model.embed_tokens(ids))  # layer 0's input is the embedding
 
 
+def _layer_weights(g: torch.Generator, hidden: int, heads: int, kv_heads: int, d: int, inter: int) -> dict[str, torch.Tensor]:
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+
+    return {"in_norm": 1 + 0.1 * torch.randn(hidden, generator=g), "q": w(heads * d, hidden),
+            "k": w(kv_heads * d, hidden), "v": w(kv_heads * d, hidden), "o": w(hidden, heads * d),
+            "post_norm": 1 + 0.1 * torch.randn(hidden, generator=g), "gate": w(inter, hidden),
+            "up": w(inter, hidden), "down": w(hidden, inter)}
+
+
+def _halves_args(lw: dict[str, torch.Tensor], quantise: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(in_norm, qkv, qkv scale, o, o scale), (post_norm, gate_up, its scale, down, its scale) as the
+    fused kernels take them; int8 per output channel when `quantise`."""
+    def linear(weight: torch.Tensor) -> list[torch.Tensor]:
+        if not quantise:
+            return [weight.contiguous(), torch.empty(0)]
+        scale = weight.abs().amax(1).clamp_min(1e-8) / 127
+        return [ck.pack_w8(torch.round(weight / scale[:, None]).to(torch.int8)), scale.float()]
+
+    attn = [lw["in_norm"], *linear(torch.cat([lw["q"], lw["k"], lw["v"]])), *linear(lw["o"])]
+    mlp = [lw["post_norm"], *linear(torch.cat([lw["gate"], lw["up"]])), *linear(lw["down"])]
+    return attn, mlp
+
+
+@pytest.mark.parametrize("quantise", [False, True])
+def test_layer_halves_compose_to_the_fused_layer_and_sum_over_shards(quantise: bool) -> None:
+    """--tp runs a fused layer as two halves with the ranks' partial sums all-reduced between
+    them: x + attention then + mlp is bitwise decoder_layer; and the halves over a 2-way split
+    of the heads and the MLP rows, summed, equal the whole layer (float32 weights)."""
+    g = torch.Generator().manual_seed(7)
+    hidden, heads, kv_heads, d, inter, T, S, eps = 64, 4, 2, 16, 96, 5, 32, 1e-5
+    lw = _layer_weights(g, hidden, heads, kv_heads, d, inter)
+    x = torch.randn(T, hidden, generator=g)
+    pos = torch.arange(8, 8 + T)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = pos[:, None].float() * inv[None, :]
+    rope = torch.stack([ang.cos(), ang.sin()], -1).contiguous()  # [T, d/2, 2]
+    out_slots, kv_slots = torch.arange(8, 8 + T), torch.arange(8 + T)
+    mask = torch.ones(T, 8 + T, dtype=torch.bool)
+    mask[:, 8:] = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    prefix_k, prefix_v = torch.randn(S, kv_heads, d, generator=g), torch.randn(S, kv_heads, d, generator=g)
+
+    def caches(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return prefix_k[:, lo:hi].clone().contiguous(), prefix_v[:, lo:hi].clone().contiguous()
+
+    attn_w, mlp_w = _halves_args(lw, quantise)
+    act_bits = 16
+    kc, vc = caches(0, kv_heads)
+    whole = kernels.decoder_layer(x, rope, *attn_w, *mlp_w, eps, heads, kv_heads, d, kc, vc, out_slots, kv_slots,
+                                  mask, 0.25, act_bits)
+    kc2, vc2 = caches(0, kv_heads)
+    h = x + kernels.decoder_layer_attention(x, rope, *attn_w, eps, heads, kv_heads, d, kc2, vc2, out_slots, kv_slots,
+                                            mask, 0.25, act_bits)
+    assert torch.equal(h + kernels.decoder_layer_mlp(h, *mlp_w, eps, act_bits), whole)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)  # the same K/V stored
+    if quantise:
+        return
+    hq, hkv, hi_ = heads // 2, kv_heads // 2, inter // 2
+    parts_attn, parts_mlp = [], []
+    for r in range(2):
+        q_rows, kv_rows, i_rows = slice(r * hq * d, (r + 1) * hq * d), slice(r * hkv * d, (r + 1) * hkv * d), \
+            slice(r * hi_, (r + 1) * hi_)
+        shard = {"in_norm": lw["in_norm"], "q": lw["q"][q_rows], "k": lw["k"][kv_rows], "v": lw["v"][kv_rows],
+                 "o": lw["o"][:, q_rows], "post_norm": lw["post_norm"], "gate": lw["gate"][i_rows],
+                 "up": lw["up"][i_rows], "down": lw["down"][:, i_rows]}
+        a_w, m_w = _halves_args(shard, False)
+        kr, vr = caches(r * hkv, (r + 1) * hkv)
+        parts_attn.append(kernels.decoder_layer_attention(x, rope, *a_w, eps, hq, hkv, d, kr, vr, out_slots,
+                                                          kv_slots, mask, 0.25, act_bits))
+        parts_mlp.append((m_w, (kr, vr)))
+        _close(kr[out_slots], kc[out_slots][:, r * hkv:(r + 1) * hkv])  # this rank's K heads stored
+    h = x + parts_attn[0] + parts_attn[1]
+    out = h + sum(kernels.decoder_layer_mlp(h, *m_w, eps, act_bits) for m_w, _ in parts_mlp)
+    _close(out, whole)
+
+
 @pytest.mark.parametrize("quantization", [None, "w8a16", "w8a8_int8", "w4a16"])
 def test_fused_eagle3_layer_matches_the_module_path(monkeypatch, quantization) -> None:
     """The draft head's one-call layer == its module path: a prefix extend (causal) and a tree

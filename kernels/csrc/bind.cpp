@@ -28,6 +28,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a decode batch: one float32 query per request over that request's slots");
   m.def("top_logprobs", &top_logprobs, "the k best log-probabilities of each row of float32 logits, best first");
   m.def("decoder_layer", &decoder_layer, "one dense Llama decoder layer over the paged cache (float32)");
+  m.def("decoder_layer_attention", &decoder_layer_attention,
+        "a decoder layer's attention half without the residual (--tp: this rank's partial sum)");
+  m.def("decoder_layer_mlp", &decoder_layer_mlp,
+        "a decoder layer's MLP half without the residual (--tp: this rank's partial sum)");
   m.def("decoder_stack", &decoder_stack, "every layer of a dense Llama in one call (float32), with captures");
   m.def("eagle3_layer", &eagle3_layer, "the EAGLE3 draft head's decoder layer over the paged cache (float32)");
 }

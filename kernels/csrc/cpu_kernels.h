@@ -78,6 +78,18 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
                          double scale, int64_t act_bits);
+// the two halves of decoder_layer without its residual adds (--tp: each returns this rank's
+// partial sum): attention = O(attention(QKV(rms_norm(x)))), K/V stored; mlp = down(silu(g) * u)
+// of rms_norm(x, post_norm); decoder_layer(x) == h + mlp(h) with h = x + attention(x)
+at::Tensor decoder_layer_attention(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
+                                   const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
+                                   const at::Tensor& o_s, double eps, int64_t num_heads, int64_t num_kv_heads,
+                                   int64_t head_dim, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                                   double scale, int64_t act_bits);
+at::Tensor decoder_layer_mlp(const at::Tensor& x, const at::Tensor& post_norm, const at::Tensor& gu_w,
+                             const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s, double eps,
+                             int64_t act_bits);
 // the EAGLE3 draft layer: attention input [rms_norm(emb, in_norm) | rms_norm(feat, hidden_norm)],
 // residual feat; returns the pre-norm hidden [T, hidden]
 at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,

@@ -1,5 +1,7 @@
 // One dense Llama decoder layer in a single call, float32, for the CPU hot path (decode and
-// tree verification of one request); `eagle3_layer` is the EAGLE3 draft head's layer (two
+// tree verification of one request); `decoder_layer_attention` and `decoder_layer_mlp` are its
+// two halves without the residuals, for --tp (each rank's partial sums are all-reduced between
+// them, in Python); `eagle3_layer` is the EAGLE3 draft head's layer (two
 // norms over [embedding | features], the features as residual) on the same body. Python dispatches ~30 small torch ops per layer, which
 // at batch 1 costs as much as the layer's arithmetic; here they are plain C++ calls.
 // Reference: the module path (target/llama4.py DecoderLayer.forward with the torch
@@ -52,16 +54,7 @@ void rope_inplace(float* x, int64_t T, int64_t heads, int64_t D, const float* ro
 }
 
 
-// attention + MLP of a Llama layer given the attention input already normed:
-//   h [T, Kin] (rms_norm(x) for a target layer; [norm(emb) | norm(features)] for EAGLE3),
-//   x [T, hidden] the residual stream; returns x + attn + mlp (pre-norm)
-at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor& rope, const at::Tensor& qkv_w,
-                      const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
-                      const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
-                      const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
-                      int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                      const at::Tensor& mask, double scale, int64_t act_bits) {
+void check_rows(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& out_slots, int64_t head_dim) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "decoder_layer: x must be a contiguous float32 [T, hidden] tensor");
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.size(0) == x.size(0) &&
@@ -69,13 +62,24 @@ at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor
               "decoder_layer: rope must be float32 [T, head_dim/2, 2] (cos, sin)");
   TORCH_CHECK(out_slots.scalar_type() == at::kLong && out_slots.numel() == x.size(0),
               "decoder_layer: out_slots must be int64 [T]");
-  const int64_t T = x.size(0), D = head_dim, H = num_heads, Hkv = num_kv_heads;
+}
+
+// the attention half of a layer given its input already normed, h [T, Kin] (rms_norm(x) for a
+// target layer; [norm(emb) | norm(features)] for EAGLE3): QKV, RoPE, K/V stored at out_slots,
+// attention over kv_slots, O; returns attn W_o^T [T, hidden] (no residual; with --tp this
+// rank's partial sum)
+at::Tensor attention_out(const at::Tensor& h, const at::Tensor& rope, const at::Tensor& qkv_w,
+                         const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s, int64_t num_heads,
+                         int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
+                         const at::Tensor& mask, double scale, int64_t act_bits) {
+  const int64_t T = h.size(0), D = head_dim, H = num_heads, Hkv = num_kv_heads;
   const int64_t q_size = H * D, kv_size = Hkv * D;
   const int64_t S = k_cache.size(0);
 
   at::Tensor qkv = linear(h, qkv_w, qkv_s, act_bits);  // [T, q + 2 kv]
   TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "decoder_layer: qkv width does not match heads");
-  at::Tensor q = at::empty({T, H, D}, x.options());
+  at::Tensor q = at::empty({T, H, D}, h.options());
   float* qp = q.data_ptr<float>();
   const float* src = qkv.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
@@ -98,14 +102,36 @@ at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor
     std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, vc + slot * kv_size);
   }
   at::Tensor attn = paged_attention(q, k_cache, v_cache, kv_slots, mask, scale);  // [T, H, D]
-  at::Tensor out = x + linear(attn.view({T, q_size}), o_w, o_s, act_bits);
-  at::Tensor gu = linear(rms_norm(out, post_norm, eps), gu_w, gu_s, act_bits);  // [T, 2 I]
+  return linear(attn.view({T, q_size}), o_w, o_s, act_bits);
+}
+
+// the MLP half: (silu(g) * u) W_down^T with [g | u] = rms_norm(x) W_gu^T, x [T, hidden]; no
+// residual (with --tp: this rank's partial sum)
+at::Tensor mlp_out(const at::Tensor& x, const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                   const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t act_bits) {
+  const int64_t T = x.size(0);
+  at::Tensor gu = linear(rms_norm(x, post_norm, eps), gu_w, gu_s, act_bits);  // [T, 2 I]
   const int64_t I = gu.size(1) / 2;
   at::Tensor act = at::empty({T, I}, x.options());
   const float* gp = gu.data_ptr<float>();
   float* ap = act.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) silu_mul(gp + t * 2 * I, gp + t * 2 * I + I, ap + t * I, I);
-  out.add_(linear(act, down_w, down_s, act_bits));
+  return linear(act, down_w, down_s, act_bits);
+}
+
+// attention + MLP of a Llama layer given the attention input already normed (h, as
+// attention_out takes it) and the residual stream x [T, hidden]; returns x + attn + mlp
+at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor& rope, const at::Tensor& qkv_w,
+                      const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                      const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                      const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                      int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
+                      const at::Tensor& mask, double scale, int64_t act_bits) {
+  check_rows(x, rope, out_slots, head_dim);
+  at::Tensor out = x + attention_out(h, rope, qkv_w, qkv_s, o_w, o_s, num_heads, num_kv_heads, head_dim, k_cache,
+                                     v_cache, out_slots, kv_slots, mask, scale, act_bits);
+  out.add_(mlp_out(out, post_norm, gu_w, gu_s, down_w, down_s, eps, act_bits));
   return out;
 }
 
@@ -122,6 +148,25 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
   return layer_body(rms_norm(x, in_norm, eps), x, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
                     down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask,
                     scale, act_bits);
+}
+
+at::Tensor decoder_layer_attention(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
+                                   const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
+                                   const at::Tensor& o_s, double eps, int64_t num_heads, int64_t num_kv_heads,
+                                   int64_t head_dim, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                                   double scale, int64_t act_bits) {
+  check_rows(x, rope, out_slots, head_dim);
+  return attention_out(rms_norm(x, in_norm, eps), rope, qkv_w, qkv_s, o_w, o_s, num_heads, num_kv_heads, head_dim,
+                       k_cache, v_cache, out_slots, kv_slots, mask, scale, act_bits);
+}
+
+at::Tensor decoder_layer_mlp(const at::Tensor& x, const at::Tensor& post_norm, const at::Tensor& gu_w,
+                             const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s, double eps,
+                             int64_t act_bits) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "decoder_layer_mlp: x must be a contiguous float32 [T, hidden] tensor");
+  return mlp_out(x, post_norm, gu_w, gu_s, down_w, down_s, eps, act_bits);
 }
 
 at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
