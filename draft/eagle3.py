@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.distributed import TPGroup
 from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
 from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis
@@ -56,6 +57,12 @@ class Eagle3Draft(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope.inv_freq(cfg.head_dim))
         self.scale = cfg.head_dim**-0.5
         self._fused: FusedLayer | bool | None = None  # None: not yet decided; False: no
+        # --tp (draft/eagle3_tp.py shard_eagle3): this rank's heads, fc's input columns, the
+        # target's vocabulary-parallel embedding; partial sums all-reduced, logits all-gathered
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.tp: TPGroup | None = None
+        self.fc_cols: tuple[int, int] | None = None
+        self.target_embed: Callable[[Tensor], Tensor] | None = None
 
     def fused_weights(self) -> FusedLayer | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` eagle3_layer), or None when the
@@ -78,12 +85,20 @@ class Eagle3Draft(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         if self.embed_tokens is not None:
             return self.embed_tokens(ids)
+        if self.target_embed is not None:
+            return self.target_embed(ids)
         assert self._shared_embedding is not None, "call share_embedding() first"
         return F.embedding(ids, self._shared_embedding)
 
     def project_features(self, aux: list[Tensor]) -> Tensor:
         """Three captured target hidden states [T, H_t] each -> draft features [T, H]."""
-        return self.fc(torch.cat(aux, dim=-1).to(self.norm.weight.dtype))
+        x = torch.cat(aux, dim=-1).to(self.norm.weight.dtype)
+        if self.fc_cols is not None:
+            x = x[:, self.fc_cols[0] : self.fc_cols[1]]
+        return self._reduce(self.fc(x))
+
+    def _reduce(self, partial: Tensor) -> Tensor:  # --tp: the ranks' partial sums added
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def forward(
         self,
@@ -129,16 +144,17 @@ class Eagle3Draft(nn.Module):
         x = torch.cat((self.input_layernorm(emb), self.hidden_norm(features)), dim=-1)
         q, k, v = self.qkv(x.reshape(N, -1)).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         cis = self.rotary.cis(positions.reshape(N))  # [N, D/2] complex
-        q = apply_rope_cis(q.view(N, self.cfg.num_heads, self.cfg.head_dim), cis)
-        k = apply_rope_cis(k.view(N, self.cfg.num_kv_heads, self.cfg.head_dim), cis)
-        v = v.view(N, self.cfg.num_kv_heads, self.cfg.head_dim)
+        q = apply_rope_cis(q.view(N, self.num_heads, self.cfg.head_dim), cis)
+        k = apply_rope_cis(k.view(N, self.num_kv_heads, self.cfg.head_dim), cis)
+        v = v.view(N, self.num_kv_heads, self.cfg.head_dim)
         attn = attend(q, k, v)  # [N, H, D]
-        h = features + self.o_proj(attn.reshape(N, self.q_size)).view(*lead, -1)
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        h = features + self._reduce(self.o_proj(attn.reshape(N, self.q_size))).view(*lead, -1)
+        h = h + self._reduce(self.mlp(self.post_attention_layernorm(h)))
         return DraftOutput(self.norm(h), h)
 
     def draft_logits(self, logits_hidden: Tensor) -> Tensor:  # [N, H] -> [N, draft_vocab] fp32
-        return self.lm_head(logits_hidden).float()
+        logits = self.lm_head(logits_hidden).float()
+        return logits if self.tp is None else self.tp.all_gather(logits)  # (ranks hold vocabulary slices)
 
     def to_target_ids(self, draft_ids: Tensor) -> Tensor:
         """Draft-vocab ids -> target ids (target = draft + d2t[draft])."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from specdec.distributed import TPGroup
 from specdec.kernels.backend import AttentionBackend, AttentionMeta, ForwardBatch, SeqAttnMeta
 from specdec.kernels.kv_pool import KVPool
 from specdec.multimodal import merge_embeds
@@ -29,7 +30,7 @@ from specdec.spec_state import DraftRoot, PendingFeatures
 from specdec.tree import DraftTree, static_rank_tree, tree_from_candidates
 from specdec.tree_shape import TreeShape
 
-from .eagle3 import Eagle3Draft
+from .eagle3 import DraftOutput, Eagle3Draft
 from .ngram_merge import MIN_SAMPLED_COPY_MATCH, NgramIndex, attach_chain, merge_greedy
 from .proposer import Proposer
 from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder, top_children
@@ -59,8 +60,12 @@ class Eagle3Proposer(Proposer):
         spec: SpecConfig,
         target_num_layers: int,
         target_vocab_size: int,
+        tp: TPGroup | None = None,
     ) -> None:
+        """`tp`: the head is split over the --tp ranks (draft/eagle3_tp.py); each draft call is
+        broadcast to the worker ranks before it runs here (None: the head is whole on this rank)."""
         self.draft = draft
+        self.tp = tp if tp is not None and tp.world > 1 else None
         self.pool = pool
         self.backend = backend
         self.spec = spec
@@ -72,9 +77,25 @@ class Eagle3Proposer(Proposer):
         self.hot_ids = draft.to_target_ids(hot).cpu()  # [Vd]; tree building runs on the CPU
         self._hot_bits: tuple[Tensor, Tensor] | None = None  # structured outputs: (word, bit) per draft id
 
-    def _batch(self, seqs: list[SeqAttnMeta], out_slots: list[Tensor]) -> ForwardBatch:
+    # ---- the draft's calls: with a split head each is broadcast first (the ranks meet inside) --------
+    def features(self, aux: list[Tensor]) -> Tensor:  # per aux layer [T, H_t] -> [T, H]
+        if self.tp is not None:
+            self.tp.broadcast(("draft_features", [a.cpu() for a in aux]))
+        return self.draft.project_features(aux)
+
+    def forward(self, ids: Tensor, feats: Tensor, positions: Tensor, seqs: list[SeqAttnMeta],
+                out_slots: list[Tensor], embeds: Tensor | None = None) -> DraftOutput:
+        """One draft forward over `seqs` (host metadata), K/V written at `out_slots`."""
         meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs))
-        return ForwardBatch(meta.to(self.device), self.pool.k, self.pool.v, self.backend)
+        if self.tp is not None:
+            self.tp.broadcast(("draft_forward", ids.cpu(), feats.cpu(), positions.cpu(), meta,
+                               None if embeds is None else embeds.cpu()))
+        return draft_forward(self.draft, self.pool, self.backend, ids, feats, positions, meta, embeds)
+
+    def logits(self, hidden: Tensor) -> Tensor:  # [N, H] -> [N, draft vocab] fp32, on the CPU
+        if self.tp is not None:
+            self.tp.broadcast(("draft_logits", hidden.cpu()))
+        return self.draft.draft_logits(hidden).cpu()
 
     # ---- extend: commit draft K/V for new positions ----------------------------------------------
     @torch.inference_mode()
@@ -98,12 +119,11 @@ class Eagle3Proposer(Proposer):
             positions.append(kv_pos[start:])
             row += m
             last_rows.append(row - 1)
-        x = self.draft.project_features(list(torch.cat(feats).split(self.draft.cfg.target_hidden_size, dim=-1)))
+        x = self.features(list(torch.cat(feats).split(self.draft.cfg.target_hidden_size, dim=-1)))
         id_t = torch.tensor(ids, device=self.device)
-        out = self.draft(id_t, x, torch.cat(positions).to(self.device), self._batch(seqs, out_slots),
-                         self._image_embeds(reqs, pending, id_t))
+        out = self.forward(id_t, x, torch.cat(positions), seqs, out_slots, self._image_embeds(reqs, pending, id_t))
         rows = torch.tensor(last_rows)
-        logits = self.draft.draft_logits(out.logits_hidden[rows]).cpu()  # [B, Vd]
+        logits = self.logits(out.logits_hidden[rows])  # [B, Vd]
         for i, req in enumerate(reqs):
             req.spec.root = DraftRoot(out.hidden[last_rows[i]], logits[i])
 
@@ -286,8 +306,16 @@ class Eagle3Proposer(Proposer):
         ids = torch.tensor([j.token for j in jobs])
         feats = torch.stack([j.feature for j in jobs])
         positions = torch.cat([s.q_positions for s in seqs])
-        out = self.draft(ids.to(self.device), feats, positions.to(self.device), self._batch(seqs, out_slots))
-        return out.hidden, self.draft.draft_logits(out.logits_hidden).cpu()
+        out = self.forward(ids, feats, positions, seqs, out_slots)
+        return out.hidden, self.logits(out.logits_hidden)
+
+
+def draft_forward(draft: Eagle3Draft, pool: KVPool, backend: AttentionBackend, ids: Tensor, feats: Tensor,
+                  positions: Tensor, meta: AttentionMeta, embeds: Tensor | None) -> DraftOutput:
+    """One draft forward on this rank's pool (rank 0's proposer and, with a split head, every worker)."""
+    dev = pool.k[0].device
+    batch = ForwardBatch(meta.to(dev), pool.k, pool.v, backend)
+    return draft(ids.to(dev), feats.to(dev), positions.to(dev), batch, None if embeds is None else embeds.to(dev))
 
 
 def _root(req: Req) -> DraftRoot:

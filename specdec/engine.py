@@ -25,6 +25,7 @@ import torch
 
 from specdec.draft.eagle3 import Eagle3Draft
 from specdec.draft.eagle3_proposer import Eagle3Proposer, eagle3_temp_slots
+from specdec.draft.eagle3_tp import load_eagle3_for_rank
 from specdec.draft.loader import load_eagle3
 from specdec.draft.ngram import NgramProposer
 from specdec.draft.proposer import Proposer
@@ -32,7 +33,7 @@ from specdec.kernels import AttentionBackend, cpu_kernels, get_attention_backend
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.config import CheckpointLayout, ModelConfig
 from specdec.target.embedded import default_cache_dir, resolve_model_path
-from specdec.target.loader import load_full_embeddings, load_model
+from specdec.target.loader import load_model
 from specdec.target.quant import quantize_model
 from specdec.target.tp import plan_shard
 from specdec.target.vision import VisionTower, load_vision_tower
@@ -166,14 +167,18 @@ class Engine:
             if self.tp is not None:  # the workers build the same pools over their KV heads
                 self.tp.broadcast((len(self.kv_pool.k), self.max_total_tokens,
                                    0 if swa_pool is None else len(swa_pool.k), 0 if swa_pool is None else swa_pool.num_slots))
-                gathered = self.tp.gather(footprint(self.model, [self.kv_pool, swa_pool]))
-                self.tp_footprints = list(gathered or [])
-                log.info("tensor parallel: %d ranks; weights per rank %s MiB", self.tp.world,
-                         ", ".join(f"{f['weight_bytes'] / 2**20:.1f}" for f in self.tp_footprints))
             backend = get_attention_backend(self.config.attention_backend, self.device)
             self.runner = ModelRunner(self.model, self.kv_pool, backend, swa_pool, self.vision, self.tp)
             self.metrics = EngineMetrics()
             self.spec = self._make_spec_worker(backend, dtype)
+            if self.tp is not None:  # what each rank holds, once the workers have built their pools
+                proposer = None if self.spec is None else self.spec.proposer
+                draft_pool = proposer.pool if isinstance(proposer, Eagle3Proposer) and proposer.tp else None
+                gathered = self.tp.gather(footprint(self.model, [self.kv_pool, swa_pool],
+                                                    self.draft_model if draft_pool is not None else None, draft_pool))
+                self.tp_footprints = list(gathered or [])
+                log.info("tensor parallel: %d ranks; weights per rank %s MiB", self.tp.world,
+                         ", ".join(f"{f['weight_bytes'] / 2**20:.1f}" for f in self.tp_footprints))
             self.worker = ModelWorker(self.runner, self.spec)
             self.scheduler = Scheduler(
                 self.worker,
@@ -252,9 +257,13 @@ class Engine:
                 "(an EAGLE3 head in the SGLang/vLLM checkpoint format)"
             )
         t0 = time.perf_counter()
-        # (with --tp the draft runs whole on rank 0: it reads the full embedding / lm_head)
-        target = self.model if self.tp is None else load_full_embeddings(self.model_path, self.model)
-        draft = load_eagle3(spec.draft_model_path, target, self.config.dtype)
+        if self.tp is None:
+            draft = load_eagle3(spec.draft_model_path, self.model, self.config.dtype)
+        else:  # --tp: split over the ranks as the target is, or whole on rank 0 (draft/eagle3_tp.py)
+            draft, problem = load_eagle3_for_rank(spec.draft_model_path, self.model_path, self.model,
+                                                  self.config.dtype, self.tp)
+            log.info("EAGLE3 head: %s", f"{problem}; it runs whole on rank 0" if problem else
+                     f"split over the {self.tp.world} ranks")
         draft.to(self.device)
         quantize_model(draft, self.config.quantization)
         log.info("loaded EAGLE3 draft %s in %.1fs (aux layers %s)", spec.draft_model_path,
@@ -287,10 +296,10 @@ class Engine:
         if self.draft_model is None:
             proposer = NgramProposer(spec)
         else:
-            dc = self.draft_model.cfg
-            pool = KVPool(1, self.max_total_tokens, dc.num_kv_heads, dc.head_dim, dtype, self.device)
-            proposer = Eagle3Proposer(self.draft_model, pool, backend, spec,
-                                      self.model_config.num_layers, self.model_config.vocab_size)
+            d = self.draft_model
+            pool = KVPool(1, self.max_total_tokens, d.num_kv_heads, d.cfg.head_dim, dtype, self.device)
+            proposer = Eagle3Proposer(d, pool, backend, spec, self.model_config.num_layers,
+                                      self.model_config.vocab_size, d.tp)
         return SpecWorker(spec, proposer, self.runner)
 
     def _extra_slots(self) -> int:
@@ -306,8 +315,8 @@ class Engine:
         mc = self.model_config
         full = KVPool.bytes_per_token(mc.num_layers - swa_layers, self.model.kv_heads, mc.head_dim, self.kv_dtype)
         if self.draft_model is not None:  # the draft's pool shares the full pool's slot space
-            dc = self.draft_model.cfg
-            full += KVPool.bytes_per_token(1, dc.num_kv_heads, dc.head_dim, dtype)
+            d = self.draft_model  # (--tp with a split head: this rank's KV heads)
+            full += KVPool.bytes_per_token(1, d.num_kv_heads, d.cfg.head_dim, dtype)
         swa = KVPool.bytes_per_token(swa_layers, self.model.kv_heads, mc.head_dim, self.kv_dtype) if swa_layers else 0
         window = 0
         if swa_layers:

@@ -174,11 +174,9 @@ def _draft_forward(proposer: Any, reqs: list[Req], r: int) -> None:
         out_slots.append(slots[c:])
     n = len(reqs) * r
     h = proposer.draft.cfg.hidden_size
-    out = proposer.draft(torch.zeros(n, dtype=torch.long, device=proposer.device),
-                         torch.randn(n, h, device=proposer.device),
-                         torch.cat([s.q_positions for s in seqs]).to(proposer.device),
-                         proposer._batch(seqs, out_slots))
-    proposer.draft.draft_logits(out.logits_hidden).cpu()
+    out = proposer.forward(torch.zeros(n, dtype=torch.long), torch.randn(n, h),
+                           torch.cat([s.q_positions for s in seqs]), seqs, out_slots)
+    proposer.logits(out.logits_hidden)
 
 
 def _host_overheads(proposer: Any) -> tuple[float, float]:

@@ -250,6 +250,60 @@ def test_tp2_dense_llama_with_biases(tmp_path: Path, tp2: Any) -> None:
     compare_with_hf(engine, ckpt.hf, PROMPTS, max_new_tokens=8, tol=1e-3)
 
 
+class _CountingKernels:
+    """The CPU kernel module, counting the fused layer halves --tp runs on each rank."""
+
+    def __init__(self, ext: Any) -> None:
+        self.ext, self.halves = ext, 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "decoder_layer_attention":
+            self.halves += 1
+        return getattr(self.ext, name)
+
+
+@pytest.mark.parametrize("quantization", [None, "w8a16"])
+def test_tp2_dense_llama_runs_the_fused_cpu_layers_on_each_shard(tmp_path: Path, tp2: Any, quantization: str | None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU fast path per rank: each rank runs its heads and MLP rows through the fused layer
+    halves (decoder_layer_attention / decoder_layer_mlp) with the partial sums all-reduced between
+    them; float32: transformers' greedy tokens and logprobs; w8a16 (each rank quantises its shard):
+    --tp 1 w8a16's greedy tokens and logprobs within 0.02."""
+    import specdec.target.llama4 as llama4
+
+    ckpt = make_checkpoint(tmp_path, "llama", seed=8, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16)
+    real = llama4.fast_path
+    counting: list[_CountingKernels] = []
+
+    def fast_path(x: Any, batch: Any) -> Any:
+        ext = real(x, batch)
+        if ext is None:
+            return None
+        counting.append(_CountingKernels(ext))
+        return counting[-1]
+
+    monkeypatch.setattr(llama4, "fast_path", fast_path)
+    engine = tp2(ckpt, quantization=quantization)
+    assert all(layer.fused_weights() is not None for layer in engine.model.layers)
+    if quantization is None:
+        for prompt in PROMPTS:  # one request at a time: the fast path's batch (a batch takes the module path)
+            compare_with_hf(engine, ckpt.hf, [prompt], max_new_tokens=8, tol=1e-3)
+    else:
+        args = {"sampling_params": {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True},
+                "return_logprob": True}
+        with ckpt.engine(quantization=quantization) as one:
+            want = [one.generate(input_ids=p, **args) for p in PROMPTS]
+        got = [engine.generate(input_ids=p, **args) for p in PROMPTS]
+        assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want]
+        for g, w in zip(got, want):
+            diffs = [abs(a[0] - b[0]) for a, b in zip(g["meta_info"]["output_token_logprobs"],
+                                                      w["meta_info"]["output_token_logprobs"])]
+            assert max(diffs) < 0.02
+    # every layer of every forward ran the halves on rank 0 (prefill and 7 decode steps per prompt)
+    assert sum(c.halves for c in counting) >= len(PROMPTS) * 8 * len(engine.model.layers)
+
+
 def test_tp2_with_eagle3_is_lossless_and_sampling_reproducible(interleaved: Checkpoint, head: Path,
                                                                tp2: Any) -> None:
     spec = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": str(head),
@@ -264,6 +318,54 @@ def test_tp2_with_eagle3_is_lossless_and_sampling_reproducible(interleaved: Chec
     again = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=sampled)]
     one = interleaved.engine(**spec)
     assert first == again == [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=sampled)]
+
+
+def test_tp2_splits_the_eagle3_head_over_the_ranks(interleaved: Checkpoint, head: Path, tp2: Any,
+                                                   tmp_path: Path) -> None:
+    """The EAGLE3 head sharded like the target (draft/eagle3_tp.py): each rank holds half of its
+    heads, MLP rows, fc columns and draft vocabulary and half of its K/V; a draft forward over
+    the split head (attention over each rank's draft pool, partial sums all-reduced, logits
+    all-gathered) equals the whole head's; a head whose sizes do not divide runs whole on rank 0
+    and stays lossless."""
+    from specdec.kernels.backend import SeqAttnMeta
+
+    spec = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": str(head),
+            "speculative_num_steps": 3, "speculative_eagle_topk": 2, "speculative_num_draft_tokens": 6}
+    engine = tp2(**spec)
+    one = interleaved.engine(**spec)
+    split, whole = engine.draft_model, one.draft_model
+    assert split.tp is not None and (split.num_heads, split.num_kv_heads) == (2, 1)
+    assert split.lm_head.weight.shape[0] == whole.cfg.draft_vocab_size // 2
+    whole_bytes = sum(p.numel() * p.element_size() for name, p in whole.named_parameters()
+                      if name != "_shared_embedding")  # (the target's embedding, shared)
+    whole_pool = one.spec.proposer.pool
+    for f in engine.tp_footprints:
+        assert 0.5 * whole_bytes <= f["draft_weight_bytes"] < 0.6 * whole_bytes  # (norms and d2t replicated)
+        assert f["draft_kv_bytes"] * 2 == sum(t.numel() * t.element_size() for t in (*whole_pool.k, *whole_pool.v))
+    g = torch.Generator().manual_seed(3)
+    n, h_t = 9, interleaved.hf.config.hidden_size
+    aux = [torch.randn(n, h_t, generator=g) for _ in range(3)]
+    ids = torch.randint(0, VOCAB, (n,), generator=g)
+    pos = torch.arange(n)
+
+    def draft(proposer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():  # the engines are idle: slots 0..n-1 are free
+            x = proposer.features(aux)
+            out = proposer.forward(ids, x, pos, [SeqAttnMeta(0, n, pos, pos, pos, None)], [pos])
+            return x, out.hidden, proposer.logits(out.logits_hidden)
+
+    for got, want in zip(draft(engine.spec.proposer), draft(one.spec.proposer)):
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    greedy = [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == greedy and all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
+    engine.shutdown()
+    odd = tmp_path / "odd_head"
+    make_random_eagle3(odd, target_hidden=32, vocab=VOCAB, draft_vocab=63, aux_layer_ids=(0, 1, 2))
+    engine = tp2(**dict(spec, speculative_draft_model_path=str(odd)))
+    assert engine.draft_model.tp is None and all(f["draft_weight_bytes"] == 0 for f in engine.tp_footprints)
+    want = [o["output_ids"] for o in interleaved.engine().generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+    assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == want
 
 
 def test_two_nodes_on_loopback(interleaved: Checkpoint) -> None:
