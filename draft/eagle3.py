@@ -66,7 +66,10 @@ class Eagle3Draft(nn.Module):
 
     def fused_weights(self) -> FusedLayer | None:
         """Weights for the one-call CPU kernel (`cpu_kernels` eagle3_layer), or None when the
-        layer's weights are not float32 / AVX2-int8/int4 on the CPU."""
+        layer's weights are not float32 / AVX2-int8/int4 on the CPU, or the head is split over
+        --tp ranks (the one-call layer has no all-reduce inside)."""
+        if self.tp is not None:
+            return None
         if self._fused is None:
             self._fused = fused_layer_weights(
                 (self.input_layernorm.weight, self.hidden_norm.weight), self.qkv, self.o_proj, self.mlp,
@@ -154,7 +157,9 @@ class Eagle3Draft(nn.Module):
 
     def draft_logits(self, logits_hidden: Tensor) -> Tensor:  # [N, H] -> [N, draft_vocab] fp32
         logits = self.lm_head(logits_hidden).float()
-        return logits if self.tp is None else self.tp.all_gather(logits)  # (ranks hold vocabulary slices)
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather(logits)[..., : self.cfg.draft_vocab_size]  # (vocabulary slices, padded)
 
     def to_target_ids(self, draft_ids: Tensor) -> Tensor:
         """Draft-vocab ids -> target ids (target = draft + d2t[draft])."""

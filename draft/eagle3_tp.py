@@ -6,7 +6,8 @@
                 Hkv < N (rank r takes head r * Hkv // N); o_proj the rank's heads' columns
                 (partial sums, all-reduced); each rank keeps its heads' K/V in its own draft pool
     MLP         gate/up rows and down columns by I / N (partial sums, all-reduced)
-    lm_head     draft-vocabulary rows Vd / N per rank (logits all-gathered, in rank order)
+    lm_head     draft-vocabulary rows ceil(Vd / N) per rank, zero rows padding the last ones
+                (logits all-gathered in rank order, the padding cut off)
     embedding   the target's, vocabulary-parallel (target.embed: the ranks' rows summed); a head
                 with its own embedding keeps it whole
     norms, d2t  replicated
@@ -41,14 +42,14 @@ class DraftSplit(NamedTuple):
     heads: tuple[int, int]
     kv_heads: tuple[int, int]
     inter: tuple[int, int]
-    vocab: tuple[int, int]  # of the draft vocabulary
+    vocab: tuple[int, int]  # of the draft vocabulary (hi may pass Vd: zero rows to ceil(Vd / N) each)
     fc_in: tuple[int, int]  # of fc's input columns (the concatenated aux hidden states)
 
 
 def split_problem(cfg: Eagle3Config, world: int) -> str | None:
     """Why the head cannot be split over `world` ranks, or None when it can."""
     sizes = {"num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
-             "draft_vocab_size": cfg.draft_vocab_size, "3 x target_hidden_size": 3 * cfg.target_hidden_size}
+             "3 x target_hidden_size": 3 * cfg.target_hidden_size}
     for name, n in sizes.items():
         if n % world:
             return f"the EAGLE3 head's {name} = {n} does not divide by --tp {world}"
@@ -68,7 +69,8 @@ def plan_split(cfg: Eagle3Config, rank: int, world: int) -> DraftSplit:
 
     hkv = cfg.num_kv_heads
     kv = part(hkv) if hkv % world == 0 else (rank * hkv // world, rank * hkv // world + 1)
-    return DraftSplit(part(cfg.num_heads), kv, part(cfg.intermediate_size), part(cfg.draft_vocab_size),
+    rows = -(-cfg.draft_vocab_size // world)
+    return DraftSplit(part(cfg.num_heads), kv, part(cfg.intermediate_size), (rank * rows, (rank + 1) * rows),
                       part(3 * cfg.target_hidden_size))
 
 
@@ -97,7 +99,11 @@ def shard_eagle3(draft: Eagle3Draft, target: Llama4ForCausalLM, tp: TPGroup) -> 
     mlp.gate_up = _linear(torch.cat([gu[i0:i1], gu[inter + i0 : inter + i1]]), (i1 - i0, i1 - i0))
     mlp.down = _linear(down[:, i0:i1], (cfg.hidden_size,))
     draft.mlp = mlp
-    draft.lm_head = _linear(draft.lm_head.weight.data[v0:v1], (v1 - v0,))
+    head = draft.lm_head.weight.data
+    rows = head.new_zeros(v1 - v0, head.shape[1])
+    mine = head[v0 : min(v1, cfg.draft_vocab_size)]
+    rows[: mine.shape[0]] = mine
+    draft.lm_head = _linear(rows, (v1 - v0,))
     draft.fc = _linear(draft.fc.weight.data[:, f0:f1], (cfg.hidden_size,))
     draft.num_heads, draft.num_kv_heads = h1 - h0, k1 - k0
     draft.q_size, draft.kv_size = (h1 - h0) * D, (k1 - k0) * D
@@ -105,7 +111,6 @@ def shard_eagle3(draft: Eagle3Draft, target: Llama4ForCausalLM, tp: TPGroup) -> 
     if draft.embed_tokens is None:  # the target's embedding, vocabulary-parallel like the target's
         draft.target_embed = target.embed
         draft._shared_embedding = None
-    draft._fused = False  # the one-call CPU layer has no all-reduce inside
     return split
 
 

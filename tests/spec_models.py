@@ -21,13 +21,15 @@ def make_random_eagle3(
     aux_layer_ids: tuple[int, ...] | None = (0, 1, 1),
     own_embedding: bool = False,
     scale: float = 0.3,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
 ) -> Eagle3Config:
     g = torch.Generator().manual_seed(seed)
     dv = draft_vocab or vocab
     cfg = Eagle3Config(
         hidden_size=target_hidden,
-        num_heads=4,
-        num_kv_heads=2,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=8,
         intermediate_size=40,
         rms_norm_eps=1e-6,

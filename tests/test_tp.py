@@ -320,13 +320,35 @@ def test_tp2_with_eagle3_is_lossless_and_sampling_reproducible(interleaved: Chec
     assert first == again == [o["output_ids"] for o in one.generate(input_ids=PROMPTS, sampling_params=sampled)]
 
 
+def test_the_eagle3_split_plan() -> None:
+    """Which slices of the head each rank keeps, and why a head is not split (pure)."""
+    from specdec.draft.eagle3_config import Eagle3Config
+    from specdec.draft.eagle3_tp import plan_split, split_problem
+    from specdec.target.config import RopeConfig
+
+    cfg = Eagle3Config(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
+                       rms_norm_eps=1e-5, vocab_size=49152, draft_vocab_size=8192, target_hidden_size=576,
+                       rope=RopeConfig(theta=1e5), tie_word_embeddings=False, aux_layer_ids=None)
+    assert split_problem(cfg, 3) is None  # the shipped head's shape at --tp 3
+    plans = [plan_split(cfg, r, 3) for r in range(3)]
+    assert [p.heads for p in plans] == [(0, 3), (3, 6), (6, 9)] and [p.kv_heads for p in plans] == [(0, 1), (1, 2), (2, 3)]
+    assert [p.vocab for p in plans] == [(0, 2731), (2731, 5462), (5462, 8193)]  # 8192 padded to 3 x 2731
+    assert plans[2].fc_in == (1152, 1728) and plans[1].inter == (512, 1024)
+    assert "num_attention_heads = 9 does not divide by --tp 2" in (split_problem(cfg, 2) or "")
+    from dataclasses import replace
+    one_kv = replace(cfg, num_heads=8, num_kv_heads=1, intermediate_size=1024)
+    assert [plan_split(one_kv, r, 4).kv_heads for r in range(4)] == [(0, 1)] * 4  # replicated
+    assert "neither divides" in (split_problem(replace(cfg, num_heads=6, num_kv_heads=3, intermediate_size=1024), 2)
+                                 or "")
+
+
 def test_tp2_splits_the_eagle3_head_over_the_ranks(interleaved: Checkpoint, head: Path, tp2: Any,
                                                    tmp_path: Path) -> None:
     """The EAGLE3 head sharded like the target (draft/eagle3_tp.py): each rank holds half of its
     heads, MLP rows, fc columns and draft vocabulary and half of its K/V; a draft forward over
     the split head (attention over each rank's draft pool, partial sums all-reduced, logits
-    all-gathered) equals the whole head's; a head whose sizes do not divide runs whole on rank 0
-    and stays lossless."""
+    all-gathered) equals the whole head's, also with a draft vocabulary padded to divide; a head
+    whose heads do not divide runs whole on rank 0 and stays lossless."""
     from specdec.kernels.backend import SeqAttnMeta
 
     spec = {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": str(head),
@@ -360,12 +382,35 @@ def test_tp2_splits_the_eagle3_head_over_the_ranks(interleaved: Checkpoint, head
     outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
     assert [o["output_ids"] for o in outs] == greedy and all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
     engine.shutdown()
+    # quantised (each rank quantises its slices; the split layer never takes the one-call kernel,
+    # which quantisation used to re-enable): lossless against the same --tp 2 without speculation
+    quantised = tp2(quantization="w8a16", **spec)
+    assert quantised.draft_model.tp is not None and quantised.draft_model.fused_weights() is None
+    outs = quantised.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    quantised.shutdown()
+    plain = tp2(quantization="w8a16")
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in plain.generate(input_ids=PROMPTS,
+                                                                                       sampling_params=GREEDY)]
+    assert all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
+    plain.shutdown()
     odd = tmp_path / "odd_head"
+    # a draft vocabulary that does not divide: ceil(63 / 2) = 32 rows each, the last one zero padding
     make_random_eagle3(odd, target_hidden=32, vocab=VOCAB, draft_vocab=63, aux_layer_ids=(0, 1, 2))
-    engine = tp2(**dict(spec, speculative_draft_model_path=str(odd)))
+    odd_spec = dict(spec, speculative_draft_model_path=str(odd))
+    engine = tp2(**odd_spec)
+    assert engine.draft_model.tp is not None and engine.draft_model.lm_head.weight.shape[0] == 32
+    one = interleaved.engine(**odd_spec)
+    for got, want in zip(draft(engine.spec.proposer), draft(one.spec.proposer)):
+        assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    engine.shutdown()
+    # 3 heads do not divide by 2: the head runs whole on rank 0 (the workers hold none), lossless
+    three = tmp_path / "three_heads"
+    make_random_eagle3(three, target_hidden=32, vocab=VOCAB, aux_layer_ids=(0, 1, 2), num_heads=3, num_kv_heads=1)
+    engine = tp2(**dict(spec, speculative_draft_model_path=str(three)))
     assert engine.draft_model.tp is None and all(f["draft_weight_bytes"] == 0 for f in engine.tp_footprints)
     want = [o["output_ids"] for o in interleaved.engine().generate(input_ids=PROMPTS, sampling_params=GREEDY)]
-    assert [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)] == want
+    outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == want and all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
 
 
 def test_two_nodes_on_loopback(interleaved: Checkpoint) -> None:
