@@ -1,7 +1,8 @@
 """Tensor-parallel ranks over torch.distributed (`--tp N`): gloo on the CPU, NCCL on GPUs.
 
-Rank 0 holds the scheduler, the KV allocator, sampling and the EAGLE3 draft; every rank holds
-one shard of the target (target/tp.py) and its own K/V pools (its KV heads, the same slots).
+Rank 0 holds the scheduler, the KV allocator, sampling and the draft trees; every rank holds
+one shard of the target (target/tp.py), of the EAGLE3 head when it divides (draft/eagle3_tp.py)
+and its own K/V pools (its KV heads, the same slots).
 Each step rank 0 broadcasts what its model runner is about to do (a forward with its attention
 metadata, a logits call, a K/V copy: `Command`) and runs it on its own shard; the workers
 (`serve_worker`) run the same on theirs, meeting at the shards' all-reduces and the logits'

@@ -413,6 +413,19 @@ def test_tp2_splits_the_eagle3_head_over_the_ranks(interleaved: Checkpoint, head
     assert [o["output_ids"] for o in outs] == want and all(o["meta_info"]["spec_verify_ct"] > 0 for o in outs)
 
 
+def test_tp_footprint_bench_reports_each_rank(interleaved: Checkpoint, head: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from specdec.bench import tp_footprint
+
+    rc = tp_footprint.main(["--model-path", str(interleaved.path), "--speculative-draft-model-path", str(head),
+                            "--tp", "2", "--max-new-tokens", "8", "--input-ids", ",".join(map(str, PROMPTS[1]))])
+    out = capsys.readouterr().out
+    assert rc == 0 and "EAGLE3 --tp 2 == plain --tp 2: True; == EAGLE3 --tp 1: True" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert len(rows) == 2 and all(r[4] == "(0.500)" and r[8] == "(0.500)" for r in rows)  # target and draft KV halves
+    assert all(0.5 <= float(r[6].strip("()")) < 0.6 for r in rows)  # the head (norms and d2t replicated)
+
+
 def test_two_nodes_on_loopback(interleaved: Checkpoint) -> None:
     """--nnodes 2: node 1 is `specdec serve --node-rank 1` (launch_server), a process of its own that runs rank 1
     and waits; the engine on node 0 meets it at --dist-init-addr."""
