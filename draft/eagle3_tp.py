@@ -13,9 +13,10 @@
     norms, d2t  replicated
 
 Every rank loads the whole head (a head is small next to its target) and keeps its slices; rank
-0's proposer broadcasts each draft call (`DraftCall`) so the ranks meet at the same collectives.
-A head whose sizes do not divide by N is not split (`split_problem` says why): it then runs
-whole on rank 0, as before this module existed.
+0's proposer (draft/eagle3_proposer.py) broadcasts each draft call (`draft_features`,
+`draft_forward`, `draft_logits`) so the ranks meet at the same collectives. A head whose sizes do
+not divide by N is not split (`split_problem` says why, from its config alone): it then runs
+whole on rank 0, and the workers load none of it.
 """
 
 from __future__ import annotations

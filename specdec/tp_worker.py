@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from specdec.draft.eagle3 import Eagle3Draft
+from specdec.draft.eagle3_config import Eagle3Config
 from specdec.draft.eagle3_proposer import draft_forward
-from specdec.draft.eagle3_tp import load_eagle3_for_rank
+from specdec.draft.eagle3_tp import load_eagle3_for_rank, split_problem
 from specdec.kernels import get_attention_backend
 from specdec.kernels.kv_pool import KVPool
 from specdec.target.embedded import resolve_model_path
@@ -94,17 +95,17 @@ class TPWorker:
         spec = cfg.spec_config()
         if spec is None or spec.algorithm == "NGRAM" or spec.draft_model_path is None:
             return None
-        draft, problem = load_eagle3_for_rank(spec.draft_model_path, model_path, self.model, cfg.dtype, self.group)
-        if problem is not None:
-            return None
+        if split_problem(Eagle3Config.from_path(Path(spec.draft_model_path)), self.group.world) is not None:
+            return None  # (rank 0 runs it whole: nothing to load here)
+        draft, _ = load_eagle3_for_rank(spec.draft_model_path, model_path, self.model, cfg.dtype, self.group)
         draft.to(self.device)
         quantize_model(draft, cfg.quantization)
         return draft
 
-    def _draft(self) -> Eagle3Draft:
+    def _draft(self) -> tuple[Eagle3Draft, KVPool]:
         if self.draft is None or self.draft_pool is None:
             raise RuntimeError("a draft command reached a rank without a split EAGLE3 head")
-        return self.draft
+        return self.draft, self.draft_pool
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -118,12 +119,11 @@ class TPWorker:
             elif op == "copy":
                 self.runner.copy_local(cmd[1], cmd[2])
             elif op == "draft_features":
-                self._draft().project_features([a.to(self.device) for a in cmd[1]])
+                self._draft()[0].project_features([a.to(self.device) for a in cmd[1]])
             elif op == "draft_forward":
-                assert self.draft_pool is not None
-                draft_forward(self._draft(), self.draft_pool, self.runner.backend, *cmd[1:])
+                draft_forward(*self._draft(), self.runner.backend, *cmd[1:])
             elif op == "draft_logits":
-                self._draft().draft_logits(cmd[1].to(self.device))
+                self._draft()[0].draft_logits(cmd[1].to(self.device))
             elif op == "stop":
                 return
             else:
