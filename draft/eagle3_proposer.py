@@ -31,7 +31,7 @@ from specdec.tree import DraftTree, static_rank_tree, tree_from_candidates
 from specdec.tree_shape import TreeShape
 
 from .eagle3 import DraftOutput, Eagle3Draft
-from .ngram_merge import MIN_SAMPLED_COPY_MATCH, NgramIndex, attach_chain, merge_greedy
+from .ngram_merge import MIN_SAMPLED_COPY_MATCH, attach_chain, merge_greedy, request_chain
 from .proposer import Proposer
 from .tree_builders import GreedyTreeBuilder, SampledTreeBuilder, top_children
 
@@ -176,9 +176,7 @@ class Eagle3Proposer(Proposer):
         earlier in its own prompt and output (up to `budget` tokens), and the matched n."""
         if not self.spec.ngram_merge:
             return [], 0
-        if req.spec.ngram is None:
-            req.spec.ngram = NgramIndex(self.spec.ngram_min_match, self.spec.ngram_max_match)
-        return req.spec.ngram.chain(req.all_ids, budget)
+        return request_chain(req, self.spec.ngram_min_match, self.spec.ngram_max_match, budget)
 
     @torch.inference_mode()
     def propose(self, reqs: Sequence[Req], shapes: Sequence[TreeShape]) -> list[DraftTree]:
@@ -196,7 +194,7 @@ class Eagle3Proposer(Proposer):
         roots = [self._grammar_masked(r, [], st.logits) for r, st, g in zip(reqs, states, greedy, strict=True) if g]
         root_kids = iter(zip(*top_children(torch.stack(roots), kmax, self.hot_ids), strict=True)) if roots else None
         for req, shape, is_greedy, (chain, n), state in zip(reqs, shapes, greedy, chains, states, strict=True):
-            assert shape.speculates and shape.fits(self.spec.envelope), shape
+            assert shape.drafts and shape.fits(self.spec.envelope), shape
             root = req.all_ids[-1]
             if is_greedy:
                 assert root_kids is not None

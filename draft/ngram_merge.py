@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from specdec.tree import Candidate, DraftTree, children
+
+if TYPE_CHECKING:
+    from specdec.request import Req
 
 # acceptance of a copied token by matched n-gram length (longer matches repeat more reliably):
 # how often the target's greedy next token was the first copied one, measured over the greedy
@@ -69,6 +73,13 @@ class NgramIndex:
             if e is not None:
                 return list(ids[e + 1 : e + 1 + max_len]), n
         return [], 0
+
+
+def request_chain(req: Req, min_match: int, max_match: int, budget: int) -> tuple[list[int], int]:
+    """The request's copy chain (up to `budget` tokens) and matched n, from its own index."""
+    if req.spec.ngram is None:
+        req.spec.ngram = NgramIndex(min_match, max_match)
+    return req.spec.ngram.chain(req.all_ids, budget)
 
 
 def merge_greedy(

@@ -109,7 +109,7 @@ def expected_accepted(q: list[list[float]], shapes: Sequence[TreeShape]) -> list
     out: list[float] = []
     cache: dict[tuple[int, int], list[float]] = {}
     for s in shapes:
-        if not s.speculates:
+        if not s.drafts:  # no speculation, or a copy shape (specdec/copy_stats.py)
             out.append(0.0)
             continue
         if s.topk == 1:

@@ -10,6 +10,7 @@
     root      EAGLE3: the draft's forward at the last committed position, the next tree's root
     accept    running acceptance statistics (the chooser's per-request evidence)
     ngram     --speculative-ngram-merge: the n-gram index over the request's tokens
+    copy_match  the matched n-gram length of the request's last copy-shape step
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class SpecState:
     root: DraftRoot | None = None
     accept: AcceptStats | None = None
     ngram: NgramIndex | None = None
+    copy_match: int = 0
 
     def reset(self) -> None:
         """What the request's K/V going away invalidates (its statistics and index stay)."""

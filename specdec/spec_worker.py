@@ -6,7 +6,10 @@ One decode step of requests with c committed tokens each (specdec/model_worker.p
 1. `draft`: the shape of each request's tree (the configured one, or under adaptive
    speculation the chooser's pick from this machine's step costs, the request's acceptance
    statistics and the batch as it is: specdec/tree_chooser.py), then the proposer's trees.
-   `NO_SPEC` is the root alone, a plain decode step, and skips the draft.
+   `NO_SPEC` is the root alone, a plain decode step, and skips the draft. With
+   `--speculative-ngram-merge`, adaptive speculation may also pick a copy shape: the request's
+   copy chain alone (what followed the latest earlier occurrence of its final n-gram), verified
+   without any draft forward, its acceptance estimated by `CopyStats`.
 2. `verify`: one target forward over all trees; each request's accepted path [0, n_1, .., n_a]
    (n_j >= j, strictly increasing) is compacted to positions c, .., c + a; copying in path
    order never overwrites a source still needed (every later n_j' > j).
@@ -28,9 +31,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from specdec.draft.ngram_merge import request_chain
 from specdec.draft.proposer import Proposer
 
 from .accept_stats import AcceptStats, expected_accepted
+from .copy_stats import CopyStats
 from .grammar import apply_bitmask
 from .model_runner import ModelRunner
 from .request import Req
@@ -40,7 +45,7 @@ from .spec_state import PendingFeatures
 from .step_batch import ReqOutput, SpecOutcome
 from .tree import DraftTree, depths, path_to, prune_tree
 from .tree_chooser import OnlineCosts, choose_shapes
-from .tree_shape import TreeShape, candidate_shapes
+from .tree_shape import NO_SPEC, TreeShape, candidate_shapes, copy_shapes
 from .verify import VerifyResult, verify_greedy, verify_stochastic
 
 RECHOOSE_EVERY = 4  # steps an unchanged batch keeps its chosen shapes
@@ -70,6 +75,9 @@ class SpecWorker:
         self.trace: list[VerifyRecord] | None = None
         envelope = spec.envelope
         self.shapes = candidate_shapes(envelope) if spec.adaptive else (envelope,)
+        # copy chains verified without a draft forward, where copies are merged at all
+        self.copy_shapes = copy_shapes(envelope) if spec.adaptive and spec.ngram_merge else ()
+        self.copy_stats = CopyStats()
         # adaptive speculation: this machine's measured step costs (set by the engine; until
         # then every step takes the envelope) and the engine-wide acceptance, every request's prior
         self.costs: OnlineCosts | None = None
@@ -78,6 +86,7 @@ class SpecWorker:
         self.choose = self._choose
         self._last_key: tuple[tuple[int, ...], int] | None = None
         self._reuse = 0
+        self._expected: list[list[float]] = []  # the last fresh choice's, per request over self.shapes
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -94,47 +103,87 @@ class SpecWorker:
         `batch_size` requests (the others counted as plain steps)."""
         if not self.spec.adaptive or self.costs is None:
             return [self.spec.envelope] * len(reqs)
-        # the estimates move slowly: the same batch keeps its shapes for RECHOOSE_EVERY steps
+        # a request's copy chain changes every step: where any has one, the chooser runs again
+        chains = [self._chain(r) for r in reqs] if self.copy_shapes else []
+        copying = any(chain for chain, _ in chains)
+        # the acceptance estimates move slowly: the same batch keeps its drafted requests'
+        # expectations (and, without copies, its shapes) for RECHOOSE_EVERY steps
         key = (tuple(id(r) for r in reqs), batch_size)
-        if key == self._last_key and self._reuse > 0 and all(r.spec.shape is not None for r in reqs):
+        fresh = not (key == self._last_key and self._reuse > 0 and all(r.spec.shape is not None for r in reqs))
+        if fresh:
+            self._expected = [expected_accepted((r.spec.accept or self.global_stats).q(self.global_stats), self.shapes)
+                              for r in reqs]
+        else:
             self._reuse -= 1
-            return [r.spec.shape for r in reqs]  # type: ignore[misc]
-        expected = []
-        for r in reqs:
-            stats = r.spec.accept or self.global_stats
-            expected.append(expected_accepted(stats.q(self.global_stats), self.shapes))
-        padding = [[0.0] * len(self.shapes)] * max(0, batch_size - len(reqs))
-        chosen = list(choose_shapes(self.costs.costs, self.shapes, expected + padding).shapes[: len(reqs)])
-        idle = not any(s.speculates for s in chosen)
-        self._last_key, self._reuse = key, (RECHOOSE_IDLE if idle else RECHOOSE_EVERY) - 1
+            if not copying and not any(r.spec.shape.copy for r in reqs):  # type: ignore[union-attr]
+                return [r.spec.shape for r in reqs]  # type: ignore[misc]
+        shapes, expected = self.shapes, self._expected
+        if copying:
+            shapes = self.shapes + self.copy_shapes
+            expected = [self._with_copies(r, e, *c) for r, e, c in zip(reqs, expected, chains, strict=True)]
+        padding = [[0.0] * len(shapes)] * max(0, batch_size - len(reqs))
+        chosen = list(choose_shapes(self.costs.costs, shapes, expected + padding).shapes[: len(reqs)])
+        if fresh:
+            idle = not any(s.drafts for s in chosen)
+            self._last_key, self._reuse = key, (RECHOOSE_IDLE if idle else RECHOOSE_EVERY) - 1
         return chosen
+
+    def _chain(self, req: Req, budget: int | None = None) -> tuple[list[int], int]:
+        """The request's copy chain (up to `budget` tokens, the envelope's by default) and the
+        matched n-gram length."""
+        s = self.spec
+        return request_chain(req, s.ngram_min_match, s.ngram_max_match,
+                             s.num_draft_tokens - 1 if budget is None else budget)
+
+    def _with_copies(self, req: Req, expected: list[float], chain: list[int], n: int) -> list[float]:
+        """`expected` (over self.shapes) extended by the copy shapes' expected accepted copies;
+        a greedy request's drafted trees hold its chain too (merged under the same budget), so
+        they expect at least what the chain alone within their budget would."""
+        greedy = req.params.is_greedy
+        budgets = [min(len(chain), s.num_draft_tokens - 1) for s in self.shapes]
+        if greedy and chain:
+            alone = self.copy_stats.expected(True, n, budgets)
+            expected = [max(e, a) if s.drafts else e for e, a, s in zip(expected, alone, self.shapes, strict=True)]
+        lengths = [min(len(chain), s.num_draft_tokens - 1) for s in self.copy_shapes]
+        return expected + self.copy_stats.expected(greedy, n, lengths)
 
     def draft(self, reqs: Sequence[Req], batch_size: int) -> list[DraftTree]:
         """Each request's tree for this step, of the shape chosen for it (its root alone where
-        it does not speculate); a request that speculates again first gives the draft the
-        features it skipped."""
-        shapes = self.choose(reqs, batch_size)
+        it does not speculate, its copy chain for a copy shape); a request that drafts again
+        first gives the draft the features it skipped."""
+        shapes = list(self.choose(reqs, batch_size))
         trees: list[DraftTree] = []
         drafted: list[Req] = []
-        for req, shape in zip(reqs, shapes, strict=True):
+        for i, (req, shape) in enumerate(zip(reqs, shapes, strict=True)):
             if req.spec.accept is None:
                 req.spec.accept = AcceptStats(self.spec.num_steps, self.spec.topk)
+            root = req.all_ids[-1]
+            tree = DraftTree((root,), (-1,))
+            if shape.copy:
+                chain, n = self._chain(req, shape.num_draft_tokens - 1)
+                if not chain:
+                    shape = NO_SPEC  # (a chooser that picked a copy shape for a request without one)
+                else:
+                    tree = DraftTree((root, *chain), tuple(range(-1, len(chain))))
+                    req.spec.copy_match = n
+                shapes[i] = shape
             req.spec.shape = shape
-            trees.append(DraftTree((req.all_ids[-1],), (-1,)))
-            if shape.speculates:
+            trees.append(tree)
+            if shape.drafts:
                 drafted.append(req)
         self._consume([r for r in drafted if r.spec.pending])
         if drafted:
             proposed = iter(self.proposer.propose(drafted, [r.spec.shape for r in drafted]))  # type: ignore[misc]
-            trees = [next(proposed) if shape.speculates else tree for tree, shape in zip(trees, shapes, strict=True)]
+            trees = [next(proposed) if shape.drafts else tree for tree, shape in zip(trees, shapes, strict=True)]
         return trees
 
     def record(self, reqs: Sequence[Req], pending: Sequence[PendingFeatures]) -> None:
         """Newly committed positions' target features: the draft takes them now, unless the
-        request's last step did not speculate (they wait in its pending list until it does)."""
+        request's last step did not draft (a plain or copy step: they wait in its pending list
+        until it drafts again)."""
         for req, feats in zip(reqs, pending, strict=True):
             req.spec.pending.append(feats)
-        self._consume([r for r in reqs if r.spec.shape is None or r.spec.shape.speculates])
+        self._consume([r for r in reqs if r.spec.shape is None or r.spec.shape.drafts])
 
     def _consume(self, reqs: Sequence[Req]) -> None:
         """Extend the draft over each request's pending features (one batched forward)."""
@@ -200,10 +249,14 @@ class SpecWorker:
             emitted = (*(tree.tokens[n] for n in result.accepted), result.next_token)
             depth = max(depths(tree))
             shape = req.spec.shape or self.spec.envelope
-            if shape.speculates:  # NO_SPEC: the root alone, a plain decode step
+            if shape.drafts:
                 if req.spec.accept is not None:
                     req.spec.accept.observe(tree, result.accepted)
                 self.global_stats.observe(tree, result.accepted)
+            elif shape.copy:
+                self.copy_stats.observe(req.params.is_greedy, req.spec.copy_match, tree.size - 1,
+                                        len(result.accepted))
+            if shape.speculates:  # NO_SPEC: the root alone, a plain decode step
                 if self.trace is not None:
                     self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted),
                                                    depth, shape.label))

@@ -68,9 +68,15 @@ class StepCosts:
         """One step of `batch` requests, `speculating` of them with `shape` (the others plain)
         whose expected accepted drafts sum to `accepted`."""
         if not shape.speculates or speculating == 0:
-            return self.forward_ms([NO_SPEC] * batch, 0.0) + self.plain_overhead_ms
-        shapes = [shape] * speculating + [NO_SPEC] * (batch - speculating)
-        return self.forward_ms(shapes, accepted) + self.host_ms(shapes)
+            return self.target(batch, 1.0) + self.plain_overhead_ms
+        # forward_ms + host_ms of [shape] * j + [NO_SPEC] * (batch - j), in O(1) (the chooser
+        # asks this for every shape and request count, every step where copies are possible)
+        j = speculating
+        ms = self.target(batch, (j * shape.num_draft_tokens + batch - j) / batch)
+        if shape.drafts:
+            ms += self.draft(j, 1.0 + accepted / j)
+            ms += (shape.num_steps - 1) * self.draft(j, min(shape.topk, shape.num_draft_tokens - 1))
+        return ms + self.plain_overhead_ms + j * (shape.num_steps * self.draft_step_overhead_ms + self.verify_overhead_ms)
 
     def forward_ms(self, shapes: Sequence[TreeShape], accepted: float) -> float:
         """The target's and the draft's forwards of a step whose requests take `shapes`."""
@@ -82,8 +88,9 @@ class StepCosts:
 
     def draft_forward_ms(self, shapes: Sequence[TreeShape], accepted: float) -> float:
         """The draft's extend over the committed tokens and its frontier forwards, for the
-        requests that speculate (`accepted`: their accepted drafts in all)."""
-        spec = [s for s in shapes if s.speculates]
+        requests that draft (`accepted`: their accepted drafts in all; copy shapes run no
+        draft forward)."""
+        spec = [s for s in shapes if s.drafts]
         if not spec:
             return 0.0
         j = len(spec)
@@ -134,9 +141,10 @@ class OnlineCosts:
         in all), then drafted the next trees, of shapes `drafted`."""
         m = self.measured
         rest = ms - m.verify_forward_ms(verified) - m.draft_forward_ms(drafted, accepted)
-        steps = sum(s.num_steps for s in drafted if s.speculates)
+        steps = sum(s.num_steps for s in drafted if s.drafts)
         if steps == 0:
-            self._plain.append(rest)
+            if not any(s.speculates for s in verified):  # (a copy-only step teaches neither term)
+                self._plain.append(rest)
         else:
             self._per_step.append(max(0.0, (rest - self.plain_ms) / steps))
 

@@ -120,3 +120,21 @@ def test_online_costs_learn_the_host_work_of_plain_and_speculative_steps() -> No
     assert learnt.draft_step_overhead_ms * chain.num_steps == pytest.approx(2.0, rel=1e-3)
     # the learnt host work makes the same tree dearer than the table alone said
     assert learnt.step_ms(1, chain, 1, 1.0) > table.step_ms(1, chain, 1, 1.0) + 2.5
+
+
+def test_step_ms_is_the_forwards_and_host_work_of_the_mixed_batch() -> None:
+    """step_ms's O(1) form equals forward_ms + host_ms over [shape] * j + [NO_SPEC] * (b - j)."""
+    from specdec.tree_shape import copy_shapes
+
+    c = costs({1: [10.0, 10.5, 11.0, 12.0, 14.0], 4: [11.0, 13.0, 17.0, 25.0, 41.0],
+               16: [16.0, 30.0, 58.0, 114.0, 226.0]}, draft_ms=0.7, overhead=0.13)
+    c = StepCosts(c.batch, c.tokens, c.target_ms, (1, 4), tuple((0.5 + b / 10, 0.9 + b / 5) for b in c.batch),
+                  0.13, 0.21, 0.4)
+    for shape in (*SHAPES, *copy_shapes(ENVELOPE)):
+        for batch in (1, 3, 4, 9, 16, 20):
+            for j in range(batch + 1):
+                mixed = [shape] * j + [NO_SPEC] * (batch - j)
+                accepted = 0.7 * j
+                want = (c.forward_ms(mixed, accepted) + c.host_ms(mixed) if j and shape.speculates
+                        else c.forward_ms([NO_SPEC] * batch, 0.0) + c.plain_overhead_ms)
+                assert c.step_ms(batch, shape, j, accepted) == pytest.approx(want, rel=1e-12), (shape, batch, j)
