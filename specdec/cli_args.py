@@ -150,7 +150,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative-ngram-merge", action=argparse.BooleanOptionalAction, default=None,
                    help="EAGLE3/EAGLE: also draft by copying: the continuation of the last n-gram found "
                    "earlier in the request's own prompt and output joins the head's candidates in one tree "
-                   "(same --speculative-num-draft-tokens budget, nodes kept by estimated acceptance). "
+                   "(same --speculative-num-draft-tokens budget, nodes kept by estimated acceptance); "
+                   "adaptive trees may also verify the copied text alone, without a draft forward. "
                    "Default: on for the embedded model with its shipped head, off otherwise.")
     s.add_argument("--speculative-token-map", default=None,
                    help="Accepted for SGLang compatibility; EAGLE3 heads carry their own d2t map.")
