@@ -55,10 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = Engine(**common, speculative_algorithm="EAGLE3", speculative_draft_model_path=str(EMBEDDED_HEAD),
                   speculative_ngram_merge=True)
     plain = Engine(**common)
-    if not spec.spec.copy_shapes:
+    worker = spec.spec
+    if worker is None or not worker.copy_shapes:
         print("copy_shapes_ab: error: the speculative engine offers no copy shapes", file=sys.stderr)
         return 2
-    copies = spec.spec.copy_shapes
+    copies = worker.copy_shapes
     prompts = load_prompts(args.prompts, args.num_prompts, spec.tokenizer)
     params = {"temperature": 0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True}
     for e in (spec, plain):  # warm-up
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokens: dict[str, list[int]] = {}
         for side in SIDES if i % 2 == 0 else SIDES[::-1]:
             if side != "plain":
-                spec.spec.copy_shapes = copies if side == "copy" else ()
+                worker.copy_shapes = copies if side == "copy" else ()
             t = time.perf_counter()
             out: Any = (plain if side == "plain" else spec).generate(input_ids=ids, sampling_params=params)
             dt = time.perf_counter() - t
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not tokens["copy"] == tokens["nocopy"] == tokens["plain"]:
             lossless = False
             print(f"copy_shapes_ab: prompt {i}: speculative tokens differ from plain decoding", file=sys.stderr)
-    spec.spec.copy_shapes = copies
+    worker.copy_shapes = copies
     result: dict[str, Any] = {"num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                               "quantization": args.quantization, "lossless": lossless, "sides": {}}
     base_med, base_all = statistics.median(rates["plain"]), emitted["plain"] / seconds["plain"]
