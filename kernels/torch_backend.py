@@ -93,9 +93,17 @@ class TorchAttentionBackend(AttentionBackend):
         if len(meta.seqs) == 1:
             return self._one(q, k_cache, v_cache, meta.seqs[0], scale, chunk_size)
         out = torch.empty_like(q)
+        # several requests' trees (speculative verification of a batch): the C++ kernel per
+        # request where it applies, reading the pool in place (SDPA would gather every key)
+        fast = _fast_kernels(q, k_cache)
         for seq in meta.seqs:
             rows = slice(seq.q_start, seq.q_start + seq.q_len)
-            out[rows] = self._one(q[rows], k_cache, v_cache, seq, scale, chunk_size)
+            if fast is not None and seq.q_len <= FAST_MAX_QUERIES:
+                mask = visibility_mask(seq, chunk_size) if chunk_size is not None else seq.mask
+                out[rows] = fast.paged_attention(q[rows].contiguous(), k_cache, v_cache, seq.kv_slots,
+                                                 cpu_kernels.NO_MASK if mask is None else mask.contiguous(), scale)
+            else:
+                out[rows] = self._one(q[rows], k_cache, v_cache, seq, scale, chunk_size)
         return out
 
     @staticmethod

@@ -12,8 +12,8 @@ The adaptive tree chooser (specdec/tree_chooser.py) predicts a step's time from:
 
 Measured at engine start-up on idle KV pages (a few seconds) and cached in
 `<cache>/step_costs/<fingerprint>.json`; the fingerprint covers everything the times depend
-on (model and head files, dtype, quantisation, CPU kernel tier and its sources, CPU model,
-threads, grid, versions), so another machine or model never reads a table it did not measure.
+on (model and head files, dtype, quantisation, CPU kernel tier and its sources, the attention
+backend's routing (kernels/torch_backend.py), CPU model, threads, grid, versions), so another machine or model never reads a table it did not measure.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def grid(max_batch: int, max_tokens: int) -> tuple[tuple[int, ...], tuple[int, .
 
 def fingerprint(engine: Engine, batch: tuple[int, ...], tokens: tuple[int, ...]) -> str:
     import specdec
-    from specdec.kernels import cpu_isa, cpu_kernels
+    from specdec.kernels import cpu_isa, cpu_kernels, torch_backend
 
     def files(path: Path | None) -> list[tuple[str, int, int]]:
         if path is None or not path.exists():
@@ -74,6 +74,8 @@ def fingerprint(engine: Engine, batch: tuple[int, ...], tokens: tuple[int, ...])
         "model": files(engine.model_path), "draft": files(draft), "dtype": str(next(engine.model.parameters()).dtype),
         "quantization": engine.config.quantization, "device": str(engine.device), "isa": engine.cpu_isa,
         "kernels": cpu_kernels.sources_hash(engine.cpu_isa),
+        # which kernel each batch shape reaches is decided there (a routing change re-measures)
+        "attention": hashlib.sha1(Path(torch_backend.__file__).read_bytes()).hexdigest(),
         "flags": sorted(cpu_isa.cpu_flags()), "cpu": cpu_model, "threads": torch.get_num_threads(),
         "batch": batch, "tokens": tokens, "page_size": engine.config.page_size,
         "tp": engine.config.tp_size,  # (a step's cost under --tp includes the ranks' collectives)

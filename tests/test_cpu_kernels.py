@@ -468,3 +468,48 @@ def test_top_logprobs_breaks_ties_toward_the_smaller_index_and_checks_its_input(
         kernels.top_logprobs(x, 12)
     with pytest.raises(RuntimeError, match="contiguous float32"):
         kernels.top_logprobs(x.double(), 2)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_several_requests_trees_attend_through_the_kernel_as_through_sdpa(chunk_size, kv_dtype) -> None:
+    """A batch of several requests' trees (masked), prompt chunks (causal, mask None) and a
+    one-token step: the torch backend's per-request C++ path equals its SDPA reference per
+    request (1e-5), and the kernel is what ran."""
+    from specdec.kernels import torch_backend
+    from specdec.kernels.backend import AttentionMeta, SeqAttnMeta
+    from specdec.kernels.torch_backend import TorchAttentionBackend
+
+    g = torch.Generator().manual_seed(11)
+    H, Hkv, D = 4, 2, 16
+    k_cache = torch.randn(96, Hkv, D, generator=g).to(kv_dtype)
+    v_cache = torch.randn(96, Hkv, D, generator=g).to(kv_dtype)
+    seqs, start, base = [], 0, 0
+    for c, n, masked in ((9, 4, True), (5, 3, False), (13, 1, False), (7, 5, True)):
+        slots = torch.randperm(96 - base, generator=g)[: c + n] + base  # scattered, distinct per request
+        q_pos = torch.arange(c, c + n)
+        mask = None
+        if masked:  # a tree: each node sees the prefix, itself and a random subset of earlier nodes
+            tail = torch.tril(torch.rand(n, n, generator=g) < 0.6) | torch.eye(n, dtype=torch.bool)
+            mask = torch.cat((torch.ones(n, c, dtype=torch.bool), tail), dim=1)
+        seqs.append(SeqAttnMeta(start, n, slots, q_pos, torch.arange(c + n), mask))
+        start += n
+    q = torch.randn(start, H, D, generator=g)
+    k, v = torch.randn(start, Hkv, D, generator=g), torch.randn(start, Hkv, D, generator=g)
+    out_slots = torch.cat([s.kv_slots[-s.q_len :] for s in seqs])
+    meta = AttentionMeta(out_slots, tuple(seqs))
+    backend = TorchAttentionBackend()
+    calls = []
+    real = torch_backend._fast_kernels
+    torch_backend._fast_kernels = lambda *a: calls.append(1) or real(*a)  # type: ignore[assignment]
+    try:
+        got = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, 0.25, chunk_size)
+    finally:
+        torch_backend._fast_kernels = real  # type: ignore[assignment]
+    assert calls
+    kc, vc = k_cache.clone(), v_cache.clone()
+    kc[out_slots], vc[out_slots] = k.to(kv_dtype), v.to(kv_dtype)
+    for s in seqs:
+        rows = slice(s.q_start, s.q_start + s.q_len)
+        want = TorchAttentionBackend._one(q[rows], kc, vc, s, 0.25, chunk_size)
+        torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-5)
