@@ -59,7 +59,14 @@ class StepCosts:
     plain_overhead_ms: float = 0.0
 
     def target(self, b: int, tokens_per_req: float) -> float:
-        return _interp(self.tokens, _at_batch(self.batch, self.target_ms, b), tokens_per_req)
+        """A step where nobody speculates (1 token each) is the measured plain decode; any tree
+        in the batch takes the verify path (tree masks, attention per request), whose fixed
+        cost the one-token column does not show: a mixed batch's cost then comes from the
+        multi-token columns alone, extrapolated below 2 tokens a request."""
+        row = _at_batch(self.batch, self.target_ms, b)
+        if tokens_per_req <= 1.0 or len(self.tokens) < 3 or self.tokens[0] != 1:
+            return _interp(self.tokens, row, tokens_per_req)
+        return max(row[0], _interp(self.tokens[1:], row[1:], tokens_per_req))
 
     def draft(self, b: int, rows_per_req: float) -> float:
         return _interp(self.rows, _at_batch(self.batch, self.draft_ms, b), rows_per_req)

@@ -138,3 +138,15 @@ def test_step_ms_is_the_forwards_and_host_work_of_the_mixed_batch() -> None:
                 want = (c.forward_ms(mixed, accepted) + c.host_ms(mixed) if j and shape.speculates
                         else c.forward_ms([NO_SPEC] * batch, 0.0) + c.plain_overhead_ms)
                 assert c.step_ms(batch, shape, j, accepted) == pytest.approx(want, rel=1e-12), (shape, batch, j)
+
+
+def test_a_mixed_batch_pays_the_verify_paths_fixed_cost() -> None:
+    """Plain decode 30 ms at batch 16; any tree takes the verify path: 50 ms at 2 tokens a
+    request, +20 ms a token. One request verifying 5 tokens (1.25 a request) costs the verify
+    path's 35 ms, not the 32.5 ms a line from the plain step would say."""
+    c = StepCosts(batch=(16,), tokens=(1, 2, 3, 4), target_ms=((30.0, 50.0, 70.0, 90.0),), rows=(1,),
+                  draft_ms=((1.0,),), draft_step_overhead_ms=0.0, verify_overhead_ms=0.0)
+    assert c.target(16, 1.0) == 30.0
+    assert c.target(16, 1.25) == pytest.approx(35.0)
+    assert c.target(16, 1.01) == pytest.approx(30.2)  # never below the plain step
+    assert c.target(16, 3.5) == pytest.approx(80.0)
