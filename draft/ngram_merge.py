@@ -53,6 +53,9 @@ class NgramIndex:
     max_match: int
     last_end: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0  # end positions < indexed are in the table
+    # the last `request_chain` answer: (sequence length, budget, chain, n); a step asks up to
+    # three times (the chooser, a copy tree, the merged tree) for the same sequence
+    last: tuple[int, int, list[int], int] | None = None
 
     def _add_until(self, ids: Sequence[int], end: int) -> None:
         for e in range(self.indexed, end):
@@ -77,9 +80,15 @@ class NgramIndex:
 
 def request_chain(req: Req, min_match: int, max_match: int, budget: int) -> tuple[list[int], int]:
     """The request's copy chain (up to `budget` tokens) and matched n, from its own index."""
-    if req.spec.ngram is None:
-        req.spec.ngram = NgramIndex(min_match, max_match)
-    return req.spec.ngram.chain(req.all_ids, budget)
+    index = req.spec.ngram
+    if index is None:
+        index = req.spec.ngram = NgramIndex(min_match, max_match)
+    length = req.seq_len
+    if index.last is not None and index.last[0] == length and index.last[1] >= budget:
+        return index.last[2][:budget], index.last[3]
+    chain, n = index.chain(req.all_ids, budget)
+    index.last = (length, budget, chain, n)
+    return chain[:], n
 
 
 def merge_greedy(

@@ -140,9 +140,8 @@ class SpecWorker:
         a greedy request's drafted trees hold its chain too (merged under the same budget), so
         they expect at least what the chain alone within their budget would."""
         greedy = req.params.is_greedy
-        budgets = [min(len(chain), s.num_draft_tokens - 1) for s in self.shapes]
         if greedy and chain:
-            alone = self.copy_stats.expected(True, n, budgets)
+            alone = self.copy_stats.expected(True, n, [min(len(chain), s.num_draft_tokens - 1) for s in self.shapes])
             expected = [max(e, a) if s.drafts else e for e, a, s in zip(expected, alone, self.shapes, strict=True)]
         lengths = [min(len(chain), s.num_draft_tokens - 1) for s in self.copy_shapes]
         return expected + self.copy_stats.expected(greedy, n, lengths)

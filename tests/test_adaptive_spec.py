@@ -92,6 +92,15 @@ def _next_token_probs(engine: Any, ids: list[int], temperature: float) -> list[f
     return [w / total for w in weights]
 
 
+def second_token_marginal(plain: Any, prompt: list[int], temperature: float) -> list[float]:
+    """The target's exact distribution of the second sampled token, sum_a p(a) p(. | a)."""
+    exact = [0.0] * VOCAB
+    for a, pa in enumerate(_next_token_probs(plain, prompt, temperature)):
+        for b, pb in enumerate(_next_token_probs(plain, [*prompt, a], temperature)):
+            exact[b] += pa * pb
+    return exact
+
+
 def _chi2_fits(counts: Counter[int], probs: list[float], n: int) -> tuple[float, float]:
     """(statistic, 0.999 quantile) of a chi-square goodness-of-fit test, cells expected below 5
     merged into one (Wilson-Hilferty approximation of the quantile)."""
@@ -111,12 +120,7 @@ def test_sampled_output_follows_the_target_while_the_trees_change(target: Checkp
     the target's exact marginal sum_a p(a) p(. | a) (chi-square, p > 0.001)."""
     temperature, n = 2.0, 1500
     prompt = random_prompts((9,), seed=3)[0]
-    plain = target.engine()
-    first = _next_token_probs(plain, prompt, temperature)
-    exact = [0.0] * VOCAB
-    for a, pa in enumerate(first):
-        for b, pb in enumerate(_next_token_probs(plain, [*prompt, a], temperature)):
-            exact[b] += pa * pb
+    exact = second_token_marginal(target.engine(), prompt, temperature)
     engine = _adaptive(target, draft, max_total_tokens=8192)
     _rotate_shapes(engine)
     outs = engine.generate(input_ids=[prompt] * n, sampling_params=[

@@ -20,11 +20,11 @@ from specdec.draft.ngram_merge import copy_accept
 from specdec.tree_chooser import OnlineCosts, choose_shapes
 from specdec.tree_shape import NO_SPEC, TreeShape, candidate_shapes, copy_shape, copy_shapes
 
-from .spec_models import make_random_eagle3
-from .test_adaptive_spec import _chi2_fits, _next_token_probs
-from .test_spec_e2e import FULL_LLAMA4, NEW_TOKENS, PROMPT_LENGTHS
+from . import test_adaptive_spec as adaptive
+from .test_adaptive_spec import _chi2_fits, second_token_marginal
+from .test_spec_e2e import NEW_TOKENS, PROMPT_LENGTHS
 from .test_tree_chooser import costs, q_all
-from .tiny_models import VOCAB, Checkpoint, make_checkpoint, random_prompts
+from .tiny_models import VOCAB, Checkpoint, random_prompts
 
 ENVELOPE = TreeShape(6, 4, 16)
 SHAPES = candidate_shapes(ENVELOPE)
@@ -111,16 +111,8 @@ ADAPTIVE = {"speculative_num_steps": 4, "speculative_eagle_topk": 2, "speculativ
             "speculative_adaptive": "on", "speculative_ngram_merge": True}
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    return make_checkpoint(tmp_path_factory.mktemp("target"), "llama4", seed=3, **FULL_LLAMA4)
-
-
-@pytest.fixture(scope="module")
-def draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("draft") / "head"
-    make_random_eagle3(path, 32, VOCAB, seed=1)
-    return path
+target = adaptive.target  # the same tiny Llama 4 and random EAGLE3 head (module fixtures)
+draft = adaptive.draft
 
 
 def _engine(target: Checkpoint, draft: Path, **kw: Any) -> Any:
@@ -180,12 +172,7 @@ def test_sampled_output_follows_the_target_with_copy_shapes(target: Checkpoint, 
     and CopyStats learns it.)"""
     temperature, n = 2.0, 1500
     prompt = random_prompts((9,), seed=3)[0] + random.Random(4).sample(range(VOCAB), VOCAB)
-    plain = target.engine()
-    first = _next_token_probs(plain, prompt, temperature)
-    exact = [0.0] * VOCAB
-    for a, pa in enumerate(first):
-        for b, pb in enumerate(_next_token_probs(plain, [*prompt, a], temperature)):
-            exact[b] += pa * pb
+    exact = second_token_marginal(target.engine(), prompt, temperature)
     engine = _engine(target, draft, max_total_tokens=8192)
     engine.spec.choose = lambda reqs, b: [copy_shape(5)] * len(reqs)
     outs = engine.generate(input_ids=[prompt] * n, sampling_params=[
