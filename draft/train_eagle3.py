@@ -72,6 +72,9 @@ class TrainArgs:
     gen_quantization: str | None = None  # the generation engine's weights (w8a16: the served target)
     gen_batch: int = 32  # concurrent requests during generation
     gen_dtype: str = "float32"
+    # the features pass's target weights (None: float32); w8a16: the aux states and labels the
+    # served target (`make run`) gives the head, and a faster pass (int8 kernels)
+    features_quantization: str | None = None
     max_len: int = 1024  # tokens per training sequence (prompt + response), longer ones cut
     # draft
     draft_vocab_size: int = 8192
@@ -97,6 +100,7 @@ class TrainArgs:
     # bookkeeping
     log_every: int = 10
     save_every: int = 100  # optimiser steps between checkpoints (the head is exported too)
+    keep_heads: bool = False  # also export every checkpoint's head to <work>/heads/step_N (learning curve)
     save_dtype: str = "bfloat16"
     eval_prompts: int = 64
     eval_max_new_tokens: int = 128
@@ -125,6 +129,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "n_chat": 12000, "n_gsm8k": 600, "n_alpaca": 159, "n_self": 300, "heldout_gsm8k": 48,
         "heldout_alpaca": 16, "max_new_tokens": 192, "sample_frac": 0.3, "sample_temp_min": 0.7,
         "sample_temp_max": 1.0, "multi_turn_frac": 0.5, "gen_quantization": "w8a16", "gen_batch": 48,
+        "features_quantization": "w8a16",
         "draft_vocab_size": 8192, "ttt_steps": 6, "epochs": 2.0, "lr": 1e-3, "warmup_steps": 20,
         "batch_tokens": 2048, "batch_seqs": 8, "save_every": 100, "log_every": 10, "val_frac": 0.02,
         "init_head": str(Path(__file__).resolve().parent / "heads" / "smollm2-135m-instruct-eagle3"),
@@ -274,15 +279,36 @@ def load_target(args: TrainArgs) -> Any:
 
 
 def stage_features(args: TrainArgs, work: Path, target: Any, progress: bool) -> list[Path]:
+    """Feature shards of every response; `features_quantization` runs the pass on a quantised
+    copy of the target (the float32 one stays for training). Writes features_stats.json (tokens
+    and seconds of the shards computed in this run, accumulated over runs)."""
+    from specdec.target.quant import quantize_model
+
     records = read_jsonl(work / "responses.jsonl")[: args.max_prompts]
     capture = default_capture_layers(target.cfg.num_layers)
+    model = target
+    if args.features_quantization is not None:
+        model = load_target(args)
+        quantize_model(model, args.features_quantization)
     bar = _Progress(len(records), "features", progress)
+    stats_path = work / "features_stats.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() else {"tokens": 0, "seconds": 0.0}
+    wall0 = time.time()
     t0 = time.perf_counter()
-    paths = build_feature_shards(target, records, capture, work / "features", shard_size=SHARD_SIZE,
+    paths = build_feature_shards(model, records, capture, work / "features", shard_size=SHARD_SIZE,
                                  max_len=args.max_len, progress=bar)
+    dt = time.perf_counter() - t0
     bar.close()
-    log.info("features of %d sequences in %d shards (%.0fs)", len(records), len(paths),
-             time.perf_counter() - t0)
+    new = [i for i, p in enumerate(paths) if p.stat().st_mtime >= wall0]  # (re)computed in this run
+    n_tok = sum(min(len(records[j]["input_ids"]), args.max_len)
+                for i in new for j in range(i * SHARD_SIZE, min(len(records), (i + 1) * SHARD_SIZE)))
+    if new:
+        stats = {"tokens": stats["tokens"] + n_tok, "seconds": stats["seconds"] + dt,
+                 "quantization": args.features_quantization}
+        stats["tokens_per_s"] = stats["tokens"] / max(1e-9, stats["seconds"])
+        stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+    log.info("features of %d sequences in %d shards (%.0fs; %d new shards, %.0f tok/s)", len(records), len(paths),
+             dt, len(new), n_tok / max(1e-9, dt))
     return paths
 
 
@@ -412,6 +438,8 @@ def write_provenance(
         "sampled_conversations": sum(1 for r in records if r["temperature"] > 0),
         "categories": categories,
         "generation": json.loads(stats_path.read_text()) if stats_path.exists() else None,
+        "features": (json.loads((work / "features_stats.json").read_text())
+                     if (work / "features_stats.json").exists() else None),
         "sources": sources,
         "draft_vocab_size": int(hot.numel()),
         "draft_vocab_coverage": vocab_coverage(records, hot),

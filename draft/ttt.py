@@ -333,6 +333,7 @@ def train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = ckpt_dir / "last.pt"
     step = 0
+    tokens_seen = 0  # loss tokens trained on so far (all epochs)
     best_val = math.inf
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -343,6 +344,7 @@ def train(
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
         best_val = float(state.get("best_val", math.inf))
+        tokens_seen = int(state.get("tokens_seen", 0))
         log.info("resumed from %s at step %d", ckpt_path, step)
     elif resume:
         log.info("no checkpoint at %s; starting fresh", ckpt_path)
@@ -366,12 +368,18 @@ def train(
             log.info("step %d validation loss %.4f acc %s%s", step, val["val_loss"],
                      " ".join(f"{a:.3f}" for a in val["val_acc"]), " (best: exported)" if export else "")
         state = {"model": {k: v for k, v in draft.state_dict().items()}, "optim": opt.state_dict(),
-                 "sched": sched.state_dict(), "step": step, "hot_ids": hot_ids, "best_val": best_val}
+                 "sched": sched.state_dict(), "step": step, "hot_ids": hot_ids, "best_val": best_val,
+                 "tokens_seen": tokens_seen}
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.rename(ckpt_path)
         if export:
             export_head(draft, out, save_dtype)
+        if getattr(args, "keep_heads", False):  # every checkpoint's head, for draft/learning_curve.py
+            kept = work / "heads" / f"step_{step:06d}"
+            kept.mkdir(parents=True, exist_ok=True)
+            export_head(draft, kept, save_dtype)
+            (kept / "trained.json").write_text(json.dumps({"step": step, "tokens_seen": tokens_seen}) + "\n")
 
     from .train_eagle3 import _Progress
 
@@ -407,6 +415,7 @@ def train(
             window["loss"] += float(loss.detach())
             window["n"] += 1
             window["tokens"] += ntok
+            tokens_seen += ntok
             window["losses"].append(losses)
             window["accs"].append(accs)
             bar.update(1)

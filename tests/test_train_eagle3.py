@@ -4,6 +4,7 @@ training through the CLI lower the loss; the saved head round-trips through the 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from specdec.draft.learning_curve import kept_heads
 from specdec.draft.loader import load_eagle3
 from specdec.draft.train_data import choose_draft_vocab, write_jsonl
 from specdec.draft.train_eagle3 import main
@@ -39,7 +41,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     argv = ["--recipe", "tiny", "--out", str(out), "--work-dir", str(work), "--model-path", str(ckpt.path),
             "--stages", "features,train", "--draft-vocab-size", str(DRAFT_VOCAB), "--epochs", "30",
             "--lr", "3e-3", "--ttt-steps", "3", "--no-progress", "--batch-tokens", "256", "--batch-seqs", "8",
-            "--log-every", "1", "--save-every", "1000", "--warmup-steps", "5", "--threads", "1"]
+            "--log-every", "1", "--save-every", "40", "--keep-heads", "true", "--warmup-steps", "5",
+            "--threads", "1"]
     assert main(argv) == 0
     return {"target": ckpt.path, "head": out, "work": work}
 
@@ -52,6 +55,46 @@ def test_training_lowers_the_loss(trained: dict[str, Path]) -> None:
     assert last < 0.7 * first, (first, last)
     assert len(log[-1]["step_acc"]) == 3
     assert log[-1]["step_acc"][0] > log[0]["step_acc"][0]
+
+
+def test_kept_heads_follow_training(trained: dict[str, Path]) -> None:
+    """--keep-heads: every checkpoint's head is kept with the steps and loss tokens behind it, in
+    training order, and the last one is the exported head (no validation split here)."""
+    heads = kept_heads(trained["work"])
+    assert len(heads) >= 3
+    steps = [info["step"] for _, info in heads]
+    seen = [info["tokens_seen"] for _, info in heads]
+    assert steps == sorted(steps) and steps[0] == 40, steps
+    assert all(b > a > 0 for a, b in itertools.pairwise(seen)), seen
+    log = [json.loads(line) for line in (trained["head"] / "train_log.jsonl").read_text().splitlines()]
+    assert seen[-1] == sum(r["tokens"] for r in log)  # logged every step: the same loss tokens
+    with safe_open(str(heads[-1][0] / "model.safetensors"), "pt") as a, \
+            safe_open(str(trained["head"] / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_features_stage_on_the_quantised_target(trained: dict[str, Path], tmp_path: Path) -> None:
+    """--features-quantization w8a16: the same shards from the int8 target, its aux states
+    within int8 error of float32's (and not equal: the flag is taken), statistics written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "responses.jsonl").write_bytes((trained["work"] / "responses.jsonl").read_bytes())
+    argv = ["--recipe", "tiny", "--out", str(tmp_path / "head"), "--work-dir", str(work), "--model-path",
+            str(trained["target"]), "--stages", "features", "--features-quantization", "w8a16", "--no-progress",
+            "--threads", "1"]
+    assert main(argv) == 0
+    ref = torch.load(trained["work"] / "features" / "shard_00000.pt", weights_only=True)
+    got = torch.load(work / "features" / "shard_00000.pt", weights_only=True)
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
+        err = float((a["aux"].float() - b["aux"].float()).norm() / a["aux"].float().norm())
+        assert 0 < err < 0.05, err
+    stats = json.loads((work / "features_stats.json").read_text())
+    assert stats["quantization"] == "w8a16" and stats["tokens"] == sum(int(x["input_ids"].numel()) for x in got)
+    assert stats["tokens_per_s"] > 0
 
 
 def test_head_round_trips_through_the_loader(trained: dict[str, Path]) -> None:
