@@ -30,21 +30,25 @@ def kept_heads(work: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def main(argv: list[str]) -> int:
-    from .train_eagle3 import chat_eval_prompts, evaluate_head
+    from .train_eagle3 import chat_eval_prompts, evaluate_head, parse_eval_configs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", required=True, type=Path)
     p.add_argument("--start-head", type=Path, help="the warm start, measured as 0 tokens seen")
-    p.add_argument("--tree", default="5,4,8", help="steps,topk,draft tokens")
+    p.add_argument("--tree", default="5,4,8", help="steps,topk,draft tokens (+copy: copies merged)")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--quantization", default="w8a16", help="'none' for unquantised weights")
     p.add_argument("--every", type=int, default=1, help="measure every k-th kept head (the last always)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    tree = tuple(int(v) for v in a.tree.split(","))
-    if len(tree) != 3:
-        raise SystemExit(f"--tree wants steps,topk,draft tokens, got {a.tree!r}")
+    try:
+        trees = parse_eval_configs(a.tree)
+    except ValueError:
+        trees = []
+    if len(trees) != 1:
+        raise SystemExit(f"--tree wants one steps,topk,draft tokens, got {a.tree!r}")
+    (tree, copy), = trees
     heads = kept_heads(a.work_dir)
     if not heads:
         raise SystemExit(f"no kept heads under {a.work_dir / 'heads'} (train with --keep-heads true)")
@@ -53,10 +57,10 @@ def main(argv: list[str]) -> int:
         heads.insert(0, (a.start_head, {"step": 0, "tokens_seen": 0}))
     prompts = chat_eval_prompts(a.per_category)
     quant = None if a.quantization == "none" else a.quantization
-    key = ",".join(map(str, tree))
+    key = ",".join(map(str, tree)) + ("+copy" if copy else "")
     rows = []
     for head, info in heads:
-        r = evaluate_head(head, prompts, None, a.max_new_tokens, [tree], quantization=quant)  # type: ignore[list-item]
+        r = evaluate_head(head, prompts, None, a.max_new_tokens, [tree], quantization=quant, ngram_merge=copy)
         rows.append({"head": str(head), **info, "accept_length": r[key]["accept_length"],
                      "by_group": {g: v["accept_length"] for g, v in r[key]["by_group"].items()}})
         if a.json is not None:

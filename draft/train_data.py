@@ -214,13 +214,14 @@ def build_feature_shards(
     pack_tokens: int = 2048,
     max_len: int = 1024,
     progress: Any = None,
-) -> list[Path]:
+) -> tuple[list[Path], int]:
     """Shard i holds records [i * shard_size, (i + 1) * shard_size): a list of dicts with
     input_ids [T], loss_mask [T] (1 on response tokens), top1 [T] int32 (target argmax),
     aux [T, 3H] bf16, hidden [T, H] bf16.
-    Existing shards are kept (resume)."""
+    Existing shards are kept (resume). Returns the shard paths and the tokens this call computed."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    computed = 0
     for si, s in enumerate(range(0, len(records), shard_size)):
         path = shard_dir / f"shard_{si:05d}.pt"
         paths.append(path)
@@ -243,10 +244,11 @@ def build_feature_shards(
             items.extend(_feature_items(model, group, capture_layers, max_len))
             if progress is not None:
                 progress.update(len(group))
+        computed += sum(int(x["input_ids"].numel()) for x in items)
         tmp = path.with_suffix(".tmp")
         torch.save(items, tmp)
         tmp.rename(path)
-    return paths
+    return paths, computed
 
 
 def load_shards(paths: Sequence[Path]) -> list[dict[str, Tensor]]:

@@ -278,37 +278,33 @@ def load_target(args: TrainArgs) -> Any:
     return model
 
 
-def stage_features(args: TrainArgs, work: Path, target: Any, progress: bool) -> list[Path]:
-    """Feature shards of every response; `features_quantization` runs the pass on a quantised
-    copy of the target (the float32 one stays for training). Writes features_stats.json (tokens
-    and seconds of the shards computed in this run, accumulated over runs)."""
+def stage_features(args: TrainArgs, work: Path, target: Any | None, progress: bool) -> list[Path]:
+    """Feature shards of every response, from `target` (float32) or, with
+    `features_quantization`, from a quantised target loaded here. Writes features_stats.json
+    (tokens and seconds of the shards computed, accumulated over runs)."""
     from specdec.target.quant import quantize_model
 
     records = read_jsonl(work / "responses.jsonl")[: args.max_prompts]
-    capture = default_capture_layers(target.cfg.num_layers)
     model = target
-    if args.features_quantization is not None:
+    if model is None or args.features_quantization is not None:
         model = load_target(args)
         quantize_model(model, args.features_quantization)
+    capture = default_capture_layers(model.cfg.num_layers)
     bar = _Progress(len(records), "features", progress)
     stats_path = work / "features_stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {"tokens": 0, "seconds": 0.0}
-    wall0 = time.time()
     t0 = time.perf_counter()
-    paths = build_feature_shards(model, records, capture, work / "features", shard_size=SHARD_SIZE,
-                                 max_len=args.max_len, progress=bar)
+    paths, n_tok = build_feature_shards(model, records, capture, work / "features", shard_size=SHARD_SIZE,
+                                        max_len=args.max_len, progress=bar)
     dt = time.perf_counter() - t0
     bar.close()
-    new = [i for i, p in enumerate(paths) if p.stat().st_mtime >= wall0]  # (re)computed in this run
-    n_tok = sum(min(len(records[j]["input_ids"]), args.max_len)
-                for i in new for j in range(i * SHARD_SIZE, min(len(records), (i + 1) * SHARD_SIZE)))
-    if new:
+    if n_tok:
         stats = {"tokens": stats["tokens"] + n_tok, "seconds": stats["seconds"] + dt,
                  "quantization": args.features_quantization}
         stats["tokens_per_s"] = stats["tokens"] / max(1e-9, stats["seconds"])
         stats_path.write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("features of %d sequences in %d shards (%.0fs; %d new shards, %.0f tok/s)", len(records), len(paths),
-             dt, len(new), n_tok / max(1e-9, dt))
+    log.info("features of %d sequences in %d shards (%.0fs; %d tokens computed, %.0f tok/s)", len(records),
+             len(paths), dt, n_tok, n_tok / max(1e-9, dt))
     return paths
 
 
@@ -477,7 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "responses" in stages:
         stage_responses(args, work, engine_fn, progress)
     engine_box.clear()  # free the generation engine's KV cache
-    target: Any = load_target(args) if {"features", "train"} & set(stages) else None
+    # the float32 target: for training, and for features unless they come from a quantised one
+    fp32_features = "features" in stages and args.features_quantization is None
+    target: Any = load_target(args) if "train" in stages or fp32_features else None
     if "features" in stages:
         stage_features(args, work, target, progress)
     if "train" in stages:
