@@ -99,7 +99,7 @@ def generate_conversations(
 ) -> list[dict[str, Any]]:
     """Rows: key, source, category, prompt, temperature, turns, input_ids, spans (assistant
     [start, end) pairs), prompt_len (= the first span's start), user_turns. Prompts already in
-    `out_path` are skipped. A follow-up that does not end its turn within 96 tokens leaves the
+    `out_path` (the same source and text) are skipped. A follow-up that does not end its turn within 96 tokens leaves the
     conversation at one turn (turns says what was kept).
 
     Pipelined so the batch stays full: each `Engine.generate` call holds the first answers of
@@ -111,11 +111,13 @@ def generate_conversations(
     turns_t = TurnTemplate(template)
     eos_text = engine.detokenize(engine.eos_token_ids[:1], False) if getattr(engine, "eos_token_ids", None) else ""
     done = read_jsonl(out_path) if out_path.exists() else []
-    have = {r["key"] for r in done}
+    # a prompt is done when its source and whole text are: keys (source and the first 64
+    # characters) collide for templated prompts, which a resumed run would otherwise skip
+    have = {(r["source"], r["prompt"]) for r in done}
     todo = []
     for i, p in enumerate(prompts):
         key = f"{p['source']}|{p['prompt'][:64]}"
-        if key not in have:
+        if (p["source"], p["prompt"]) not in have:
             todo.append(_Job(key, p, plan_for(i, seed, sample_frac, multi_turn_frac, temp_range)))
     if progress is not None:
         progress.update(len(prompts) - len(todo))

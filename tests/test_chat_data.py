@@ -113,6 +113,24 @@ def test_multi_turn_conversations_render_through_the_chat_template(engine: Any, 
     assert again == rows and len(read_jsonl(tmp_path / "r.jsonl")) == len(PROMPTS)
 
 
+def test_a_resumed_run_answers_prompts_whose_keys_collide(engine: Any, tmp_path: Path) -> None:
+    """Templated prompts share a key (source and first 64 characters); resuming must still
+    answer every one of them (session 19 found a resume that skipped 193 of 1869)."""
+    tpl = _template(engine)
+    head = "Answer the question below in one short sentence, please, and be polite: "
+    assert len(head) > 64
+    same = [{"source": "t", "category": "chat", "prompt": head + q} for q in ("Why is the sky blue?", "What is ice?")]
+    kw: dict[str, Any] = {"max_new_tokens": 8, "sample_frac": 0.0, "multi_turn_frac": 0.0, "seed": 0}
+    first = generate_conversations(engine, tpl, same[:1], tmp_path / "r.jsonl", **kw)
+    assert len(first) == 1
+    generate_conversations(engine, tpl, same, tmp_path / "r.jsonl", **kw)
+    rows = read_jsonl(tmp_path / "r.jsonl")
+    assert sorted(r["prompt"] for r in rows) == sorted(p["prompt"] for p in same)
+    assert rows[0]["key"] == rows[1]["key"]  # the keys do collide
+    generate_conversations(engine, tpl, same, tmp_path / "r.jsonl", **kw)  # nothing new
+    assert len(read_jsonl(tmp_path / "r.jsonl")) == 2
+
+
 def test_batched_generation_equals_one_at_a_time(engine: Any, tmp_path: Path) -> None:
     tpl = _template(engine)
     kw: dict[str, Any] = {"max_new_tokens": 16, "sample_frac": 0.5, "multi_turn_frac": 0.5, "seed": 3}
