@@ -10,7 +10,8 @@ Stages (`--stages`, default all; every stage resumes from what is on disk in `--
              greedy and sampled); a share become two-turn conversations (the target writes a
              follow-up user turn to its own answer, then answers it)
   features   teacher-forced target pass: aux hidden states + final hidden per token
-  train      EAGLE3 training-time test (draft/ttt.py); checkpoints, logs, and the head in `--out`
+  train      EAGLE3 training-time test (draft/ttt.py); checkpoints, logs, and the head in `--out`;
+             `--train-dtype bfloat16` runs its matmuls under autocast (float32 weights and labels)
   eval       accept length on the held-out prompts (legacy GSM8K/Alpaca split, and with --n-chat the
              shipped held-out chat prompts per category, greedy and at temperature 0.7) -> eval.json
 """
@@ -95,6 +96,9 @@ class TrainArgs:
     max_grad_norm: float = 0.5
     batch_tokens: int = 2048  # padded tokens per optimiser step
     batch_seqs: int = 8
+    # float32 | bfloat16: the head's matmuls under autocast (weights, optimiser state, labels and
+    # validation stay float32); bfloat16 wants a CPU with avx512_bf16 / amx_bf16 (or a GPU)
+    train_dtype: str = "float32"
     device: str = "auto"
     threads: int = 2
     # bookkeeping
@@ -170,6 +174,8 @@ def resolve_args(ns: argparse.Namespace) -> TrainArgs:
         v = getattr(ns, f.name)
         if v is not None:
             values[f.name] = v
+    if values.get("train_dtype", "float32") not in ("float32", "bfloat16"):
+        raise SystemExit(f"--train-dtype {values['train_dtype']!r}: expected float32 or bfloat16")
     return TrainArgs(**values)
 
 

@@ -195,8 +195,8 @@ def ttt_forward(
     # the target's distribution over the draft vocab, once per batch for every scored row j;
     # step k reads rows p + 1 + k of it
     sb, sj = scored.nonzero(as_tuple=True)
-    with torch.no_grad():
-        tp_all = torch.softmax(batch["hidden"][sb, sj] @ head_w.T, dim=-1)  # [S, Vd]
+    with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):  # labels in fp32 always
+        tp_all = torch.softmax(batch["hidden"][sb, sj].float() @ head_w.T, dim=-1)  # [S, Vd]
         neg_entropy = (tp_all * torch.log(tp_all.clamp_min(1e-30))).sum(-1)  # [S]
         t_top1 = tp_all.argmax(-1)  # [S]
     row_of = torch.full((B, T), -1, dtype=torch.long, device=ids.device)  # [B, T] -> row of tp_all
@@ -265,6 +265,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _cpu_has_bf16() -> bool:
+    """The CPU has native bf16 dot products (AVX-512 BF16 or AMX-BF16)."""
+    from specdec.kernels.cpu_isa import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -299,6 +306,14 @@ def train(
     from .train_data import iter_batches, length_batches, load_shards
 
     device = _device(args.device)
+    train_dtype = getattr(args, "train_dtype", "float32")
+    if train_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--train-dtype {train_dtype!r}: expected float32 or bfloat16")
+    # bfloat16: the head's matmuls run under autocast (forward and backward); the weights, Adam's
+    # state, the target's labels, the loss's log-softmax and validation stay float32
+    bf16 = train_dtype == "bfloat16"
+    if bf16 and device.type == "cpu" and not _cpu_has_bf16():
+        log.warning("--train-dtype bfloat16 on a CPU without avx512_bf16/amx_bf16: emulated, likely slower")
     all_items = load_shards(shards)
     if not all_items:
         raise SystemExit(f"no training features in {work}; run the features stage first")
@@ -401,8 +416,9 @@ def train(
                 continue
             if step >= total_steps:
                 break
-            loss, losses, accs, ntok = ttt_forward(draft, _to(batch, device), head_w, in_vocab,
-                                                   args.ttt_steps, args.ttt_decay)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, losses, accs, ntok = ttt_forward(draft, _to(batch, device), head_w, in_vocab,
+                                                       args.ttt_steps, args.ttt_decay)
             opt.zero_grad(set_to_none=True)
             if ntok:
                 loss.backward()

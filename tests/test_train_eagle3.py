@@ -231,3 +231,81 @@ def test_eval_configs_parse() -> None:
 
     assert parse_eval_configs("5,4,8; 2,1,3+copy;") == [((5, 4, 8), False), ((2, 1, 3), True)]
     assert parse_eval_configs("") == []
+
+
+def test_bf16_training_lowers_the_loss_with_float32_weights(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--train-dtype bfloat16: every training step's forward runs under bf16 autocast, yet the
+    checkpoint's weights and the optimiser state stay float32, and training lowers the loss."""
+    import shutil
+
+    import specdec.draft.ttt as ttt
+
+    modes: list[tuple[bool, torch.dtype]] = []
+    plain = ttt.ttt_forward
+
+    def spy(*a: Any, **k: Any) -> Any:
+        modes.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return plain(*a, **k)
+
+    monkeypatch.setattr(ttt, "ttt_forward", spy)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(trained["work"] / "features", work / "features")
+    for f in ("responses.jsonl", "features_stats.json"):
+        if (trained["work"] / f).exists():
+            shutil.copy(trained["work"] / f, work / f)
+    argv = ["--recipe", "tiny", "--out", str(tmp_path / "head"), "--work-dir", str(work), "--model-path",
+            str(trained["target"]), "--stages", "train", "--draft-vocab-size", str(DRAFT_VOCAB), "--epochs", "15",
+            "--lr", "3e-3", "--ttt-steps", "3", "--no-progress", "--batch-tokens", "256", "--batch-seqs", "8",
+            "--log-every", "1", "--save-every", "1000", "--warmup-steps", "5", "--threads", "1",
+            "--train-dtype", "bfloat16"]
+    assert main(argv) == 0
+    log = [json.loads(line) for line in (tmp_path / "head" / "train_log.jsonl").read_text().splitlines()]
+    assert len(modes) == log[-1]["step"] and set(modes) == {(True, torch.bfloat16)}
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    state = torch.load(work / "ckpt" / "last.pt", weights_only=False)
+    floats = [v for k, v in state["model"].items() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    moments = [s["exp_avg"] for s in state["optim"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+
+
+def test_ttt_loss_under_bf16_autocast_is_close_to_float32(tmp_path: Path) -> None:
+    """The autocast forward scores the same rows with labels in float32: per-step losses within
+    3 % of the float32 forward's (bf16 has 8 significant bits), the weighted loss too."""
+    ckpt = make_checkpoint(tmp_path / "t", "llama", num_hidden_layers=4)
+    target, _ = load_model(ckpt.path, "float32")
+    V, H = target.cfg.vocab_size, target.cfg.hidden_size
+    hot = torch.arange(0, V, 2)
+    draft = make_draft(target, hot, None, True, 0)
+    g = torch.Generator().manual_seed(2)
+    B, T = 2, 16
+    batch = {
+        "input_ids": torch.randint(0, V, (B, T), generator=g), "lengths": torch.tensor([16, 11]),
+        "loss_mask": torch.arange(T)[None, :].expand(B, T) >= 2,
+        "top1": hot[torch.randint(0, hot.numel(), (B, T), generator=g)],
+        "aux": torch.randn(B, T, 3 * H, generator=g), "hidden": torch.randn(B, T, H, generator=g),
+    }
+    head_w = target_head_weight(target, hot)
+    in_vocab = torch.zeros(V, dtype=torch.bool)
+    in_vocab[hot] = True
+    with torch.no_grad():
+        ref, ref_losses, _, n_ref = ttt_forward(draft, batch, head_w, in_vocab, 3, 0.8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, got_losses, _, n_got = ttt_forward(draft, batch, head_w, in_vocab, 3, 0.8)
+    assert n_got == n_ref > 0
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(ref), rel=0.03)
+    for a, b in zip(got_losses, ref_losses, strict=True):
+        assert a == pytest.approx(b, rel=0.03)
+
+
+def test_bad_train_dtype_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--train-dtype"):
+        main(["--recipe", "tiny", "--out", str(tmp_path / "h"), "--work-dir", str(tmp_path / "w"),
+              "--stages", "train", "--train-dtype", "float16"])
