@@ -82,6 +82,10 @@ class TrainArgs:
     draft_intermediate_size: int | None = None  # None: the target's
     init_from_target: bool = True  # lm_head rows / final norm from the target
     init_head: str | None = None  # warm start from a trained head (a previous piece)
+    # with init_head: train on its draft vocabulary (every lm_head row carried over) instead of
+    # choosing one from this run's responses (a piece's few new conversations see less of the
+    # language than the pieces before it did)
+    keep_init_vocab: bool = False
     # optimisation
     ttt_steps: int = 7
     ttt_decay: float = 0.8
@@ -176,7 +180,22 @@ def resolve_args(ns: argparse.Namespace) -> TrainArgs:
             values[f.name] = v
     if values.get("train_dtype", "float32") not in ("float32", "bfloat16"):
         raise SystemExit(f"--train-dtype {values['train_dtype']!r}: expected float32 or bfloat16")
-    return TrainArgs(**values)
+    args = TrainArgs(**values)
+    if args.keep_init_vocab:
+        _check_init_vocab(args)
+    return args
+
+
+def _check_init_vocab(args: TrainArgs) -> None:
+    """--keep-init-vocab is refused before any stage runs when it cannot be honoured."""
+    from .eagle3_config import Eagle3Config
+
+    if not args.init_head:
+        raise SystemExit("--keep-init-vocab needs --init-head (the head whose vocabulary to keep)")
+    size = Eagle3Config.from_path(Path(args.init_head)).draft_vocab_size
+    if size != args.draft_vocab_size:
+        raise SystemExit(f"--keep-init-vocab: {args.init_head} has a draft vocabulary of {size}, "
+                         f"--draft-vocab-size asks for {args.draft_vocab_size}")
 
 
 def default_work_dir(out: Path) -> Path:
@@ -451,6 +470,16 @@ def write_provenance(
     (out / "training_data.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def init_head_vocab(args: TrainArgs, target: Any) -> torch.Tensor:
+    """--keep-init-vocab: the init head's draft vocabulary, hot_ids [Vd] int64 ascending."""
+    from .loader import load_eagle3
+
+    _check_init_vocab(args)
+    assert args.init_head is not None
+    old = load_eagle3(args.init_head, target, dtype="float32")
+    return old.to_target_ids(torch.arange(old.cfg.draft_vocab_size)).long().sort().values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     args = resolve_args(ns)
@@ -488,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ttt import train
 
         records = read_jsonl(work / "responses.jsonl")[: args.max_prompts]
-        hot = choose_draft_vocab(records, args.draft_vocab_size, target.cfg.vocab_size)
+        hot = (init_head_vocab(args, target) if args.keep_init_vocab
+               else choose_draft_vocab(records, args.draft_vocab_size, target.cfg.vocab_size))
         log.info("draft vocab %d covers %.2f%% of response tokens", len(hot),
                  100 * vocab_coverage(records, hot))
         n_shards = -(-len(records) // SHARD_SIZE)

@@ -309,3 +309,48 @@ def test_bad_train_dtype_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--train-dtype"):
         main(["--recipe", "tiny", "--out", str(tmp_path / "h"), "--work-dir", str(tmp_path / "w"),
               "--stages", "train", "--train-dtype", "float16"])
+
+
+def test_keep_init_vocab_trains_on_the_init_heads_vocabulary(trained: dict[str, Path], tmp_path: Path) -> None:
+    """--keep-init-vocab: the head trained from --init-head keeps its draft vocabulary (every
+    lm_head row carried over) where the responses would choose another; refused without an
+    init head or with a --draft-vocab-size it does not have."""
+    import shutil
+
+    from specdec.draft.train_data import read_jsonl
+    from specdec.draft.ttt import export_head
+
+    target, _ = load_model(trained["target"], "float32")
+    records = read_jsonl(trained["work"] / "responses.jsonl")
+    chosen = set(choose_draft_vocab(records, DRAFT_VOCAB, target.cfg.vocab_size).tolist())
+    # an init head whose vocabulary the responses would not choose: half of it outside theirs
+    others = [t for t in range(target.cfg.vocab_size) if t not in chosen]
+    init_ids = torch.tensor(sorted(others[: DRAFT_VOCAB // 2] + sorted(chosen)[: DRAFT_VOCAB // 2]))
+    init = tmp_path / "init"
+    export_head(make_draft(target, init_ids, None, True, 0), init, torch.float32)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(trained["work"] / "features", work / "features")
+    shutil.copy(trained["work"] / "responses.jsonl", work / "responses.jsonl")
+    base = ["--recipe", "tiny", "--work-dir", str(work), "--model-path", str(trained["target"]), "--stages", "train",
+            "--draft-vocab-size", str(DRAFT_VOCAB), "--init-head", str(init), "--epochs", "2", "--ttt-steps", "3",
+            "--no-progress", "--batch-tokens", "256", "--batch-seqs", "8", "--save-every", "1000", "--threads", "1"]
+
+    def vocab(out: Path) -> list[int]:
+        head = load_eagle3(out, target, dtype="float32")
+        return head.to_target_ids(torch.arange(head.cfg.draft_vocab_size)).tolist()
+
+    assert main([*base, "--out", str(tmp_path / "kept"), "--keep-init-vocab", "true"]) == 0
+    assert vocab(tmp_path / "kept") == init_ids.tolist()
+    info = json.loads((tmp_path / "kept" / "training_data.json").read_text())
+    assert info["args"]["keep_init_vocab"] is True and info["draft_vocab_size"] == DRAFT_VOCAB
+    shutil.rmtree(work / "ckpt", ignore_errors=True)
+    assert main([*base, "--out", str(tmp_path / "chosen")]) == 0
+    assert set(vocab(tmp_path / "chosen")) == chosen  # without the flag: the responses' own
+
+    with pytest.raises(SystemExit, match="needs --init-head"):
+        main(["--recipe", "tiny", "--out", str(tmp_path / "h"), "--work-dir", str(work), "--stages", "train",
+              "--keep-init-vocab", "true"])
+    with pytest.raises(SystemExit, match="draft vocabulary of 48"):
+        main([*base, "--out", str(tmp_path / "h"), "--keep-init-vocab", "true", "--draft-vocab-size", "32"])
