@@ -15,7 +15,7 @@ import bisect
 import functools
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .tree_shape import NO_SPEC, TreeShape
@@ -47,6 +47,11 @@ class StepCosts:
     plain_overhead_ms: host work of any decode step beyond the target's forward (sampling,
     bookkeeping). The engine keeps the last three up to date from the steps it times
     (`OnlineCosts`): the start-up measurement cannot see all of the host's work.
+    copy_verify_scale[k]: measured / tabled target time of a step verifying copy chains (and no
+    drafted tree) at a batch of bucket k (`batch_bucket`), learnt from such steps (empty or
+    missing buckets: 1.0). The table's uniform chains of n tokens a request cost less than a
+    batch where a few requests verify long chains beside many one-token rows (measured on a
+    2-core AVX2 EPYC at batch 16: ~1.3x the table).
     """
 
     batch: tuple[int, ...]
@@ -57,6 +62,11 @@ class StepCosts:
     draft_step_overhead_ms: float
     verify_overhead_ms: float
     plain_overhead_ms: float = 0.0
+    copy_verify_scale: tuple[float, ...] = ()
+
+    def copy_scale(self, b: int) -> float:
+        k = batch_bucket(b)
+        return self.copy_verify_scale[k] if k < len(self.copy_verify_scale) else 1.0
 
     def target(self, b: int, tokens_per_req: float) -> float:
         """A step where nobody speculates (1 token each) is the measured plain decode; any tree
@@ -80,18 +90,52 @@ class StepCosts:
         # asks this for every shape and request count, every step where copies are possible)
         j = speculating
         ms = self.target(batch, (j * shape.num_draft_tokens + batch - j) / batch)
-        if shape.drafts:
+        if not shape.drafts:  # copies alone
+            ms *= self.copy_scale(batch)
+        else:
             ms += self.draft(j, 1.0 + accepted / j)
             ms += (shape.num_steps - 1) * self.draft(j, min(shape.topk, shape.num_draft_tokens - 1))
         return ms + self.plain_overhead_ms + j * (shape.num_steps * self.draft_step_overhead_ms + self.verify_overhead_ms)
+
+    def step_ms_at(self, batch: int, counts: Sequence[int]) -> Callable[[TreeShape, int, float], float]:
+        """`step_ms(batch, shape, j, accepted)` for j in `counts`, with the table's rows for
+        these batch sizes looked up once (the chooser's inner loop asks it ~150 times a step at
+        batch 16); equal to step_ms."""
+        row = _at_batch(self.batch, self.target_ms, batch)
+        drafts = {j: _at_batch(self.batch, self.draft_ms, j) for j in counts}
+        tokens, rows = self.tokens, self.rows
+        verify_path = not (len(tokens) < 3 or tokens[0] != 1)
+        tokens1, row1 = tokens[1:], row[1:]
+        po, dso, vo = self.plain_overhead_ms, self.draft_step_overhead_ms, self.verify_overhead_ms
+        plain = _interp(tokens, row, 1.0) + po
+        scale = self.copy_scale(batch)
+
+        def step(shape: TreeShape, j: int, accepted: float) -> float:
+            if not shape.speculates or j == 0:
+                return plain
+            x = (j * shape.num_draft_tokens + batch - j) / batch
+            ms = max(row[0], _interp(tokens1, row1, x)) if verify_path and x > 1.0 else _interp(tokens, row, x)
+            if not shape.drafts:
+                ms *= scale
+            else:
+                dr = drafts[j]
+                ms += _interp(rows, dr, 1.0 + accepted / j)
+                ms += (shape.num_steps - 1) * _interp(rows, dr, min(shape.topk, shape.num_draft_tokens - 1))
+            return ms + po + j * (shape.num_steps * dso + vo)
+
+        return step
 
     def forward_ms(self, shapes: Sequence[TreeShape], accepted: float) -> float:
         """The target's and the draft's forwards of a step whose requests take `shapes`."""
         return self.verify_forward_ms(shapes) + self.draft_forward_ms(shapes, accepted)
 
     def verify_forward_ms(self, shapes: Sequence[TreeShape]) -> float:
-        """The target's forward + logits over every request's tree."""
-        return self.target(len(shapes), sum(s.num_draft_tokens for s in shapes) / len(shapes))
+        """The target's forward + logits over every request's tree (copy chains and no drafted
+        tree: times `copy_scale`)."""
+        ms = self.target(len(shapes), sum(s.num_draft_tokens for s in shapes) / len(shapes))
+        if any(s.speculates for s in shapes) and not any(s.drafts for s in shapes):
+            ms *= self.copy_scale(len(shapes))
+        return ms
 
     def draft_forward_ms(self, shapes: Sequence[TreeShape], accepted: float) -> float:
         """The draft's extend over the committed tokens and its frontier forwards, for the
@@ -114,20 +158,33 @@ class StepCosts:
                 + len(spec) * self.verify_overhead_ms)
 
 
+BATCH_BUCKETS = 5  # batch 1, 2-3, 4-7, 8-15, 16+
+
+
+def batch_bucket(b: int) -> int:
+    return min(max(b, 1).bit_length() - 1, BATCH_BUCKETS - 1)
+
+
 class OnlineCosts:
     """The measured table, with its host-work terms learnt from the steps the engine times:
     a plain step's time beyond the target's forward, and a speculative step's beyond its
-    forwards and the plain part, per drafting step of a speculating request. Each is the median
-    of the last `WINDOW` steps of its kind (a slow step, a page fault or a neighbour's burst,
-    does not move it)."""
+    forwards and the plain part, per drafting step of a speculating request; and, per batch
+    bucket, how much dearer than the table a step verifying copy chains alone is
+    (`copy_verify_scale`). Each is the median of the last `WINDOW` steps of its kind (a slow
+    step, a page fault or a neighbour's burst, does not move it); the copy scales start from
+    `COPY_PRIOR` steps at 1.0, so that one step alone never moves them."""
 
     WINDOW = 31
+    COPY_PRIOR = 4
+    COPY_SCALE_RANGE = (0.5, 4.0)  # (a step's ratio is clamped to it: a stall is not a cost)
 
     def __init__(self, measured: StepCosts) -> None:
         self.measured = measured
         self._plain: deque[float] = deque([measured.plain_overhead_ms], maxlen=self.WINDOW)
         self._per_step: deque[float] = deque([measured.draft_step_overhead_ms + measured.verify_overhead_ms],
                                              maxlen=self.WINDOW)
+        self._copy: list[deque[float]] = [deque([measured.copy_scale(2**k)] * self.COPY_PRIOR, maxlen=self.WINDOW)
+                                          for k in range(BATCH_BUCKETS)]
 
     @property
     def plain_ms(self) -> float:
@@ -138,20 +195,29 @@ class OnlineCosts:
         return statistics.median(self._per_step)
 
     @property
+    def copy_verify_scale(self) -> tuple[float, ...]:
+        return tuple(statistics.median(d) for d in self._copy)
+
+    @property
     def costs(self) -> StepCosts:
         return replace(self.measured, plain_overhead_ms=self.plain_ms, draft_step_overhead_ms=self.per_step_ms,
-                       verify_overhead_ms=0.0)
+                       verify_overhead_ms=0.0, copy_verify_scale=self.copy_verify_scale)
 
     def observe(self, verified: Sequence[TreeShape], drafted: Sequence[TreeShape], accepted: float,
                 ms: float) -> None:
         """A step took `ms`: it verified trees of shapes `verified` (accepting `accepted` drafts
         in all), then drafted the next trees, of shapes `drafted`."""
         m = self.measured
-        rest = ms - m.verify_forward_ms(verified) - m.draft_forward_ms(drafted, accepted)
+        forward = m.verify_forward_ms(verified)
+        rest = ms - forward - m.draft_forward_ms(drafted, accepted)
         steps = sum(s.num_steps for s in drafted if s.drafts)
         if steps == 0:
-            if not any(s.speculates for s in verified):  # (a copy-only step teaches neither term)
+            if not any(s.speculates for s in verified):
                 self._plain.append(rest)
+            elif forward > 0.0:  # copies alone: how much dearer than the table their verify was
+                lo, hi = self.COPY_SCALE_RANGE
+                ratio = (ms - self.plain_ms) / (forward / m.copy_scale(len(verified)))
+                self._copy[batch_bucket(len(verified))].append(min(max(ratio, lo), hi))
         else:
             self._per_step.append(max(0.0, (rest - self.plain_ms) / steps))
 
@@ -181,18 +247,21 @@ def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Seque
     Returns the shapes maximising predicted tokens per second of the whole batch; plain
     decoding unless speculation is predicted to win by `MARGIN`."""
     batch = len(expected)
-    plain = costs.step_ms(batch, NO_SPEC, 0, 0.0)
+    counts = _counts(batch)
+    step_ms = costs.step_ms_at(batch, counts)
+    plain = step_ms(NO_SPEC, 0, 0.0)
     best = Choice((NO_SPEC,) * batch, MARGIN * 1000.0 * batch / plain, plain)
     for s, shape in enumerate(shapes):
         if not shape.speculates:
             continue
-        order = sorted(range(batch), key=lambda i: -expected[i][s])
+        column = [e[s] for e in expected]
+        order = sorted(range(batch), key=column.__getitem__, reverse=True)
         prefix = [0.0]
         for i in order:
-            prefix.append(prefix[-1] + expected[i][s])
-        for j in _counts(batch):
+            prefix.append(prefix[-1] + column[i])
+        for j in counts:
             gain = prefix[j]
-            ms = costs.step_ms(batch, shape, j, gain)
+            ms = step_ms(shape, j, gain)
             tps = 1000.0 * (batch + gain) / ms
             if tps > best.tokens_per_s:
                 chosen = set(order[:j])

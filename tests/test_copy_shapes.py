@@ -97,13 +97,35 @@ def test_under_load_copies_go_to_the_requests_that_have_them() -> None:
     assert chosen[15].num_draft_tokens <= alone.num_draft_tokens
 
 
-def test_online_costs_learn_nothing_from_a_copy_only_step() -> None:
+def test_one_slow_copy_step_teaches_nothing() -> None:
     table = costs({1: [10.0, 10.2, 10.4, 10.8, 11.6]}, overhead=0.0)
     online = OnlineCosts(table)
     online.observe([copy_shape(5)], [copy_shape(5)], 4.0, 50.0)  # (a page fault, say)
     assert online.costs.plain_overhead_ms == 0.0 and online.costs.draft_step_overhead_ms == 0.0
+    assert online.costs.copy_verify_scale == (1.0,) * 5  # the prior outvotes one step
     assert table.draft_forward_ms([copy_shape(5)], 4.0) == 0.0
     assert table.step_ms(1, copy_shape(5), 1, 3.0) == pytest.approx(table.target(1, 5))
+
+
+def test_copy_steps_dearer_than_the_table_stop_copies_at_that_batch_only() -> None:
+    """Verifying two requests' long chains beside 14 one-token rows takes 1.6x what the table's
+    uniform chains say (as measured at batch 16 on an AVX2 EPYC): after a run of such steps the
+    chooser stops copying at batch 16, and still copies at batch 1, whose steps it has not seen."""
+    c = costs({1: [10.0, 10.5, 11.0, 12.0, 14.0], 16: [16.0, 20.0, 28.0, 44.0, 76.0]}, draft_ms=2.0)
+    shapes = SHAPES + COPIES
+    batch = [_expected(0.1, 0, 0)] * 12 + [_expected(0.1, 12, 5)] * 4
+    assert any(s.copy for s in choose_shapes(c, shapes, batch).shapes)
+    online = OnlineCosts(c)
+    verified = [copy_shape(13)] * 4 + [NO_SPEC] * 12
+    for _ in range(8):
+        online.observe([NO_SPEC] * 16, [NO_SPEC] * 16, 0.0, 16.0)  # plain steps: the table's
+        online.observe(verified, verified, 10.0, 1.6 * c.verify_forward_ms(verified))
+    learnt = online.costs
+    assert learnt.copy_verify_scale[-1] == pytest.approx(1.6) and learnt.copy_verify_scale[0] == 1.0
+    assert learnt.verify_forward_ms(verified) == pytest.approx(1.6 * c.verify_forward_ms(verified))
+    assert choose_shapes(learnt, shapes, batch).shapes == (NO_SPEC,) * 16
+    (alone,) = choose_shapes(learnt, shapes, [batch[-1]]).shapes
+    assert alone.copy
 
 
 # ---- end to end ---------------------------------------------------------------------------------
