@@ -8,6 +8,9 @@ reliably) and d = 1..`MAX_DEPTH` (deeper tokens share the last). A verified copy
 *exposure* at every depth the accepted path reached or stopped at, and a *hit* at each accepted
 one. Counts decay by `DECAY` per observed chain, and lean on the measured priors
 (draft/ngram_merge.py's `copy_accept`, from the greedy chat answers) until there is evidence.
+Each request keeps its own counts too, leaning on the engine-wide estimates as its prior
+(`q(..., prior=engine_wide)`): a request whose copies keep failing (its text repeats where the
+target does not) stops being offered copies after a few chains, the others keep theirs.
 
 `expected(greedy, n, length)` is the expected number of accepted copies of a chain of `length`
 tokens: sum over d of the product of q up to d.
@@ -57,17 +60,18 @@ class CopyStats:
             if d < accepted:
                 h[i] += 1.0
 
-    def q(self, greedy: bool, n: int) -> list[float]:
-        """[depth - 1] acceptance estimates of a chain from an n-token match."""
-        prior = copy_accept(n)
+    def q(self, greedy: bool, n: int, prior: CopyStats | None = None) -> list[float]:
+        """[depth - 1] acceptance estimates of a chain from an n-token match, leaning on
+        `prior`'s estimates (a request's counts on the engine's), else on the measured priors."""
+        base = prior.q(greedy, n) if prior is not None else [copy_accept(n)] * MAX_DEPTH
         h, e = self.hits[greedy][_bucket(n)], self.exposures[greedy][_bucket(n)]
-        return [(h[d] + PRIOR_WEIGHT * prior) / (e[d] + PRIOR_WEIGHT) for d in range(MAX_DEPTH)]
+        return [(h[d] + PRIOR_WEIGHT * base[d]) / (e[d] + PRIOR_WEIGHT) for d in range(MAX_DEPTH)]
 
-    def expected(self, greedy: bool, n: int, lengths: Sequence[int]) -> list[float]:
+    def expected(self, greedy: bool, n: int, lengths: Sequence[int], prior: CopyStats | None = None) -> list[float]:
         """Expected accepted copies for chains of each of `lengths` tokens (0 without a match)."""
         if n <= 0:
             return [0.0] * len(lengths)
-        q = self.q(greedy, n)
+        q = self.q(greedy, n, prior)
         cum, reach, total = [0.0], 1.0, 0.0
         for d in range(max(lengths, default=0)):
             reach *= q[min(d, MAX_DEPTH - 1)]

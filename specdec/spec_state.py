@@ -11,6 +11,7 @@
     accept    running acceptance statistics (the chooser's per-request evidence)
     ngram     --speculative-ngram-merge: the n-gram index over the request's tokens
     copy_match  the matched n-gram length of the request's last copy-shape step
+    copies    the request's own acceptance counts of its copied chains (the engine's as prior)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from .accept_stats import AcceptStats
+from .copy_stats import CopyStats
 from .tree_shape import TreeShape
 
 if TYPE_CHECKING:  # (the index lives with the proposers)
@@ -48,6 +50,7 @@ class SpecState:
     accept: AcceptStats | None = None
     ngram: NgramIndex | None = None
     copy_match: int = 0
+    copies: CopyStats = field(default_factory=CopyStats)
 
     def reset(self) -> None:
         """What the request's K/V going away invalidates (its statistics and index stay)."""

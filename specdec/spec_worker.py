@@ -139,12 +139,13 @@ class SpecWorker:
         """`expected` (over self.shapes) extended by the copy shapes' expected accepted copies;
         a greedy request's drafted trees hold its chain too (merged under the same budget), so
         they expect at least what the chain alone within their budget would."""
-        greedy = req.params.is_greedy
+        greedy, own = req.params.is_greedy, req.spec.copies
         if greedy and chain:
-            alone = self.copy_stats.expected(True, n, [min(len(chain), s.num_draft_tokens - 1) for s in self.shapes])
+            lengths = [min(len(chain), s.num_draft_tokens - 1) for s in self.shapes]
+            alone = own.expected(True, n, lengths, self.copy_stats)
             expected = [max(e, a) if s.drafts else e for e, a, s in zip(expected, alone, self.shapes, strict=True)]
         lengths = [min(len(chain), s.num_draft_tokens - 1) for s in self.copy_shapes]
-        return expected + self.copy_stats.expected(greedy, n, lengths)
+        return expected + own.expected(greedy, n, lengths, self.copy_stats)
 
     def draft(self, reqs: Sequence[Req], batch_size: int) -> list[DraftTree]:
         """Each request's tree for this step, of the shape chosen for it (its root alone where
@@ -253,8 +254,8 @@ class SpecWorker:
                     req.spec.accept.observe(tree, result.accepted)
                 self.global_stats.observe(tree, result.accepted)
             elif shape.copy:
-                self.copy_stats.observe(req.params.is_greedy, req.spec.copy_match, tree.size - 1,
-                                        len(result.accepted))
+                for stats in (self.copy_stats, req.spec.copies):
+                    stats.observe(req.params.is_greedy, req.spec.copy_match, tree.size - 1, len(result.accepted))
             if shape.speculates:  # NO_SPEC: the root alone, a plain decode step
                 if self.trace is not None:
                     self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted),

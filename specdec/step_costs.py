@@ -18,6 +18,7 @@ backend's routing (kernels/torch_backend.py), CPU model, threads, grid, versions
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ log = logging.getLogger("specdec")
 
 CONTEXT = 128  # cached prefix of the measured requests
 REPEATS = 5  # median of
-VERSION = 1  # bump when what is measured changes
+VERSION = 2  # bump when what is measured changes (2: interleaved rounds, monotone)
 
 
 def grid(max_batch: int, max_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -121,46 +122,101 @@ def _fake_requests(engine: Engine, b: int, length: int) -> list[Req]:
 
 @torch.inference_mode()
 def measure(engine: Engine, max_tokens: int, max_rows_draft: int = 4) -> StepCosts:
-    """Time the grid on this engine (idle: its KV pages are borrowed and returned)."""
+    """Time the grid on this engine (idle: its KV pages are borrowed and returned).
+
+    The cells are timed in interleaved rounds (every cell once per round, the median of
+    `REPEATS` rounds each) over request sets of every batch size held at once, so that a
+    machine whose speed drifts over seconds (a shared VM: +-15 %) moves every cell alike
+    instead of making one batch size's column cheap and the next dear; the table is then made
+    monotone (`monotone`)."""
     assert engine.spec is not None
     batch, tokens, rows = grid(engine.config.max_running_requests, max_tokens)
-    per_req = CONTEXT + max(max(tokens), max(rows))
-    fits = engine.allocator.num_free_pages * engine.allocator.page_size // (per_req + engine.allocator.page_size)
+    length = CONTEXT + max(max(tokens), max(rows))
+    page = engine.allocator.page_size
+    fits = engine.allocator.num_free_pages * page // (length + page)
     batch = tuple(b for b in batch if b <= fits) or (1,)
     runner = engine.runner
     proposer: Any = engine.spec.proposer
     capture = engine.spec.capture_layers
-    target_ms: list[tuple[float, ...]] = []
-    draft_ms: list[tuple[float, ...]] = []
-    for b in batch:
-        reqs = _fake_requests(engine, b, CONTEXT + max(max(tokens), max(rows)))
+    target: dict[tuple[int, int], float] = {}
+    draft: dict[tuple[int, int], float] = {}
+    queue = _groups(batch, fits)  # batch sizes whose requests fit in the pool together
+    while queue:
+        group = queue.pop(0)
+        sets: dict[int, list[Req]] = {}
         try:
-            runner.extend(reqs, [r.prompt_ids for r in reqs], capture)  # the cached prefix
-            for r in reqs:
-                r.num_cached = CONTEXT
-            row = []
-            for n in tokens:
-                trees = [DraftTree.chain(r.prompt_ids[:n]) for r in reqs]
-
-                def target_step(trees: list[DraftTree] = trees, reqs: list[Req] = reqs) -> None:
-                    out = runner.verify_trees(reqs, trees, capture)
-                    runner.logits(out.hidden)
-
-                row.append(_median_ms(target_step))
-            target_ms.append(tuple(row))
-            drafts = []
-            for per_req in rows:
-
-                def draft_step(per_req: int = per_req, reqs: list[Req] = reqs) -> None:
-                    _draft_forward(proposer, reqs, per_req)
-
-                drafts.append(_median_ms(draft_step))
-            draft_ms.append(tuple(drafts))
+            try:
+                for b in group:
+                    sets[b] = _fake_requests(engine, b, length)
+            except MemoryError:  # (another pool, the window's, has fewer pages)
+                if len(group) == 1:
+                    raise
+                queue[:0] = [(b,) for b in group]  # one batch size at a time
+                continue
+            for reqs in sets.values():
+                runner.extend(reqs, [r.prompt_ids for r in reqs], capture)  # the cached prefix
+                for r in reqs:
+                    r.num_cached = CONTEXT
+            cells: dict[tuple[str, int, int], Callable[[], None]] = {}
+            for b, reqs in sets.items():
+                for n in tokens:
+                    cells["target", b, n] = functools.partial(_target_step, runner, reqs, n, capture)
+                for r in rows:
+                    cells["draft", b, r] = functools.partial(_draft_forward, proposer, reqs, r)
+            for key, ms in _interleaved_ms(cells).items():
+                (target if key[0] == "target" else draft)[key[1], key[2]] = ms
         finally:
-            for r in reqs:
-                r.release_kv()
+            for reqs in sets.values():
+                for r in reqs:
+                    r.release_kv()
+    target_ms = monotone(tuple(tuple(target[b, n] for n in tokens) for b in batch))
+    draft_ms = monotone(tuple(tuple(draft[b, r] for r in rows) for b in batch))
     step_overhead, verify_overhead = _host_overheads(proposer)
-    return StepCosts(batch, tokens, tuple(target_ms), rows, tuple(draft_ms), step_overhead, verify_overhead)
+    return StepCosts(batch, tokens, target_ms, rows, draft_ms, step_overhead, verify_overhead)
+
+
+def _groups(batch: tuple[int, ...], fits: int) -> list[tuple[int, ...]]:
+    """Consecutive batch sizes whose requests fit in `fits` requests' pages at once."""
+    out: list[tuple[int, ...]] = []
+    for b in batch:
+        if out and sum(out[-1]) + b <= fits:
+            out[-1] = (*out[-1], b)
+        else:
+            out.append((b,))
+    return out
+
+
+def _interleaved_ms(cells: dict[Any, Callable[[], None]], repeats: int = REPEATS) -> dict[Any, float]:
+    """Median ms of each cell over `repeats` rounds that time every cell once (after a warm-up)."""
+    for fn in cells.values():
+        fn()
+    times: dict[Any, list[float]] = {k: [] for k in cells}
+    for _ in range(repeats):
+        for k, fn in cells.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000.0 * statistics.median(v) for k, v in times.items()}
+
+
+def monotone(table: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+    """table[i][j] made non-decreasing along j (more tokens or rows a request) and along i
+    (more requests): a step that does more work never costs less, and a cell that timing noise
+    made cheaper than its neighbours would otherwise draw the chooser to it."""
+    out = [list(row) for row in table]
+    for i, row in enumerate(out):
+        for j in range(len(row)):
+            if j:
+                row[j] = max(row[j], row[j - 1])
+            if i:
+                row[j] = max(row[j], out[i - 1][j])
+    return tuple(tuple(row) for row in out)
+
+
+def _target_step(runner: Any, reqs: list[Req], n: int, capture: tuple[int, ...]) -> None:
+    """The target's forward + logits over a chain of n tokens per request."""
+    out = runner.verify_trees(reqs, [DraftTree.chain(r.prompt_ids[:n]) for r in reqs], capture)
+    runner.logits(out.hidden)
 
 
 def _draft_forward(proposer: Any, reqs: list[Req], r: int) -> None:

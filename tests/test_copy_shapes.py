@@ -63,6 +63,21 @@ def test_copy_stats_start_at_the_measured_priors_and_follow_the_evidence() -> No
         s.observe(True, 2, 3, 4)
 
 
+def test_a_requests_own_failed_copies_lower_its_estimate_only() -> None:
+    """Engine-wide evidence (many requests whose 4+-token matches copy well) and one request
+    whose chains are rejected at once: its estimate falls, a fresh request's stays the engine's."""
+    engine, bad, fresh = CopyStats(), CopyStats(), CopyStats()
+    for _ in range(40):
+        engine.observe(True, 5, 8, 8)
+    for _ in range(6):
+        for s in (engine, bad):
+            s.observe(True, 5, 8, 0)
+    assert fresh.expected(True, 5, [8], engine) == pytest.approx(engine.expected(True, 5, [8]))
+    assert engine.expected(True, 5, [8])[0] > 3.0
+    assert bad.expected(True, 5, [8], engine)[0] < 0.5 * engine.expected(True, 5, [8])[0]
+    assert bad.q(True, 5, engine)[1] == pytest.approx(engine.q(True, 5)[1])  # depth 2: no evidence of its own
+
+
 def _expected(eagle_q: float, copy_len: int, n: int) -> list[float]:
     """One request's expected accepted drafts over SHAPES + COPIES: EAGLE3 at eagle_q, a copy
     chain of copy_len tokens from an n-token match at the prior."""
