@@ -255,6 +255,11 @@ def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Seque
         if not shape.speculates:
             continue
         column = [e[s] for e in expected]
+        # a copy shape gains nothing on requests without a chain (expected 0) and costs more
+        # with every request it is given: past the first count holding all that gain, none wins
+        gaining = batch if shape.drafts else sum(1 for v in column if v > 0.0)
+        if gaining == 0:
+            continue
         order = sorted(range(batch), key=column.__getitem__, reverse=True)
         prefix = [0.0]
         for i in order:
@@ -266,6 +271,8 @@ def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Seque
             if tps > best.tokens_per_s:
                 chosen = set(order[:j])
                 best = Choice(tuple(shape if k in chosen else NO_SPEC for k in range(batch)), tps, ms)
+            if j >= gaining:
+                break
     if not any(s.speculates for s in best.shapes):
         return Choice(best.shapes, 1000.0 * batch / plain, plain)
     return best

@@ -63,6 +63,45 @@ def test_copy_stats_start_at_the_measured_priors_and_follow_the_evidence() -> No
         s.observe(True, 2, 3, 4)
 
 
+def _exhaustive(c: Any, shapes: Any, expected: list[list[float]]) -> tuple[TreeShape, ...]:
+    """choose_shapes without its shortcuts: every shape at every count, by step_ms."""
+    from specdec.tree_chooser import MARGIN, _counts
+
+    batch = len(expected)
+    plain = c.step_ms(batch, NO_SPEC, 0, 0.0)
+    best, best_tps = (NO_SPEC,) * batch, MARGIN * 1000.0 * batch / plain
+    for s, shape in enumerate(shapes):
+        if not shape.speculates:
+            continue
+        order = sorted(range(batch), key=lambda i: -expected[i][s])
+        for j in _counts(batch):
+            gain = sum(expected[i][s] for i in order[:j])
+            tps = 1000.0 * (batch + gain) / c.step_ms(batch, shape, j, gain)
+            if tps > best_tps:
+                best, best_tps = tuple(shape if k in order[:j] else NO_SPEC for k in range(batch)), tps
+    return best
+
+
+def test_the_chooser_equals_the_exhaustive_search() -> None:
+    rng = random.Random(7)
+    c = costs({1: [10.0, 10.5, 11.0, 12.0, 14.0], 4: [11.0, 13.0, 17.0, 25.0, 41.0],
+               16: [16.0, 20.0, 28.0, 44.0, 76.0]}, draft_ms=1.0)
+    shapes = SHAPES + COPIES
+    for _ in range(300):
+        batch = rng.choice([1, 2, 3, 5, 8, 16])
+        expected = [expected_accepted(q_all(rng.random()), SHAPES) + (
+            _copy_part(rng.random(), rng.randint(1, 15), rng.randint(1, 6)) if rng.random() < 0.3 else [0.0] * len(COPIES))
+            for _ in range(batch)]
+        assert choose_shapes(c, shapes, expected).shapes == _exhaustive(c, shapes, expected)
+
+
+def _copy_part(p: float, length: int, n: int) -> list[float]:
+    stats = CopyStats()
+    for _ in range(8):
+        stats.observe(True, n, 8, round(8 * p))
+    return stats.expected(True, n, [min(length, s.num_draft_tokens - 1) for s in COPIES])
+
+
 def test_a_requests_own_failed_copies_lower_its_estimate_only() -> None:
     """Engine-wide evidence (many requests whose 4+-token matches copy well) and one request
     whose chains are rejected at once: its estimate falls, a fresh request's stays the engine's."""
