@@ -161,8 +161,8 @@ def measure(engine: Engine, max_tokens: int, max_rows_draft: int = 4) -> StepCos
             for b, reqs in sets.items():
                 for n in tokens:
                     cells["target", b, n] = functools.partial(_target_step, runner, reqs, n, capture)
-                for r in rows:
-                    cells["draft", b, r] = functools.partial(_draft_forward, proposer, reqs, r)
+                for nr in rows:
+                    cells["draft", b, nr] = functools.partial(_draft_forward, proposer, reqs, nr)
             for key, ms in _interleaved_ms(cells).items():
                 (target if key[0] == "target" else draft)[key[1], key[2]] = ms
         finally:
