@@ -177,14 +177,19 @@ def test_make_draft_starts_at_the_targets_logit_lens(tmp_path: Path) -> None:
     assert draft.cfg.capture_layers(4) == (2, 2, 1)
 
 
+def _tiny_target_and_draft(tmp_path: Path, stride: int) -> tuple[Any, Any, torch.Tensor]:
+    """A 4-layer tiny Llama target and a fresh draft whose vocabulary is every stride-th id."""
+    ckpt = make_checkpoint(tmp_path / "t", "llama", num_hidden_layers=4)
+    target, _ = load_model(ckpt.path, "float32")
+    hot = torch.arange(0, target.cfg.vocab_size, stride)
+    return target, make_draft(target, hot, None, True, 0), hot
+
+
 def test_ttt_loss_matches_the_targets_distribution_row_by_row(tmp_path: Path) -> None:
     """Per step k, the loss is the mean forward KL between softmax(target hidden row p + 1 + k
     @ head rows) and the draft's logits at p, and the accuracy compares their argmaxes."""
-    ckpt = make_checkpoint(tmp_path / "t", "llama", num_hidden_layers=4)
-    target, _ = load_model(ckpt.path, "float32")
+    target, draft, hot = _tiny_target_and_draft(tmp_path, 3)
     V, H = target.cfg.vocab_size, target.cfg.hidden_size
-    hot = torch.arange(0, V, 3)
-    draft = make_draft(target, hot, None, True, 0)
     g = torch.Generator().manual_seed(1)
     B, T, steps = 2, 12, 3
     lengths = torch.tensor([12, 9])
@@ -278,11 +283,8 @@ def test_bf16_training_lowers_the_loss_with_float32_weights(
 def test_ttt_loss_under_bf16_autocast_is_close_to_float32(tmp_path: Path) -> None:
     """The autocast forward scores the same rows with labels in float32: per-step losses within
     3 % of the float32 forward's (bf16 has 8 significant bits), the weighted loss too."""
-    ckpt = make_checkpoint(tmp_path / "t", "llama", num_hidden_layers=4)
-    target, _ = load_model(ckpt.path, "float32")
+    target, draft, hot = _tiny_target_and_draft(tmp_path, 2)
     V, H = target.cfg.vocab_size, target.cfg.hidden_size
-    hot = torch.arange(0, V, 2)
-    draft = make_draft(target, hot, None, True, 0)
     g = torch.Generator().manual_seed(2)
     B, T = 2, 16
     batch = {
