@@ -49,9 +49,9 @@ class StepCosts:
     (`OnlineCosts`): the start-up measurement cannot see all of the host's work.
     copy_verify_scale[k]: measured / tabled target time of a step verifying copy chains (and no
     drafted tree) at a batch of bucket k (`batch_bucket`), learnt from such steps (empty or
-    missing buckets: 1.0). The table's uniform chains of n tokens a request cost less than a
-    batch where a few requests verify long chains beside many one-token rows (measured on a
-    2-core AVX2 EPYC at batch 16: ~1.3x the table).
+    missing buckets: 1.0). Served requests' contexts are longer than the table's 128-token
+    prefix and a verify's attention grows with them (on a 2-core AVX2 EPYC at batch 8-16 the
+    learnt scale settled at 1.2-1.3).
     """
 
     batch: tuple[int, ...]

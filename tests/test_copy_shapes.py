@@ -162,8 +162,8 @@ def test_one_slow_copy_step_teaches_nothing() -> None:
 
 
 def test_copy_steps_dearer_than_the_table_stop_copies_at_that_batch_only() -> None:
-    """Verifying two requests' long chains beside 14 one-token rows takes 1.6x what the table's
-    uniform chains say (as measured at batch 16 on an AVX2 EPYC): after a run of such steps the
+    """Verifying four requests' long chains beside 12 one-token rows takes 1.6x what the table
+    says (served contexts are longer than the table's): after a run of such steps the
     chooser stops copying at batch 16, and still copies at batch 1, whose steps it has not seen."""
     c = costs({1: [10.0, 10.5, 11.0, 12.0, 14.0], 16: [16.0, 20.0, 28.0, 44.0, 76.0]}, draft_ms=2.0)
     shapes = SHAPES + COPIES
