@@ -30,6 +30,13 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+def _target_row(tokens: Sequence[int], row: Sequence[float], tokens_per_req: float) -> float:
+    """A batch's target time at `tokens_per_req` from its row of the table (`StepCosts.target`)."""
+    if tokens_per_req <= 1.0 or len(tokens) < 3 or tokens[0] != 1:
+        return _interp(tokens, row, tokens_per_req)
+    return max(row[0], _interp(tokens[1:], row[1:], tokens_per_req))
+
+
 @functools.lru_cache(maxsize=256)
 def _at_batch(batch: tuple[int, ...], table: tuple[tuple[float, ...], ...], b: int) -> tuple[float, ...]:
     """The table's row for batch size b, interpolated between the measured batch sizes."""
@@ -73,10 +80,7 @@ class StepCosts:
         in the batch takes the verify path (tree masks, attention per request), whose fixed
         cost the one-token column does not show: a mixed batch's cost then comes from the
         multi-token columns alone, extrapolated below 2 tokens a request."""
-        row = _at_batch(self.batch, self.target_ms, b)
-        if tokens_per_req <= 1.0 or len(self.tokens) < 3 or self.tokens[0] != 1:
-            return _interp(self.tokens, row, tokens_per_req)
-        return max(row[0], _interp(self.tokens[1:], row[1:], tokens_per_req))
+        return _target_row(self.tokens, _at_batch(self.batch, self.target_ms, b), tokens_per_req)
 
     def draft(self, b: int, rows_per_req: float) -> float:
         return _interp(self.rows, _at_batch(self.batch, self.draft_ms, b), rows_per_req)
@@ -84,38 +88,24 @@ class StepCosts:
     def step_ms(self, batch: int, shape: TreeShape, speculating: int, accepted: float) -> float:
         """One step of `batch` requests, `speculating` of them with `shape` (the others plain)
         whose expected accepted drafts sum to `accepted`."""
-        if not shape.speculates or speculating == 0:
-            return self.target(batch, 1.0) + self.plain_overhead_ms
-        # forward_ms + host_ms of [shape] * j + [NO_SPEC] * (batch - j), in O(1) (the chooser
-        # asks this for every shape and request count, every step where copies are possible)
-        j = speculating
-        ms = self.target(batch, (j * shape.num_draft_tokens + batch - j) / batch)
-        if not shape.drafts:  # copies alone
-            ms *= self.copy_scale(batch)
-        else:
-            ms += self.draft(j, 1.0 + accepted / j)
-            ms += (shape.num_steps - 1) * self.draft(j, min(shape.topk, shape.num_draft_tokens - 1))
-        return ms + self.plain_overhead_ms + j * (shape.num_steps * self.draft_step_overhead_ms + self.verify_overhead_ms)
+        return self.step_ms_at(batch, (speculating,))(shape, speculating, accepted)
 
     def step_ms_at(self, batch: int, counts: Sequence[int]) -> Callable[[TreeShape, int, float], float]:
         """`step_ms(batch, shape, j, accepted)` for j in `counts`, with the table's rows for
-        these batch sizes looked up once (the chooser's inner loop asks it ~150 times a step at
-        batch 16); equal to step_ms."""
+        these batch sizes looked up once (the chooser asks it ~150 times a choice at batch 16):
+        forward_ms + host_ms of [shape] * j + [NO_SPEC] * (batch - j), in O(1)."""
         row = _at_batch(self.batch, self.target_ms, batch)
-        drafts = {j: _at_batch(self.batch, self.draft_ms, j) for j in counts}
+        drafts = {j: _at_batch(self.batch, self.draft_ms, j) for j in counts if j > 0}
         tokens, rows = self.tokens, self.rows
-        verify_path = not (len(tokens) < 3 or tokens[0] != 1)
-        tokens1, row1 = tokens[1:], row[1:]
         po, dso, vo = self.plain_overhead_ms, self.draft_step_overhead_ms, self.verify_overhead_ms
-        plain = _interp(tokens, row, 1.0) + po
+        plain = _target_row(tokens, row, 1.0) + po
         scale = self.copy_scale(batch)
 
         def step(shape: TreeShape, j: int, accepted: float) -> float:
             if not shape.speculates or j == 0:
                 return plain
-            x = (j * shape.num_draft_tokens + batch - j) / batch
-            ms = max(row[0], _interp(tokens1, row1, x)) if verify_path and x > 1.0 else _interp(tokens, row, x)
-            if not shape.drafts:
+            ms = _target_row(tokens, row, (j * shape.num_draft_tokens + batch - j) / batch)
+            if not shape.drafts:  # copies alone
                 ms *= scale
             else:
                 dr = drafts[j]

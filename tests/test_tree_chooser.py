@@ -129,33 +129,17 @@ def test_step_ms_is_the_forwards_and_host_work_of_the_mixed_batch() -> None:
     c = costs({1: [10.0, 10.5, 11.0, 12.0, 14.0], 4: [11.0, 13.0, 17.0, 25.0, 41.0],
                16: [16.0, 30.0, 58.0, 114.0, 226.0]}, draft_ms=0.7, overhead=0.13)
     c = StepCosts(c.batch, c.tokens, c.target_ms, (1, 4), tuple((0.5 + b / 10, 0.9 + b / 5) for b in c.batch),
-                  0.13, 0.21, 0.4)
+                  0.13, 0.21, 0.4, (1.0, 1.1, 1.2, 1.3, 1.4))
     for shape in (*SHAPES, *copy_shapes(ENVELOPE)):
         for batch in (1, 3, 4, 9, 16, 20):
+            at = c.step_ms_at(batch, range(batch + 1))  # (the chooser's form: one lookup per batch)
             for j in range(batch + 1):
                 mixed = [shape] * j + [NO_SPEC] * (batch - j)
                 accepted = 0.7 * j
                 want = (c.forward_ms(mixed, accepted) + c.host_ms(mixed) if j and shape.speculates
                         else c.forward_ms([NO_SPEC] * batch, 0.0) + c.plain_overhead_ms)
                 assert c.step_ms(batch, shape, j, accepted) == pytest.approx(want, rel=1e-12), (shape, batch, j)
-
-
-def test_step_ms_at_equals_step_ms() -> None:
-    """The chooser's inner loop (rows looked up once per batch size) against step_ms, copy
-    scales included."""
-    from specdec.tree_chooser import _counts
-    from specdec.tree_shape import copy_shapes
-
-    c = costs({1: [10.0, 10.5, 11.0, 12.0, 14.0], 4: [11.0, 13.0, 17.0, 25.0, 41.0],
-               16: [16.0, 30.0, 58.0, 114.0, 226.0]}, draft_ms=0.7, overhead=0.13)
-    c = StepCosts(c.batch, (1, 2, 4, 8, 16), c.target_ms, (1, 4), tuple((0.5 + b / 10, 0.9 + b / 5) for b in c.batch),
-                  0.13, 0.21, 0.4, (1.0, 1.1, 1.2, 1.3, 1.4))
-    for shape in (*SHAPES, *copy_shapes(ENVELOPE)):
-        for batch in (1, 3, 4, 9, 16, 20):
-            fast = c.step_ms_at(batch, _counts(batch))
-            for j in _counts(batch):
-                for accepted in (0.0, 0.7 * j, 3.1 * j):
-                    assert fast(shape, j, accepted) == pytest.approx(c.step_ms(batch, shape, j, accepted), rel=1e-12)
+                assert at(shape, j, accepted) == pytest.approx(want, rel=1e-12), (shape, batch, j)
 
 
 def test_a_mixed_batch_pays_the_verify_paths_fixed_cost() -> None:
