@@ -160,7 +160,8 @@ def measure(engine: Engine, max_tokens: int, max_rows_draft: int = 4) -> StepCos
             cells: dict[tuple[str, int, int], Callable[[], None]] = {}
             for b, reqs in sets.items():
                 for n in tokens:
-                    cells["target", b, n] = functools.partial(_target_step, runner, reqs, n, capture)
+                    trees = [DraftTree.chain(r.prompt_ids[:n]) for r in reqs]
+                    cells["target", b, n] = functools.partial(_target_step, runner, reqs, trees, capture)
                 for nr in rows:
                     cells["draft", b, nr] = functools.partial(_draft_forward, proposer, reqs, nr)
             for key, ms in _interleaved_ms(cells).items():
@@ -213,9 +214,9 @@ def monotone(table: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], .
     return tuple(tuple(row) for row in out)
 
 
-def _target_step(runner: Any, reqs: list[Req], n: int, capture: tuple[int, ...]) -> None:
-    """The target's forward + logits over a chain of n tokens per request."""
-    out = runner.verify_trees(reqs, [DraftTree.chain(r.prompt_ids[:n]) for r in reqs], capture)
+def _target_step(runner: Any, reqs: list[Req], trees: list[DraftTree], capture: tuple[int, ...]) -> None:
+    """The target's forward + logits over each request's tree."""
+    out = runner.verify_trees(reqs, trees, capture)
     runner.logits(out.hidden)
 
 
