@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.distributed import TPGroup
-from specdec.kernels import cpu_kernels
 from specdec.kernels.backend import ForwardBatch
 from specdec.target.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope_cis
-from specdec.target.llama4 import FusedLayer, fast_path, fused_layer_weights
+from specdec.target.llama4 import FusedLayer, fast_path, fused_layer_weights, packed_seqs
 
 from .eagle3_config import Eagle3Config
 
@@ -114,15 +113,15 @@ class Eagle3Draft(nn.Module):
         """Inference over the paged KV: K/V go to the draft pool, `batch.attn` decides visibility."""
         fast = fast_path(features, batch)
         fused = self.fused_weights() if fast is not None else None
-        if fast is not None and fused is not None:  # the whole layer in one C++ call
-            seq = batch.attn.seqs[0]
-            mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
+        if fast is not None and fused is not None:  # the whole layer in one C++ call, all requests at once
+            packed = packed_seqs(batch)
             rope = torch.view_as_real(self.rotary.cis(positions))  # [T, D/2, 2] (cos, sin)
             c = self.cfg
-            h = fast.eagle3_layer(
-                (self.embed(input_ids) if input_embeds is None else input_embeds).contiguous(), features.contiguous(), rope, *fused.weights, c.rms_norm_eps,
-                c.num_heads, c.num_kv_heads, c.head_dim, batch.kv_k[0], batch.kv_v[0], batch.attn.out_slots,
-                seq.kv_slots, mask, self.scale, fused.act_bits,
+            emb = self.embed(input_ids) if input_embeds is None else input_embeds
+            h = fast.eagle3_layer_seqs(
+                emb.contiguous(), features.contiguous(), rope, *fused.weights, c.rms_norm_eps, c.num_heads,
+                c.num_kv_heads, c.head_dim, batch.kv_k[0], batch.kv_v[0], batch.attn.out_slots, packed.starts,
+                packed.slots, packed.masks, self.scale, fused.act_bits,
             )
             return DraftOutput(self.norm(h), h)
 

@@ -46,7 +46,7 @@ log = logging.getLogger("specdec")
 
 CONTEXT = 128  # cached prefix of the measured requests
 REPEATS = 5  # median of
-VERSION = 2  # bump when what is measured changes (2: interleaved rounds, monotone)
+VERSION = 3  # bump when what is measured changes (2: interleaved rounds, monotone; 3: batches in one packed call)
 
 
 def grid(max_batch: int, max_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -257,13 +257,40 @@ def _fused_weights(layer: DecoderLayer) -> FusedLayer | None:
 
 def fast_path(x: Tensor, batch: ForwardBatch) -> Any:
     """The CPU kernel module when this forward can run layers in one call each, else None:
-    float32 on the CPU, no autograd, one request of <= 64 new tokens, the torch backend."""
+    float32 on the CPU, no autograd, the torch backend, every request's rows packed in order
+    and <= 64 new tokens each (decodes, trees and short chunks; longer prefills go to SDPA).
+    With several requests only the `_seqs` kernels apply (`packed_seqs`)."""
     meta = batch.attn
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled()
-            or meta.padded is not None or len(meta.seqs) != 1 or meta.seqs[0].q_len > FAST_MAX_QUERIES
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or not meta.seqs
             or batch.backend.name != "torch" or batch.kv_k[0].dtype != torch.float32):
         return None
+    at = 0
+    for seq in meta.seqs:
+        if seq.q_start != at or not 1 <= seq.q_len <= FAST_MAX_QUERIES:
+            return None
+        at += seq.q_len
+    if at != x.shape[0]:
+        return None
     return cpu_kernels.extension()
+
+
+class PackedSeqs(NamedTuple):
+    """The `_seqs` kernels' view of a batch: request b owns rows starts[b] .. starts[b + 1] and
+    attends over slots[b] with masks[b] (NO_MASK: causal by index)."""
+
+    starts: list[int]  # [B + 1]
+    slots: list[Tensor]  # B x [kv_len_b] int64
+    masks: list[Tensor]  # B x [q_len_b, kv_len_b] bool or NO_MASK
+
+
+def packed_seqs(batch: ForwardBatch) -> PackedSeqs:
+    """`batch.attn` as the `_seqs` kernels take it (rows already checked by `fast_path`)."""
+    seqs = batch.attn.seqs
+    return PackedSeqs(
+        [s.q_start for s in seqs] + [seqs[-1].q_start + seqs[-1].q_len],
+        [s.kv_slots for s in seqs],
+        [cpu_kernels.NO_MASK if s.mask is None else s.mask.contiguous() for s in seqs],
+    )
 
 
 class Llama4ForCausalLM(nn.Module):
@@ -321,19 +348,22 @@ class Llama4ForCausalLM(nn.Module):
         captured: dict[int, Tensor] = {}
         fast: Any = fast_path(x, batch)
         if fast is not None:
-            seq = batch.attn.seqs[0]
             rope_real = torch.view_as_real(rope)  # [T, D/2, 2] (cos, sin)
-            mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
             stack = self._stack_weights() if self.tp is None else None  # (one call has no all-reduce)
-            if stack is not None:  # every layer in one call
+            if stack is not None:  # every layer in one call, all requests' rows at once
                 a0: Attention = self.layers[0].attn  # type: ignore[assignment]
-                capture = list(batch.capture_layers)
-                out = fast.decoder_stack(
+                packed = packed_seqs(batch)
+                out = fast.decoder_stack_seqs(
                     x.contiguous(), rope_real, list(stack.weights), batch.kv_k, batch.kv_v, a0.eps, a0.num_heads,
-                    a0.num_kv_heads, a0.head_dim, batch.attn.out_slots, seq.kv_slots, mask, a0.scale, capture,
-                    stack.act_bits,
+                    a0.num_kv_heads, a0.head_dim, batch.attn.out_slots, packed.starts, packed.slots, packed.masks,
+                    a0.scale, list(batch.capture_layers), stack.act_bits,
                 )
                 return ModelOutput(self.norm(out[0]), list(out[1:]))
+            if len(batch.attn.seqs) > 1:
+                fast = None  # the per-layer kernels below take one request
+            else:
+                seq = batch.attn.seqs[0]
+                mask = cpu_kernels.NO_MASK if seq.mask is None else seq.mask.contiguous()
         for i, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if i in batch.capture_layers:

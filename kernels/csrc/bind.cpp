@@ -26,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention of a few queries over keys gathered from a paged pool (float32)");
   m.def("paged_attention_batch", &paged_attention_batch,
         "a decode batch: one float32 query per request over that request's slots");
+  m.def("paged_attention_seqs", &paged_attention_seqs,
+        "several requests packed row after row, each over its own slots and mask (float32)");
   m.def("top_logprobs", &top_logprobs, "the k best log-probabilities of each row of float32 logits, best first");
   m.def("decoder_layer", &decoder_layer, "one dense Llama decoder layer over the paged cache (float32)");
   m.def("decoder_layer_attention", &decoder_layer_attention,
@@ -33,5 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder_layer_mlp", &decoder_layer_mlp,
         "a decoder layer's MLP half without the residual (--tp: this rank's partial sum)");
   m.def("decoder_stack", &decoder_stack, "every layer of a dense Llama in one call (float32), with captures");
+  m.def("decoder_stack_seqs", &decoder_stack_seqs,
+        "decoder_stack over several requests packed row after row (a batch of decodes or trees)");
   m.def("eagle3_layer", &eagle3_layer, "the EAGLE3 draft head's decoder layer over the paged cache (float32)");
+  m.def("eagle3_layer_seqs", &eagle3_layer_seqs, "eagle3_layer over several requests packed row after row");
 }

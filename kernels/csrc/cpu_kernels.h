@@ -65,6 +65,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 // one query per request over its own slots (a decode batch)
 at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& index, const at::Tensor& lens, double scale);
+// several requests packed row after row: request b owns rows starts[b] .. starts[b + 1] and attends
+// over slots[b] with masks[b] (empty: causal by index), each as paged_attention on its rows alone
+at::Tensor paged_attention_seqs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const std::vector<int64_t>& starts, const std::vector<at::Tensor>& slots,
+                                const std::vector<at::Tensor>& masks, double scale);
 
 // top_logprobs.cpp: the k best log_softmax values of each row and their indices, best first
 std::tuple<at::Tensor, at::Tensor> top_logprobs(const at::Tensor& logits, int64_t k);
@@ -100,6 +105,16 @@ at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at:
                         int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
                         const at::Tensor& mask, double scale, int64_t act_bits);
+// eagle3_layer over several requests packed row after row (paged_attention_seqs' starts, slots, masks)
+at::Tensor eagle3_layer_seqs(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
+                             const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
+                             const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                             const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                             const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& out_slots,
+                             const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
+                             const std::vector<at::Tensor>& masks, double scale, int64_t act_bits);
 
 // all layers of a dense Llama (10 weights per layer as decoder_layer takes them, in order) in
 // one call (act_bits: as w8_linear's, for every int8 linear); returns {final hidden, the input of layer i for each i in capture (i == L: the
@@ -109,4 +124,13 @@ std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rop
                                       double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                       const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
                                       double scale, const std::vector<int64_t>& capture, int64_t act_bits);
-
+// decoder_stack over several requests packed row after row (paged_attention_seqs' starts, slots,
+// masks): a batch of decodes or trees in one call; each request's rows equal decoder_stack on it alone
+std::vector<at::Tensor> decoder_stack_seqs(const at::Tensor& x, const at::Tensor& rope,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<at::Tensor>& k_caches,
+                                           const std::vector<at::Tensor>& v_caches, double eps, int64_t num_heads,
+                                           int64_t num_kv_heads, int64_t head_dim, const at::Tensor& out_slots,
+                                           const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
+                                           const std::vector<at::Tensor>& masks, double scale,
+                                           const std::vector<int64_t>& capture, int64_t act_bits);

@@ -503,3 +503,65 @@ at::Tensor paged_attention_batch(const at::Tensor& q, const at::Tensor& k_cache,
   });
   return out;
 }
+
+// Several requests packed in q (a batch of decodes, trees or short chunks): request b owns rows
+// starts[b] .. starts[b + 1] and attends over slots[b] with masks[b] ([rows, L_b] bool, or empty:
+// causal by index). Each request is exactly paged_attention on its own rows (the same
+// grouped_attention call), so a row's result does not depend on the requests beside it;
+// requests are spread over the threads (the nested parallel_for inside runs inline).
+at::Tensor paged_attention_seqs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const std::vector<int64_t>& starts, const std::vector<at::Tensor>& slots,
+                                const std::vector<at::Tensor>& masks, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "paged_attention_seqs: q must be a contiguous float32 [T, H, D] tensor");
+  const int64_t B = static_cast<int64_t>(slots.size());
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(B >= 1 && static_cast<int64_t>(starts.size()) == B + 1 && static_cast<int64_t>(masks.size()) == B,
+              "paged_attention_seqs: need B >= 1 slot lists, B masks and B + 1 row starts");
+  TORCH_CHECK(starts[0] == 0 && starts[B] == T, "paged_attention_seqs: row starts must run from 0 to T = ", T);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(starts[b + 1] > starts[b], "paged_attention_seqs: request ", b, " has no rows");
+  if (B == 1) return paged_attention(q, k_cache, v_cache, slots[0], masks[0], scale);
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.size(2) == D && H % k_cache.size(1) == 0,
+              "paged_attention_seqs: head shapes do not match");
+  const int64_t Hkv = k_cache.size(1), S = k_cache.size(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor& s = slots[b];
+    const int64_t rows = starts[b + 1] - starts[b];
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 1 && s.is_contiguous() && s.numel() >= 1,
+                "paged_attention_seqs: slots[", b, "] must be a contiguous non-empty int64 [L] tensor");
+    const int64_t* sp = s.data_ptr<int64_t>();
+    for (int64_t j = 0; j < s.numel(); ++j)
+      TORCH_CHECK(sp[j] >= 0 && sp[j] < S, "paged_attention_seqs: slot ", sp[j], " outside the pool");
+    const at::Tensor& m = masks[b];
+    TORCH_CHECK(m.numel() == 0 || (m.scalar_type() == at::kBool && m.is_contiguous() && m.dim() == 2 &&
+                                   m.size(0) == rows && m.size(1) == s.numel()),
+                "paged_attention_seqs: masks[", b, "] must be a contiguous bool [rows, L] tensor or empty");
+  }
+  auto out = at::zeros_like(q);
+  if (D % 8 != 0) {  // the scalar path, one request at a time
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r0 = starts[b], rows = starts[b + 1] - r0;
+      out.narrow(0, r0, rows).copy_(
+          paged_attention(q.narrow(0, r0, rows).contiguous(), k_cache, v_cache, slots[b], masks[b], scale));
+    }
+    return out;
+  }
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  with_kv_type(k_cache, v_cache, "paged_attention_seqs", [&](auto kv) {
+    using KV = decltype(kv);
+    const typename KV::T* kp = kv_ptr<KV>(k_cache);
+    const typename KV::T* vp = kv_ptr<KV>(v_cache);
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = starts[b], rows = starts[b + 1] - r0;
+        const bool* mp = masks[b].numel() > 0 ? masks[b].data_ptr<bool>() : nullptr;
+        grouped_attention<KV>(qp + r0 * H * D, kp, vp, slots[b].data_ptr<int64_t>(), mp, op + r0 * H * D, rows, H,
+                              Hkv, D, slots[b].numel(), sc);
+      }
+    });
+  });
+  return out;
+}

@@ -1,5 +1,6 @@
 // One dense Llama decoder layer in a single call, float32, for the CPU hot path (decode and
-// tree verification of one request); `decoder_layer_attention` and `decoder_layer_mlp` are its
+// tree verification of one request, or of a batch of requests packed row after row: the
+// `_seqs` forms, where only attention looks at which rows are whose); `decoder_layer_attention` and `decoder_layer_mlp` are its
 // two halves without the residuals, for --tp (each rank's partial sums are all-reduced between
 // them, in Python); `eagle3_layer` is the EAGLE3 draft head's layer (two
 // norms over [embedding | features], the features as residual) on the same body. Python dispatches ~30 small torch ops per layer, which
@@ -24,6 +25,15 @@
 #include <vector>
 
 namespace {
+
+// which packed rows are whose: request b owns rows starts[b] .. starts[b + 1], attends over
+// slots[b] with masks[b] (empty: causal by index); paged_attention_seqs' arguments
+struct Seqs {
+  std::vector<int64_t> starts;
+  std::vector<at::Tensor> slots, masks;
+};
+
+Seqs one_seq(int64_t T, const at::Tensor& kv_slots, const at::Tensor& mask) { return {{0, T}, {kv_slots}, {mask}}; }
 
 // w: int8 (pack_w8, scale float32 [N]), uint8 (pack_w4, scale = its float16 scales, N = rows)
 // or float32 (scale empty)
@@ -71,8 +81,8 @@ void check_rows(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& o
 at::Tensor attention_out(const at::Tensor& h, const at::Tensor& rope, const at::Tensor& qkv_w,
                          const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
-                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                         const at::Tensor& mask, double scale, int64_t act_bits) {
+                         const at::Tensor& v_cache, const at::Tensor& out_slots, const Seqs& seqs, double scale,
+                         int64_t act_bits) {
   const int64_t T = h.size(0), D = head_dim, H = num_heads, Hkv = num_kv_heads;
   const int64_t q_size = H * D, kv_size = Hkv * D;
   const int64_t S = k_cache.size(0);
@@ -101,7 +111,7 @@ at::Tensor attention_out(const at::Tensor& h, const at::Tensor& rope, const at::
     std::copy(kbuf.data() + t * kv_size, kbuf.data() + (t + 1) * kv_size, kc + slot * kv_size);
     std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, vc + slot * kv_size);
   }
-  at::Tensor attn = paged_attention(q, k_cache, v_cache, kv_slots, mask, scale);  // [T, H, D]
+  at::Tensor attn = paged_attention_seqs(q, k_cache, v_cache, seqs.starts, seqs.slots, seqs.masks, scale);  // [T, H, D]
   return linear(attn.view({T, q_size}), o_w, o_s, act_bits);
 }
 
@@ -126,13 +136,44 @@ at::Tensor layer_body(const at::Tensor& h, const at::Tensor& x, const at::Tensor
                       const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
                       const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
                       int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                      const at::Tensor& mask, double scale, int64_t act_bits) {
+                      const at::Tensor& v_cache, const at::Tensor& out_slots, const Seqs& seqs, double scale,
+                      int64_t act_bits) {
   check_rows(x, rope, out_slots, head_dim);
   at::Tensor out = x + attention_out(h, rope, qkv_w, qkv_s, o_w, o_s, num_heads, num_kv_heads, head_dim, k_cache,
-                                     v_cache, out_slots, kv_slots, mask, scale, act_bits);
+                                     v_cache, out_slots, seqs, scale, act_bits);
   out.add_(mlp_out(out, post_norm, gu_w, gu_s, down_w, down_s, eps, act_bits));
   return out;
+}
+
+// the layer of decoder_layer over packed requests (the decoder stack's step)
+at::Tensor decoder_layer_on(const at::Tensor& x, const at::Tensor& rope, const at::Tensor* w, double eps,
+                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& out_slots, const Seqs& seqs, double scale,
+                            int64_t act_bits) {
+  return layer_body(rms_norm(x, w[0], eps), x, rope, w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], eps,
+                    num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, seqs, scale, act_bits);
+}
+
+// the EAGLE3 layer over packed requests
+at::Tensor eagle3_on(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope, const at::Tensor& in_norm,
+                     const at::Tensor& hidden_norm, const at::Tensor& qkv_w, const at::Tensor& qkv_s,
+                     const at::Tensor& o_w, const at::Tensor& o_s, const at::Tensor& post_norm, const at::Tensor& gu_w,
+                     const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s, double eps,
+                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& out_slots, const Seqs& seqs, double scale,
+                     int64_t act_bits) {
+  TORCH_CHECK(emb.dim() == 2 && feat.dim() == 2 && emb.sizes() == feat.sizes() &&
+                  emb.scalar_type() == at::kFloat && feat.scalar_type() == at::kFloat &&
+                  emb.is_contiguous() && feat.is_contiguous(),
+              "eagle3_layer: emb and features must be contiguous float32 [T, hidden] tensors");
+  at::Tensor h = at::cat({rms_norm(emb, in_norm, eps), rms_norm(feat, hidden_norm, eps)}, 1);  // [T, 2 hidden]
+  return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
+                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, seqs, scale, act_bits);
+}
+
+Seqs make_seqs(const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
+               const std::vector<at::Tensor>& masks) {
+  return {starts, kv_slots, masks};
 }
 
 }  // namespace
@@ -145,9 +186,9 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::
                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
                          double scale, int64_t act_bits) {
-  return layer_body(rms_norm(x, in_norm, eps), x, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
-                    down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask,
-                    scale, act_bits);
+  const at::Tensor w[10] = {in_norm, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s};
+  return decoder_layer_on(x, rope, w, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots,
+                          one_seq(x.size(0), kv_slots, mask), scale, act_bits);
 }
 
 at::Tensor decoder_layer_attention(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
@@ -158,7 +199,7 @@ at::Tensor decoder_layer_attention(const at::Tensor& x, const at::Tensor& rope, 
                                    double scale, int64_t act_bits) {
   check_rows(x, rope, out_slots, head_dim);
   return attention_out(rms_norm(x, in_norm, eps), rope, qkv_w, qkv_s, o_w, o_s, num_heads, num_kv_heads, head_dim,
-                       k_cache, v_cache, out_slots, kv_slots, mask, scale, act_bits);
+                       k_cache, v_cache, out_slots, one_seq(x.size(0), kv_slots, mask), scale, act_bits);
 }
 
 at::Tensor decoder_layer_mlp(const at::Tensor& x, const at::Tensor& post_norm, const at::Tensor& gu_w,
@@ -177,31 +218,44 @@ at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at:
                         int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
                         const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
                         const at::Tensor& mask, double scale, int64_t act_bits) {
-  TORCH_CHECK(emb.dim() == 2 && feat.dim() == 2 && emb.sizes() == feat.sizes() &&
-                  emb.scalar_type() == at::kFloat && feat.scalar_type() == at::kFloat &&
-                  emb.is_contiguous() && feat.is_contiguous(),
-              "eagle3_layer: emb and features must be contiguous float32 [T, hidden] tensors");
-  at::Tensor h = at::cat({rms_norm(emb, in_norm, eps), rms_norm(feat, hidden_norm, eps)}, 1);  // [T, 2 hidden]
-  return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
-                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, kv_slots, mask, scale, act_bits);
+  return eagle3_on(emb, feat, rope, in_norm, hidden_norm, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
+                   down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots,
+                   one_seq(emb.size(0), kv_slots, mask), scale, act_bits);
 }
 
-std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rope, const std::vector<at::Tensor>& weights,
-                                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                                      double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                      const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
-                                      double scale, const std::vector<int64_t>& capture, int64_t act_bits) {
+at::Tensor eagle3_layer_seqs(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
+                             const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
+                             const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                             const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                             const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& out_slots,
+                             const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
+                             const std::vector<at::Tensor>& masks, double scale, int64_t act_bits) {
+  return eagle3_on(emb, feat, rope, in_norm, hidden_norm, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
+                   down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots,
+                   make_seqs(starts, kv_slots, masks), scale, act_bits);
+}
+
+std::vector<at::Tensor> decoder_stack_seqs(const at::Tensor& x, const at::Tensor& rope,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<at::Tensor>& k_caches,
+                                           const std::vector<at::Tensor>& v_caches, double eps, int64_t num_heads,
+                                           int64_t num_kv_heads, int64_t head_dim, const at::Tensor& out_slots,
+                                           const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
+                                           const std::vector<at::Tensor>& masks, double scale,
+                                           const std::vector<int64_t>& capture, int64_t act_bits) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * L && static_cast<int64_t>(v_caches.size()) == L,
               "decoder_stack: need 10 weights and one K and V cache per layer");
+  const Seqs seqs = make_seqs(starts, kv_slots, masks);
   std::vector<at::Tensor> out(1 + capture.size());
   at::Tensor h = x.contiguous();
   for (int64_t i = 0; i < L; ++i) {
     for (size_t c = 0; c < capture.size(); ++c)
       if (capture[c] == i) out[1 + c] = h;
-    const at::Tensor* w = weights.data() + 10 * i;
-    h = decoder_layer(h, rope, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], eps, num_heads,
-                      num_kv_heads, head_dim, k_caches[i], v_caches[i], out_slots, kv_slots, mask, scale, act_bits);
+    h = decoder_layer_on(h, rope, weights.data() + 10 * i, eps, num_heads, num_kv_heads, head_dim, k_caches[i],
+                         v_caches[i], out_slots, seqs, scale, act_bits);
   }
   out[0] = h;
   for (size_t c = 0; c < capture.size(); ++c)
@@ -209,3 +263,11 @@ std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rop
   return out;
 }
 
+std::vector<at::Tensor> decoder_stack(const at::Tensor& x, const at::Tensor& rope, const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                                      double eps, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                      const at::Tensor& out_slots, const at::Tensor& kv_slots, const at::Tensor& mask,
+                                      double scale, const std::vector<int64_t>& capture, int64_t act_bits) {
+  return decoder_stack_seqs(x, rope, weights, k_caches, v_caches, eps, num_heads, num_kv_heads, head_dim, out_slots,
+                            {0, x.size(0)}, {kv_slots}, {mask}, scale, capture, act_bits);
+}
