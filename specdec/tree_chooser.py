@@ -100,17 +100,29 @@ class StepCosts:
         po, dso, vo = self.plain_overhead_ms, self.draft_step_overhead_ms, self.verify_overhead_ms
         plain = _target_row(tokens, row, 1.0) + po
         scale = self.copy_scale(batch)
+        # what depends on the shape's size and j only, once each (shapes share draft-token
+        # counts and frontier widths): the same floats, looked up
+        verify_at: dict[tuple[int, int], float] = {}
+        frontier_at: dict[tuple[int, int], float] = {}
 
         def step(shape: TreeShape, j: int, accepted: float) -> float:
             if not shape.speculates or j == 0:
                 return plain
-            ms = _target_row(tokens, row, (j * shape.num_draft_tokens + batch - j) / batch)
+            n = shape.num_draft_tokens
+            ms = verify_at.get((n, j))
+            if ms is None:
+                ms = verify_at[n, j] = _target_row(tokens, row, (j * n + batch - j) / batch)
             if not shape.drafts:  # copies alone
                 ms *= scale
             else:
                 dr = drafts[j]
                 ms += _interp(rows, dr, 1.0 + accepted / j)
-                ms += (shape.num_steps - 1) * _interp(rows, dr, min(shape.topk, shape.num_draft_tokens - 1))
+                if shape.num_steps > 1:
+                    w = min(shape.topk, n - 1)
+                    frontier = frontier_at.get((w, j))
+                    if frontier is None:
+                        frontier = frontier_at[w, j] = _interp(rows, dr, w)
+                    ms += (shape.num_steps - 1) * frontier
             return ms + po + j * (shape.num_steps * dso + vo)
 
         return step
