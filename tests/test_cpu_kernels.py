@@ -389,22 +389,12 @@ def test_fused_eagle3_layer_matches_the_module_path(monkeypatch, quantization) -
     """The draft head's one-call layer == its module path: a prefix extend (causal) and a tree
     step (masked), K/V written to the pool at the same slots; hidden within 1e-4."""
     import specdec.draft.eagle3 as eagle3
-    from specdec.draft.eagle3_config import Eagle3Config
     from specdec.kernels.backend import AttentionMeta, ForwardBatch, SeqAttnMeta
     from specdec.kernels.torch_backend import TorchAttentionBackend
-    from specdec.target.config import RopeConfig
-    from specdec.target.quant import quantize_model
 
-    cfg = Eagle3Config(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96,
-                       rms_norm_eps=1e-6, vocab_size=300, draft_vocab_size=100, target_hidden_size=64,
-                       rope=RopeConfig(theta=10000.0), tie_word_embeddings=False, aux_layer_ids=(0, 1, 1))
-    g = torch.Generator().manual_seed(7)
-    draft = eagle3.Eagle3Draft(cfg, own_embedding=True)
-    with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if name != "d2t":
-                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "norm" in name else 0.3) + ("norm" in name))
-    quantize_model(draft, quantization)
+    from .tiny_models import tiny_eagle3_draft
+
+    draft = tiny_eagle3_draft(7, quantization)
     backend = TorchAttentionBackend()
 
     def run(fast: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -205,21 +205,11 @@ def test_a_batch_decodes_as_each_request_alone(tiny_target) -> None:
 
 @pytest.mark.parametrize("quantization", [None, "w8a16"])
 def test_eagle3_layer_seqs_equals_each_request_alone(quantization) -> None:
-    from specdec.draft import eagle3
-    from specdec.draft.eagle3_config import Eagle3Config
-    from specdec.target.config import RopeConfig
-    from specdec.target.quant import quantize_model
+    from .tiny_models import tiny_eagle3_draft
 
-    cfg = Eagle3Config(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96,
-                       rms_norm_eps=1e-6, vocab_size=300, draft_vocab_size=100, target_hidden_size=64,
-                       rope=RopeConfig(theta=10000.0), tie_word_embeddings=False, aux_layer_ids=(0, 1, 1))
-    g = torch.Generator().manual_seed(9)
-    draft = eagle3.Eagle3Draft(cfg, own_embedding=True)
-    with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if name != "d2t":
-                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "norm" in name else 0.3) + ("norm" in name))
-    quantize_model(draft, quantization)
+    draft = tiny_eagle3_draft(9, quantization)
+    cfg = draft.cfg
+    g = torch.Generator().manual_seed(10)
     fused = draft.fused_weights()
     assert fused is not None
     S = 160

@@ -181,6 +181,27 @@ def hf_logprobs(hf: PreTrainedModel, ids: Sequence[int]) -> torch.Tensor:
     return logits[0].float().log_softmax(-1)
 
 
+def tiny_eagle3_draft(seed: int, quantization: str | None) -> Any:
+    """A random EAGLE3 draft head (hidden 64, 4 heads, 2 KV heads, head dim 16, own embedding of
+    300 tokens, draft vocabulary 100), norms near 1, quantised as `quantization` asks."""
+    from specdec.draft.eagle3 import Eagle3Draft
+    from specdec.draft.eagle3_config import Eagle3Config
+    from specdec.target.config import RopeConfig
+    from specdec.target.quant import quantize_model
+
+    cfg = Eagle3Config(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96,
+                       rms_norm_eps=1e-6, vocab_size=300, draft_vocab_size=100, target_hidden_size=64,
+                       rope=RopeConfig(theta=10000.0), tie_word_embeddings=False, aux_layer_ids=(0, 1, 1))
+    g = torch.Generator().manual_seed(seed)
+    draft = Eagle3Draft(cfg, own_embedding=True)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name != "d2t":
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "norm" in name else 0.3) + ("norm" in name))
+    quantize_model(draft, quantization)
+    return draft
+
+
 def random_prompts(lengths: Sequence[int], seed: int = 1, vocab: int = VOCAB) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

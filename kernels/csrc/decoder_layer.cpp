@@ -154,28 +154,6 @@ at::Tensor decoder_layer_on(const at::Tensor& x, const at::Tensor& rope, const a
                     num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots, seqs, scale, act_bits);
 }
 
-// the EAGLE3 layer over packed requests
-at::Tensor eagle3_on(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope, const at::Tensor& in_norm,
-                     const at::Tensor& hidden_norm, const at::Tensor& qkv_w, const at::Tensor& qkv_s,
-                     const at::Tensor& o_w, const at::Tensor& o_s, const at::Tensor& post_norm, const at::Tensor& gu_w,
-                     const at::Tensor& gu_s, const at::Tensor& down_w, const at::Tensor& down_s, double eps,
-                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
-                     const at::Tensor& v_cache, const at::Tensor& out_slots, const Seqs& seqs, double scale,
-                     int64_t act_bits) {
-  TORCH_CHECK(emb.dim() == 2 && feat.dim() == 2 && emb.sizes() == feat.sizes() &&
-                  emb.scalar_type() == at::kFloat && feat.scalar_type() == at::kFloat &&
-                  emb.is_contiguous() && feat.is_contiguous(),
-              "eagle3_layer: emb and features must be contiguous float32 [T, hidden] tensors");
-  at::Tensor h = at::cat({rms_norm(emb, in_norm, eps), rms_norm(feat, hidden_norm, eps)}, 1);  // [T, 2 hidden]
-  return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
-                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, seqs, scale, act_bits);
-}
-
-Seqs make_seqs(const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
-               const std::vector<at::Tensor>& masks) {
-  return {starts, kv_slots, masks};
-}
-
 }  // namespace
 
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
@@ -210,19 +188,6 @@ at::Tensor decoder_layer_mlp(const at::Tensor& x, const at::Tensor& post_norm, c
   return mlp_out(x, post_norm, gu_w, gu_s, down_w, down_s, eps, act_bits);
 }
 
-at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
-                        const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
-                        const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
-                        const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
-                        const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
-                        int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
-                        const at::Tensor& mask, double scale, int64_t act_bits) {
-  return eagle3_on(emb, feat, rope, in_norm, hidden_norm, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
-                   down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots,
-                   one_seq(emb.size(0), kv_slots, mask), scale, act_bits);
-}
-
 at::Tensor eagle3_layer_seqs(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
                              const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
                              const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
@@ -232,9 +197,27 @@ at::Tensor eagle3_layer_seqs(const at::Tensor& emb, const at::Tensor& feat, cons
                              const at::Tensor& v_cache, const at::Tensor& out_slots,
                              const std::vector<int64_t>& starts, const std::vector<at::Tensor>& kv_slots,
                              const std::vector<at::Tensor>& masks, double scale, int64_t act_bits) {
-  return eagle3_on(emb, feat, rope, in_norm, hidden_norm, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w,
-                   down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots,
-                   make_seqs(starts, kv_slots, masks), scale, act_bits);
+  TORCH_CHECK(emb.dim() == 2 && feat.dim() == 2 && emb.sizes() == feat.sizes() &&
+                  emb.scalar_type() == at::kFloat && feat.scalar_type() == at::kFloat &&
+                  emb.is_contiguous() && feat.is_contiguous(),
+              "eagle3_layer: emb and features must be contiguous float32 [T, hidden] tensors");
+  at::Tensor h = at::cat({rms_norm(emb, in_norm, eps), rms_norm(feat, hidden_norm, eps)}, 1);  // [T, 2 hidden]
+  return layer_body(h, feat, rope, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s, down_w, down_s, eps, num_heads,
+                    num_kv_heads, head_dim, k_cache, v_cache, out_slots, Seqs{starts, kv_slots, masks}, scale,
+                    act_bits);
+}
+
+at::Tensor eagle3_layer(const at::Tensor& emb, const at::Tensor& feat, const at::Tensor& rope,
+                        const at::Tensor& in_norm, const at::Tensor& hidden_norm, const at::Tensor& qkv_w,
+                        const at::Tensor& qkv_s, const at::Tensor& o_w, const at::Tensor& o_s,
+                        const at::Tensor& post_norm, const at::Tensor& gu_w, const at::Tensor& gu_s,
+                        const at::Tensor& down_w, const at::Tensor& down_s, double eps, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& out_slots, const at::Tensor& kv_slots,
+                        const at::Tensor& mask, double scale, int64_t act_bits) {
+  return eagle3_layer_seqs(emb, feat, rope, in_norm, hidden_norm, qkv_w, qkv_s, o_w, o_s, post_norm, gu_w, gu_s,
+                           down_w, down_s, eps, num_heads, num_kv_heads, head_dim, k_cache, v_cache, out_slots,
+                           {0, emb.size(0)}, {kv_slots}, {mask}, scale, act_bits);
 }
 
 std::vector<at::Tensor> decoder_stack_seqs(const at::Tensor& x, const at::Tensor& rope,
@@ -248,7 +231,7 @@ std::vector<at::Tensor> decoder_stack_seqs(const at::Tensor& x, const at::Tensor
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * L && static_cast<int64_t>(v_caches.size()) == L,
               "decoder_stack: need 10 weights and one K and V cache per layer");
-  const Seqs seqs = make_seqs(starts, kv_slots, masks);
+  const Seqs seqs{starts, kv_slots, masks};
   std::vector<at::Tensor> out(1 + capture.size());
   at::Tensor h = x.contiguous();
   for (int64_t i = 0; i < L; ++i) {
