@@ -13,7 +13,8 @@ Visibility of key j for query i of one request (all must hold):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -62,7 +63,22 @@ class AttentionMeta:
 
     out_slots: Tensor  # [T] int64: pool slot that receives each new token's K/V
     seqs: tuple[SeqAttnMeta, ...]
-    padded: PaddedKV | None = None  # set for plain decode batches (same content as seqs)
+    decode: bool = False  # a plain decode batch: one causal query per request, no masks
+    _padded: list[PaddedKV] = field(default_factory=list, compare=False, repr=False)  # (the cache)
+
+    def __post_init__(self) -> None:
+        if self.decode and not all(s.q_len == 1 and s.mask is None for s in self.seqs):
+            raise ValueError("a decode batch has one causal query per request")
+
+    @property
+    def padded(self) -> PaddedKV | None:
+        """A decode batch's keys padded to the longest request (`pad_decode`), built on first
+        use (the fused CPU path never asks for it); None for any other batch."""
+        if not self.decode:
+            return None
+        if not self._padded:
+            self._padded.append(pad_decode(self.seqs))
+        return self._padded[0]
 
     @property
     def num_tokens(self) -> int:
@@ -72,8 +88,22 @@ class AttentionMeta:
         """Metadata is built on the CPU; a GPU forward gets a copy on its device."""
         if device.type == "cpu":
             return self
-        return AttentionMeta(self.out_slots.to(device), tuple(s.to(device) for s in self.seqs),
-                             None if self.padded is None else self.padded.to(device))
+        return AttentionMeta(self.out_slots.to(device), tuple(s.to(device) for s in self.seqs), self.decode)
+
+
+def pad_decode(seqs: Sequence[SeqAttnMeta]) -> PaddedKV:
+    """One query per request: every request's keys padded to the longest, on the seqs' device."""
+    lens = [s.kv_len for s in seqs]
+    longest = max(lens)
+    dev = seqs[0].kv_slots.device
+    index = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
+    kv_pos = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)
+    for i, s in enumerate(seqs):
+        index[i, : lens[i]] = s.kv_slots
+        kv_pos[i, : lens[i]] = s.kv_positions
+    valid = torch.arange(longest, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+    q_pos = torch.cat([s.q_positions for s in seqs])
+    return PaddedKV(index, valid, kv_pos, q_pos)
 
 
 class AttentionBackend(ABC):

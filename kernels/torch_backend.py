@@ -76,20 +76,21 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> Tensor:
         k_cache[meta.out_slots] = k.to(k_cache.dtype)
         v_cache[meta.out_slots] = v.to(v_cache.dtype)
-        if meta.padded is None and len(meta.seqs) == 1 and meta.seqs[0].q_len <= FAST_MAX_QUERIES:
+        if not meta.decode and len(meta.seqs) == 1 and meta.seqs[0].q_len <= FAST_MAX_QUERIES:
             fast = _fast_kernels(q, k_cache)
             if fast is not None:  # batch-1 decode / verification on the CPU, float32
                 seq = meta.seqs[0]
                 mask = visibility_mask(seq, chunk_size) if chunk_size is not None else seq.mask
                 return fast.paged_attention(q.contiguous(), k_cache, v_cache, seq.kv_slots,
                                             cpu_kernels.NO_MASK if mask is None else mask.contiguous(), scale)
-        if meta.padded is not None:
+        padded = meta.padded
+        if padded is not None:
             fast = _fast_kernels(q, k_cache) if chunk_size is None and q.shape[-1] % 8 == 0 else None
             if fast is not None:  # a decode batch on the CPU, float32: one C++ call for all requests
-                lens = meta.padded.valid.sum(1)  # [B]; valid is a prefix of each row
+                lens = padded.valid.sum(1)  # [B]; valid is a prefix of each row
                 return fast.paged_attention_batch(q.contiguous(), k_cache, v_cache,
-                                                  meta.padded.index.contiguous(), lens, scale)
-            return self._padded_decode(q, k_cache, v_cache, meta.padded, scale, chunk_size)
+                                                  padded.index.contiguous(), lens, scale)
+            return self._padded_decode(q, k_cache, v_cache, padded, scale, chunk_size)
         if len(meta.seqs) == 1:
             return self._one(q, k_cache, v_cache, meta.seqs[0], scale, chunk_size)
         out = torch.empty_like(q)

@@ -33,10 +33,11 @@ DEFAULT_DEPTH_DECAY = 0.93
 class AcceptStats:
     """Decayed hit / exposure counts per (depth 1..max_depth, rank 0..max_rank - 1)."""
 
-    __slots__ = ("exposures", "hits", "max_depth", "max_rank")
+    __slots__ = ("exposures", "hits", "max_depth", "max_rank", "version")
 
     def __init__(self, max_depth: int, max_rank: int) -> None:
         self.max_depth, self.max_rank = max_depth, max_rank
+        self.version = 0  # observed steps with evidence: the estimates change only with it
         self.hits = [[0.0] * max_rank for _ in range(max_depth)]
         self.exposures = [[0.0] * max_rank for _ in range(max_depth)]
 
@@ -44,6 +45,7 @@ class AcceptStats:
         """One verify step: `accepted` = accepted node indices along the path, root excluded."""
         if tree.size == 1:
             return  # nothing was drafted: no evidence
+        self.version += 1
         for row_h, row_e in zip(self.hits, self.exposures, strict=True):
             for r in range(self.max_rank):
                 row_h[r] *= DECAY

@@ -21,7 +21,6 @@ from specdec.kernels.backend import (
     AttentionBackend,
     AttentionMeta,
     ForwardBatch,
-    PaddedKV,
     SeqAttnMeta,
 )
 from specdec.kernels.kv_pool import KVPool
@@ -110,11 +109,9 @@ class ModelRunner:
             start += n
         ids = torch.tensor([t for toks in tokens for t in toks], dtype=torch.long)
         decode = len(seqs) > 1 and all(n == 1 for n in q_lens)
-        padded = _pad_decode(seqs) if decode else None
-        swa_meta = None if not swa else AttentionMeta(torch.cat(swa_out), tuple(swa),
-                                                      _pad_decode(swa) if decode else None)
+        swa_meta = None if not swa else AttentionMeta(torch.cat(swa_out), tuple(swa), decode)
         embeds = self._image_embeds(reqs, ids, q_starts, q_lens)
-        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, padded, swa_meta,
+        return self._forward(ids, positions, seqs, out_slots, capture_layers, q_starts, q_lens, decode, swa_meta,
                              embeds)
 
     def _image_embeds(self, reqs: Sequence[Req], ids: Tensor, q_starts: list[int], q_lens: list[int]) -> Tensor | None:
@@ -180,11 +177,11 @@ class ModelRunner:
         capture_layers: tuple[int, ...],
         q_starts: list[int],
         q_lens: list[int],
-        padded: PaddedKV | None = None,
+        decode: bool = False,  # a plain decode batch (AttentionMeta.decode)
         swa_meta: AttentionMeta | None = None,
         embeds: Tensor | None = None,  # [T, hidden] input embeddings (images), else the ids' own
     ) -> ExtendOutput:
-        meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), padded=padded)
+        meta = AttentionMeta(out_slots=torch.cat(out_slots), seqs=tuple(seqs), decode=decode)
         pos = torch.cat(positions)
         if self.tp is not None:
             self.tp.broadcast(("forward", ids, pos, meta, swa_meta, capture_layers, embeds))
@@ -229,17 +226,3 @@ class ModelRunner:
             self.tp.broadcast(("logits", hidden.cpu()))
         with torch.inference_mode():
             return self.model.compute_logits(hidden).cpu()
-
-
-def _pad_decode(seqs: list[SeqAttnMeta]) -> PaddedKV:
-    """One query per request: pad every request's keys to the longest (see PaddedKV)."""
-    lens = torch.tensor([s.kv_len for s in seqs])
-    longest = int(lens.max())
-    index = torch.zeros(len(seqs), longest, dtype=torch.long)
-    kv_pos = torch.zeros(len(seqs), longest, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        index[i, : s.kv_len] = s.kv_slots
-        kv_pos[i, : s.kv_len] = s.kv_positions
-    valid = torch.arange(longest)[None, :] < lens[:, None]
-    q_pos = torch.cat([s.q_positions for s in seqs])
-    return PaddedKV(index, valid, kv_pos, q_pos)

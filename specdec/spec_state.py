@@ -12,6 +12,8 @@
     ngram     --speculative-ngram-merge: the n-gram index over the request's tokens
     copy_match  the matched n-gram length of the request's last copy-shape step
     copies    the request's own acceptance counts of its copied chains (the engine's as prior)
+    expected  the chooser's expected accepted tokens per candidate shape, and the versions of
+              the statistics they came from (own, engine-wide): reused while neither changed
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class SpecState:
     ngram: NgramIndex | None = None
     copy_match: int = 0
     copies: CopyStats = field(default_factory=CopyStats)
+    expected: tuple[tuple[int, int], list[float]] | None = None
 
     def reset(self) -> None:
         """What the request's K/V going away invalidates (its statistics and index stay)."""

@@ -111,8 +111,7 @@ class SpecWorker:
         key = (tuple(id(r) for r in reqs), batch_size)
         fresh = not (key == self._last_key and self._reuse > 0 and all(r.spec.shape is not None for r in reqs))
         if fresh:
-            self._expected = [expected_accepted((r.spec.accept or self.global_stats).q(self.global_stats), self.shapes)
-                              for r in reqs]
+            self._expected = [self._expected_of(r) for r in reqs]
         else:
             self._reuse -= 1
             if not copying and not any(r.spec.shape.copy for r in reqs):  # type: ignore[union-attr]
@@ -127,6 +126,17 @@ class SpecWorker:
             idle = not any(s.drafts for s in chosen)
             self._last_key, self._reuse = key, (RECHOOSE_IDLE if idle else RECHOOSE_EVERY) - 1
         return chosen
+
+    def _expected_of(self, req: Req) -> list[float]:
+        """The request's expected accepted draft tokens for each of self.shapes, from its own
+        statistics shrunk toward the engine's; computed again only when either has changed
+        (a batch where nobody drafts keeps every estimate)."""
+        own = req.spec.accept
+        key = (-1 if own is None else own.version, self.global_stats.version)
+        if req.spec.expected is None or req.spec.expected[0] != key:
+            q = (own or self.global_stats).q(self.global_stats)
+            req.spec.expected = (key, expected_accepted(q, self.shapes))
+        return req.spec.expected[1]
 
     def _chain(self, req: Req, budget: int | None = None) -> tuple[list[int], int]:
         """The request's copy chain (up to `budget` tokens, the envelope's by default) and the
@@ -200,13 +210,12 @@ class SpecWorker:
             req.draft_kv_len = m.start + int(m.features.shape[0])
 
     @staticmethod
-    def rows_of(x: Tensor, rows: Tensor) -> Tensor:
-        """x[rows] for increasing row indices: a view where they are consecutive (plain steps,
-        chains, a prefill), a gather otherwise."""
-        n = int(rows.shape[0])
-        if n and int(rows[-1]) - int(rows[0]) == n - 1:
-            return x.narrow(0, int(rows[0]), n)
-        return x[rows]
+    def rows_of(x: Tensor, q0: int, path: list[int]) -> Tensor:
+        """x[q0 + path] for a path of increasing node indices from the root: a view where they
+        are consecutive (plain steps, accepted chains), a gather otherwise."""
+        if path[-1] == len(path) - 1:
+            return x.narrow(0, q0, len(path))
+        return x[torch.tensor(path) + q0]
 
     # ---- verification ---------------------------------------------------------------------------
     def step(self, reqs: Sequence[Req], batch_size: int) -> list[ReqOutput]:
@@ -260,11 +269,10 @@ class SpecWorker:
                 if self.trace is not None:
                     self.trace.append(VerifyRecord(req.rid, req.output_len, len(result.accepted), len(emitted),
                                                    depth, shape.label))
-            path_rows = torch.tensor(path) + q0
-            lp = None if logprobs is None else logprobs[path_rows]
+            lp = None if logprobs is None else self.rows_of(logprobs, q0, path)
             outputs.append(ReqOutput(c + len(path), emitted, lp, spec=SpecOutcome(shape, len(result.accepted), depth)))
             if all_feats is not None:
-                pending.append(PendingFeatures(c, self.rows_of(all_feats, path_rows), emitted))
+                pending.append(PendingFeatures(c, self.rows_of(all_feats, q0, path), emitted))
         if all_feats is not None:
             self.record(reqs, pending)
         return outputs

@@ -159,3 +159,36 @@ def test_the_chooser_reruns_less_often_while_nothing_speculates(
     assert steps >= 8
     assert len(calls) == pytest.approx(steps / every, abs=1.5)
     assert ("none" in out["meta_info"]["spec_tree_shapes"]) == (every == 16)
+
+
+def test_a_requests_estimates_are_kept_until_the_statistics_change(
+    target: Checkpoint, draft: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chooser's expected accepted tokens per shape are computed again only when the request's
+    or the engine's statistics saw a drafted step: the same list while nothing drafts, and the
+    same figures as a fresh computation whenever they are computed."""
+    from specdec import spec_worker
+    from specdec.accept_stats import AcceptStats, expected_accepted
+    from specdec.request import Req
+    from specdec.sampling_params import SamplingParams
+    from specdec.tree import DraftTree
+
+    engine = _adaptive(target, draft)
+    spec = engine.spec
+    computed = []
+    real = spec_worker.expected_accepted
+    monkeypatch.setattr(spec_worker, "expected_accepted", lambda *a: computed.append(1) or real(*a))
+    req: Req = engine.make_request([3, 5, 7], SamplingParams.from_dict({"temperature": 0}))
+    first = spec._expected_of(req)
+    assert spec._expected_of(req) is first and len(computed) == 1
+    chain = DraftTree((1, 2, 3), (-1, 0, 1))
+    spec.global_stats.observe(chain, [1])  # the engine's evidence moves every request's prior
+    second = spec._expected_of(req)
+    assert len(computed) == 2 and second != first
+    spec.global_stats.observe(DraftTree((1,), (-1,)), [])  # a root alone is no evidence
+    assert spec._expected_of(req) is second and len(computed) == 2
+    req.spec.accept = AcceptStats(spec.spec.num_steps, spec.spec.topk)
+    req.spec.accept.observe(chain, [1, 2])
+    third = spec._expected_of(req)
+    assert len(computed) == 3
+    assert third == expected_accepted(req.spec.accept.q(spec.global_stats), spec.shapes)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specdec.engine import resolve_device
-from specdec.kernels.backend import AttentionMeta, ForwardBatch, PaddedKV, SeqAttnMeta
+from specdec.kernels.backend import AttentionMeta, ForwardBatch, SeqAttnMeta
 
 
 def test_auto_and_cpu_resolve_here() -> None:
@@ -33,17 +33,23 @@ def test_engine_config_rejects_unknown_devices() -> None:
 def test_attention_meta_moves_every_tensor() -> None:
     seq = SeqAttnMeta(0, 2, torch.arange(5), torch.tensor([3, 4]), torch.arange(5),
                       torch.ones(2, 5, dtype=torch.bool))
-    padded = PaddedKV(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool),
-                      torch.arange(5)[None], torch.tensor([4]))
-    meta = AttentionMeta(torch.tensor([3, 4]), (seq,), padded)
+    meta = AttentionMeta(torch.tensor([3, 4]), (seq,))
     assert meta.to(torch.device("cpu")) is meta
     moved = meta.to(torch.device("meta"))
     tensors = [moved.out_slots, *[getattr(moved.seqs[0], f) for f in ("kv_slots", "q_positions",
                                                                        "kv_positions", "mask")]]
-    assert moved.padded is not None
-    tensors += [moved.padded.index, moved.padded.valid, moved.padded.kv_positions, moved.padded.q_positions]
     assert all(t.device.type == "meta" for t in tensors)
     assert moved.seqs[0].q_len == 2 and moved.seqs[0].q_start == 0
+    assert moved.padded is None
+    # a decode batch's padded keys are built where its metadata is, when first asked for
+    decode = AttentionMeta(torch.tensor([4, 12]), (
+        SeqAttnMeta(0, 1, torch.arange(5), torch.tensor([4]), torch.arange(5)),
+        SeqAttnMeta(1, 1, torch.arange(10, 13), torch.tensor([2]), torch.arange(3))), decode=True)
+    moved = decode.to(torch.device("meta"))
+    assert moved.decode and moved.padded is not None
+    p = moved.padded
+    assert all(t.device.type == "meta" for t in (p.index, p.valid, p.kv_positions, p.q_positions))
+    assert tuple(p.index.shape) == (2, 5)
 
 
 def test_a_forward_on_another_device_keeps_every_tensor_there(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -140,26 +140,42 @@ def test_decoder_stack_seqs_equals_each_request_alone(tiny_target, quantization)
 
 def _decode_batch(model, pool, backend, lens: list[int], g: torch.Generator):
     """A plain decode step of len(lens) requests (context lens[b] - 1 already in the pool), as the
-    scheduler builds it: one causal row each, padded metadata alongside."""
-    from specdec.kernels.backend import PaddedKV
-
+    scheduler builds it: one causal row each, marked a decode batch."""
     seqs, out, at = [], [], 0
-    B, Lmax = len(lens), max(lens)
-    index, valid = torch.zeros(B, Lmax, dtype=torch.long), torch.zeros(B, Lmax, dtype=torch.bool)
     for b, n in enumerate(lens):
         slots = torch.arange(at, at + n)
         at += n + 3
-        index[b, :n], valid[b, :n] = slots, True
         seqs.append(SeqAttnMeta(b, 1, slots, torch.tensor([n - 1]), torch.arange(n), None))
         out.append(slots[-1:])
     out_slots = torch.cat(out)
-    kv_pos = torch.where(valid, torch.arange(Lmax)[None, :], 0)
-    padded = PaddedKV(index, valid, kv_pos, torch.tensor(lens) - 1)
     for i in range(len(model.layers)):  # earlier context
         pool.k[i].copy_(torch.randn(pool.k[i].shape, generator=g))
         pool.v[i].copy_(torch.randn(pool.v[i].shape, generator=g))
-    return ForwardBatch(AttentionMeta(out_slots, tuple(seqs), padded), pool.k, pool.v, backend,
+    return ForwardBatch(AttentionMeta(out_slots, tuple(seqs), decode=True), pool.k, pool.v, backend,
                         capture_layers=(0, 2)), torch.tensor([n - 1 for n in lens])
+
+
+def test_a_decode_batch_pads_its_keys_only_when_asked() -> None:
+    """The padded view of a decode batch (the module path's batched attention) holds every
+    request's slots and positions left-aligned; it is built on first use, so the fused path, which
+    reads the packed seqs, never pays for it. A batch with a tree or a chunk is no decode batch."""
+    from specdec.kernels.backend import pad_decode
+
+    seqs = (SeqAttnMeta(0, 1, torch.tensor([7, 8, 9]), torch.tensor([2]), torch.arange(3)),
+            SeqAttnMeta(1, 1, torch.tensor([20]), torch.tensor([0]), torch.arange(1)))
+    meta = AttentionMeta(torch.tensor([9, 20]), seqs, decode=True)
+    assert meta._padded == []
+    p = meta.padded
+    assert p is not None and meta.padded is p and meta._padded == [p]
+    assert p.index.tolist() == [[7, 8, 9], [20, 0, 0]]
+    assert p.valid.tolist() == [[True, True, True], [True, False, False]]
+    assert p.kv_positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert p.q_positions.tolist() == [2, 0]
+    assert pad_decode(seqs).index.tolist() == p.index.tolist()
+    assert AttentionMeta(torch.tensor([9, 20]), seqs).padded is None
+    chunk = SeqAttnMeta(0, 2, torch.arange(4), torch.tensor([2, 3]), torch.arange(4))
+    with pytest.raises(ValueError, match="one causal query per request"):
+        AttentionMeta(torch.arange(2), (chunk,), decode=True)
 
 
 def test_a_decode_batch_takes_one_stack_call_and_matches_the_module_path(tiny_target, monkeypatch) -> None:
@@ -182,6 +198,10 @@ def test_a_decode_batch_takes_one_stack_call_and_matches_the_module_path(tiny_ta
         monkeypatch.setattr(llama4, "packed_seqs", lambda b: calls.append(len(b.attn.seqs)) or real(b))
         got = forward()
         assert calls == [5]
+        batch, _ = _decode_batch(model, pool, backend, [4, 17], torch.Generator().manual_seed(2))
+        with torch.inference_mode():
+            model(ids[:2], torch.tensor([3, 16]), batch)
+        assert batch.attn._padded == []  # the fused path never built the padded view
         monkeypatch.setattr(llama4, "fast_path", lambda x, b: None)
         ref = forward()
     for a, b in zip(got, ref):

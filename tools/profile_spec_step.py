@@ -75,8 +75,8 @@ def instrument(engine: Any, timers: Timers) -> None:
 
     ext = cpu_kernels.extension()
     if ext is not None:  # the one-call kernels, so that a forward's Python glue shows apart
-        timers.wrap(ext, "decoder_stack", "target kernel")
-        timers.wrap(ext, "eagle3_layer", "draft kernel")
+        timers.wrap(ext, "decoder_stack_seqs", "target kernel")
+        timers.wrap(ext, "eagle3_layer_seqs", "draft kernel")
     spec = engine.spec
     if spec is None:
         return
