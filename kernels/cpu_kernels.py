@@ -52,7 +52,7 @@ log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
 _COMMON = (CSRC / "bind.cpp", CSRC / "quantise.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp",
-           CSRC / "top_logprobs.cpp")
+           CSRC / "top_logprobs.cpp", CSRC / "argmax_rows.cpp")
 # each tier's build: the common sources and its int8 and int4 kernels (the amx build's macro adds
 # AMX tiles to the int8 one)
 _AVX512 = (*_COMMON, CSRC / "w8_linear_avx512.cpp", CSRC / "w4_linear_avx512.cpp")
@@ -256,6 +256,17 @@ def top_logprobs(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return top_logprobs_reference(logits, k)
     vals, idx = kernel.top_logprobs(logits.contiguous(), k)
     return vals, idx
+
+
+def argmax_rows(logits: Tensor) -> Tensor:
+    """logits [R, V] -> int64 [R]: torch.argmax(logits, dim=-1) (equal maxima: the smallest index;
+    a NaN: the first one), with the kernel on float32 CPU rows."""
+    kernel = extension()
+    if (kernel is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.ndim != 2
+            or logits.shape[-1] == 0):
+        return logits.argmax(dim=-1)
+    out: Tensor = kernel.argmax_rows(logits.contiguous())
+    return out
 
 
 def top_logprobs_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

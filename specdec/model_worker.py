@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from specdec.kernels.cpu_kernels import argmax_rows
+
 from .grammar import apply_bitmask
 from .model_runner import ExtendOutput, ModelRunner
 from .request import Req
@@ -132,7 +134,7 @@ def sample_next(batch: Sequence[Req], logits: Tensor) -> Tensor:  # [B]
     logits = grammar_masked(batch, logits)
     adjusts = any(p.adjusts_logits for p in params)
     if all(p.is_greedy for p in params) and not adjusts:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     if adjusts:
         logits = apply_penalties(logits, params, [r.prompt_ids for r in batch], [r.output_ids for r in batch])
     return sample(processed_probs(logits, params), [r.generator for r in batch])

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from specdec.draft.ngram_merge import request_chain
 from specdec.draft.proposer import Proposer
+from specdec.kernels.cpu_kernels import argmax_rows
 
 from .accept_stats import AcceptStats, expected_accepted
 from .copy_stats import CopyStats
@@ -241,7 +242,7 @@ class SpecWorker:
         want_lp = any(r.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         # the target's choice at every node of every greedy tree in one argmax (penalties aside)
-        argmax = logits.argmax(dim=-1).tolist() if any(_plain_greedy(r) for r in reqs) else None
+        argmax = argmax_rows(logits).tolist() if any(_plain_greedy(r) for r in reqs) else None
         # every node's features once; each request keeps its accepted path's rows
         all_feats = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None
         outputs: list[ReqOutput] = []
@@ -288,7 +289,7 @@ class SpecWorker:
         if mask is not None:
             logits = apply_bitmask(logits, mask)
         if p.is_greedy:
-            return verify_greedy(tree, logits.argmax(dim=-1).tolist())
+            return verify_greedy(tree, argmax_rows(logits).tolist())
         probs = processed_probs(logits, [p] * tree.size)
         return verify_stochastic(
             tree, probs, req.generator, self.spec.accept_threshold_single, self.spec.accept_threshold_acc

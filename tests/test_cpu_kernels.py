@@ -460,6 +460,28 @@ def test_top_logprobs_breaks_ties_toward_the_smaller_index_and_checks_its_input(
         kernels.top_logprobs(x.double(), 2)
 
 
+@pytest.mark.parametrize(("R", "V"), [(1, 1), (3, 7), (2, 8), (4, 37), (16, 49152), (2, 8193)])
+def test_argmax_rows_equals_torch_argmax(R: int, V: int) -> None:
+    """Random rows, a maximum in the 8-wide tail, ties (the smallest index), -inf and NaN rows."""
+    g = torch.Generator().manual_seed(R * V)
+    x = torch.randn(R, V, generator=g)
+    if V > 1:
+        x[0, -1] = 100.0  # the tail's maximum (V % 8 of them past the vector part)
+    if R > 1:
+        x[1] = -float("inf")  # a row where everything is masked: index 0
+    if R > 2 and V > 5:
+        x[2, [5, 2, V - 1]] = 50.0  # equal maxima: the first one
+        x[2, 3] = float("inf")  # above them all
+    if R > 3 and V > 20:
+        x[3, [20, 9]] = float("nan")  # torch.argmax: the first NaN
+    got = kernels.argmax_rows(x)
+    assert got.dtype == torch.long and got.tolist() == x.argmax(dim=-1).tolist()
+    assert ck.argmax_rows(x).tolist() == x.argmax(dim=-1).tolist()
+    assert ck.argmax_rows(x.double()).tolist() == x.argmax(dim=-1).tolist()  # (torch's op off the kernel)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernels.argmax_rows(x.t() if V > 1 and R > 1 else x.double())
+
+
 @pytest.mark.parametrize("chunk_size", [None, 4])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float8_e4m3fn])
 def test_several_requests_trees_attend_through_the_kernel_as_through_sdpa(chunk_size, kv_dtype) -> None:

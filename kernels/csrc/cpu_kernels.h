@@ -74,6 +74,9 @@ at::Tensor paged_attention_seqs(const at::Tensor& q, const at::Tensor& k_cache, 
 // top_logprobs.cpp: the k best log_softmax values of each row and their indices, best first
 std::tuple<at::Tensor, at::Tensor> top_logprobs(const at::Tensor& logits, int64_t k);
 
+// argmax_rows.cpp: the index of each row's largest value (ties: the smallest; NaN: the first NaN)
+at::Tensor argmax_rows(const at::Tensor& logits);
+
 // decoder_layer.cpp: one dense Llama layer over the paged cache
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,
                          const at::Tensor& qkv_w, const at::Tensor& qkv_s, const at::Tensor& o_w,
