@@ -88,8 +88,6 @@ class SpecWorker:
         self._last_key: tuple[tuple[int, ...], int] | None = None
         self._reuse = 0
         self._expected: list[list[float]] = []  # the last fresh choice's, per request over self.shapes
-        self.caught_up = (0, 0)  # the last draft(): (requests, positions) the draft extended over first
-        self.target_ms = 0.0  # the last verify(): its target forward and logits, timed
 
     @property
     def capture_layers(self) -> tuple[int, ...]:
@@ -124,8 +122,7 @@ class SpecWorker:
             shapes = self.shapes + self.copy_shapes
             expected = [self._with_copies(r, e, *c) for r, e, c in zip(reqs, expected, chains, strict=True)]
         padding = [[0.0] * len(shapes)] * max(0, batch_size - len(reqs))
-        pending = [sum(len(p.ids) for p in r.spec.pending) for r in reqs] + [0] * len(padding)
-        chosen = list(choose_shapes(self.costs.costs, shapes, expected + padding, pending).shapes[: len(reqs)])
+        chosen = list(choose_shapes(self.costs.costs, shapes, expected + padding).shapes[: len(reqs)])
         if fresh:
             idle = not any(s.drafts for s in chosen)
             self._last_key, self._reuse = key, (RECHOOSE_IDLE if idle else RECHOOSE_EVERY) - 1
@@ -185,9 +182,7 @@ class SpecWorker:
             trees.append(tree)
             if shape.drafts:
                 drafted.append(req)
-        catching = [r for r in drafted if r.spec.pending]
-        self.caught_up = (len(catching), sum(len(p.ids) for r in catching for p in r.spec.pending))
-        self._consume(catching)
+        self._consume([r for r in drafted if r.spec.pending])
         if drafted:
             proposed = iter(self.proposer.propose(drafted, [r.spec.shape for r in drafted]))  # type: ignore[misc]
             trees = [next(proposed) if shape.drafts else tree for tree, shape in zip(trees, shapes, strict=True)]
@@ -232,8 +227,7 @@ class SpecWorker:
         outputs = self.verify(reqs, trees)
         if self.costs is not None:  # learn the host's share of a step from its wall time
             accepted = sum(o.spec.accepted for o in outputs if o.spec is not None)
-            self.costs.observe(shapes, shapes, float(accepted), 1000.0 * (time.perf_counter() - t0), self.caught_up,
-                               self.target_ms)
+            self.costs.observe(shapes, shapes, float(accepted), 1000.0 * (time.perf_counter() - t0))
         return outputs
 
     def verify(self, reqs: Sequence[Req], trees: Sequence[DraftTree]) -> list[ReqOutput]:
@@ -243,10 +237,8 @@ class SpecWorker:
             tree, mask = constrain_tree(r, t)
             pruned.append(tree)
             masks.append(mask)
-        t0 = time.perf_counter()
         out = self.runner.verify_trees(reqs, pruned, self.capture_layers)
         logits = self.runner.logits(out.hidden)  # [sum N, vocab]
-        self.target_ms = 1000.0 * (time.perf_counter() - t0)
         want_lp = any(r.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         # the target's choice at every node of every greedy tree in one argmax (penalties aside)

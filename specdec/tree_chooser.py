@@ -153,11 +153,6 @@ class StepCosts:
             t += self.draft(len(deep), sum(min(s.topk, s.num_draft_tokens - 1) for s in deep) / len(deep))
         return t
 
-    def catch_up_ms(self, requests: int, rows: int) -> float:
-        """The draft's extend over positions `requests` requests left pending while they did
-        not draft (`rows` in all): the forward a drafting step runs first for them."""
-        return self.draft(requests, rows / requests) if requests > 0 else 0.0
-
     def host_ms(self, shapes: Sequence[TreeShape]) -> float:
         """Host work of a step beyond the forwards."""
         spec = [s for s in shapes if s.speculates]
@@ -184,23 +179,14 @@ class OnlineCosts:
     WINDOW = 31
     COPY_PRIOR = 4
     COPY_SCALE_RANGE = (0.5, 4.0)  # (a step's ratio is clamped to it: a stall is not a cost)
-    SPEED_RANGE = (0.5, 4.0)  # likewise a step's timed / tabled target forward
 
     def __init__(self, measured: StepCosts) -> None:
         self.measured = measured
-        # timed / tabled target forward of recent steps: how much slower than at start-up this
-        # machine (and these longer contexts) runs the forwards; samples are divided by it, so
-        # that a slow minute is not learnt as host work of whichever steps ran in it
-        self._speed: deque[float] = deque([1.0], maxlen=self.WINDOW)
         self._plain: deque[float] = deque([measured.plain_overhead_ms], maxlen=self.WINDOW)
         self._per_step: deque[float] = deque([measured.draft_step_overhead_ms + measured.verify_overhead_ms],
                                              maxlen=self.WINDOW)
         self._copy: list[deque[float]] = [deque([measured.copy_scale(2**k)] * self.COPY_PRIOR, maxlen=self.WINDOW)
                                           for k in range(BATCH_BUCKETS)]
-
-    @property
-    def speed(self) -> float:
-        return statistics.median(self._speed)
 
     @property
     def plain_ms(self) -> float:
@@ -220,20 +206,12 @@ class OnlineCosts:
                        verify_overhead_ms=0.0, copy_verify_scale=self.copy_verify_scale)
 
     def observe(self, verified: Sequence[TreeShape], drafted: Sequence[TreeShape], accepted: float,
-                ms: float, caught_up: tuple[int, int] = (0, 0), target_ms: float | None = None) -> None:
+                ms: float) -> None:
         """A step took `ms`: it verified trees of shapes `verified` (accepting `accepted` drafts
-        in all), then drafted the next trees, of shapes `drafted`, after extending the draft
-        over the positions that `caught_up` = (requests, rows) had left pending (one forward,
-        priced by the table: it is no host work). `target_ms`: the step's target forward and
-        logits as timed; against the table's it gives the machine's current speed, and the
-        step is learnt from in the table's units (`ms / speed`)."""
+        in all), then drafted the next trees, of shapes `drafted`."""
         m = self.measured
         forward = m.verify_forward_ms(verified)
-        if target_ms is not None and forward > 0.0:
-            lo, hi = self.SPEED_RANGE
-            self._speed.append(min(max(target_ms / forward, lo), hi))
-        ms = ms / self.speed
-        rest = ms - forward - m.draft_forward_ms(drafted, accepted) - m.catch_up_ms(*caught_up)
+        rest = ms - forward - m.draft_forward_ms(drafted, accepted)
         steps = sum(s.num_steps for s in drafted if s.drafts)
         if steps == 0:
             if not any(s.speculates for s in verified):
@@ -266,13 +244,10 @@ def _counts(batch: int) -> list[int]:
     return [*out, batch]
 
 
-def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Sequence[Sequence[float]],
-                  pending: Sequence[int] | None = None) -> Choice:
-    """expected[i][s] = request i's expected accepted drafts with shapes[s] (0 for NO_SPEC);
-    pending[i] = positions request i left for the draft while it did not draft (a drafted
-    shape pays their extend first: `StepCosts.catch_up_ms`). Returns the shapes maximising
-    predicted tokens per second of the whole batch; plain decoding unless speculation is
-    predicted to win by `MARGIN`."""
+def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Sequence[Sequence[float]]) -> Choice:
+    """expected[i][s] = request i's expected accepted drafts with shapes[s] (0 for NO_SPEC).
+    Returns the shapes maximising predicted tokens per second of the whole batch; plain
+    decoding unless speculation is predicted to win by `MARGIN`."""
     batch = len(expected)
     counts = _counts(batch)
     step_ms = costs.step_ms_at(batch, counts)
@@ -287,28 +262,13 @@ def choose_shapes(costs: StepCosts, shapes: Sequence[TreeShape], expected: Seque
         gaining = batch if shape.drafts else sum(1 for v in column if v > 0.0)
         if gaining == 0:
             continue
-        catch_up = pending is not None and shape.drafts and any(pending)
-        if catch_up:  # best first, a catch-up counted as the tokens a plain step makes in its time
-            assert pending is not None
-            per_ms = batch / plain
-            order = sorted(range(batch), key=lambda i: column[i] - per_ms * costs.catch_up_ms(1, pending[i]),
-                           reverse=True)
-        else:
-            order = sorted(range(batch), key=column.__getitem__, reverse=True)
+        order = sorted(range(batch), key=column.__getitem__, reverse=True)
         prefix = [0.0]
         for i in order:
             prefix.append(prefix[-1] + column[i])
-        catching = [(0, 0)]  # (requests, rows) of the first j in order with pending positions
-        if catch_up:
-            assert pending is not None
-            for i in order:
-                k, rows = catching[-1]
-                catching.append((k + 1, rows + pending[i]) if pending[i] else (k, rows))
         for j in counts:
             gain = prefix[j]
             ms = step_ms(shape, j, gain)
-            if len(catching) > 1:
-                ms += costs.catch_up_ms(*catching[j])
             tps = 1000.0 * (batch + gain) / ms
             if tps > best.tokens_per_s:
                 chosen = set(order[:j])

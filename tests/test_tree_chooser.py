@@ -105,22 +105,6 @@ def test_requests_that_accept_little_stop_speculating_first() -> None:
     assert shapes[1] == NO_SPEC and shapes[3] == NO_SPEC
 
 
-def test_a_request_that_left_positions_pending_pays_their_extend_before_it_drafts() -> None:
-    """A request that did not draft last step must extend the draft over what it skipped
-    (one more draft forward): drafting that pays by a little in steady state stops paying for it."""
-    c = costs({1: [10.0, 10.3, 10.6, 11.2, 12.4], 2: [10.5, 11.0, 11.6, 12.6, 14.6]}, draft_ms=1.5, overhead=0.0)
-    q = expected_accepted(q_all(0.25), SHAPES)
-    (steady,) = choose_shapes(c, SHAPES, [q]).shapes
-    assert steady.drafts
-    assert choose_shapes(c, SHAPES, [q], [0]).shapes == (steady,)
-    assert choose_shapes(c, SHAPES, [q], [3]).shapes == (NO_SPEC,)
-    assert c.catch_up_ms(1, 3) == pytest.approx(1.5) and c.catch_up_ms(0, 0) == 0.0
-    # two requests draft together; one catch-up for the batch is enough to tip it
-    q2 = expected_accepted(q_all(0.3), SHAPES)
-    assert all(s.drafts for s in choose_shapes(c, SHAPES, [q2, q2], [0, 0]).shapes)
-    assert choose_shapes(c, SHAPES, [q2, q2], [5, 0]).shapes == (NO_SPEC, NO_SPEC)
-
-
 def test_online_costs_learn_the_host_work_of_plain_and_speculative_steps() -> None:
     from specdec.tree_chooser import OnlineCosts
 
@@ -136,34 +120,6 @@ def test_online_costs_learn_the_host_work_of_plain_and_speculative_steps() -> No
     assert learnt.draft_step_overhead_ms * chain.num_steps == pytest.approx(2.0, rel=1e-3)
     # the learnt host work makes the same tree dearer than the table alone said
     assert learnt.step_ms(1, chain, 1, 1.0) > table.step_ms(1, chain, 1, 1.0) + 2.5
-    # a step that first extends the draft over skipped positions took that forward longer:
-    # priced by the table, it is not host work
-    for _ in range(200):
-        online.observe([chain], [chain], 1.0, forwards + 1.0 + 2.0 + table.catch_up_ms(1, 6), (1, 6))
-    assert online.costs.draft_step_overhead_ms * chain.num_steps == pytest.approx(2.0, rel=1e-3)
-
-
-def test_a_machine_slower_than_its_table_is_not_learnt_as_host_work() -> None:
-    """Every forward 1.4x the table's (a slow minute, longer contexts), plain steps 1 ms of host
-    work beyond it and speculative ones 2 ms more: timed against their target forwards, the
-    host terms come out in the table's units (1 / 1.4 and 2 / 1.4), not inflated by the
-    speculative steps' larger forwards; untimed, the slowdown would read as host work."""
-    from specdec.tree_chooser import OnlineCosts
-
-    table = costs({1: [10.0, 10.2, 10.4, 10.8, 11.6]}, draft_ms=0.5, overhead=0.0)
-    chain = TreeShape(3, 1, 4)
-    timed, untimed = OnlineCosts(table), OnlineCosts(table)
-    plain_fwd = table.verify_forward_ms([NO_SPEC])
-    spec_fwd = table.verify_forward_ms([chain])
-    spec_all = spec_fwd + table.draft_forward_ms([chain], 1.0)
-    for _ in range(200):
-        for online, t in ((timed, True), (untimed, False)):
-            online.observe([NO_SPEC], [NO_SPEC], 0.0, 1.4 * plain_fwd + 1.0, target_ms=1.4 * plain_fwd if t else None)
-            online.observe([chain], [chain], 1.0, 1.4 * spec_all + 3.0, target_ms=1.4 * spec_fwd if t else None)
-    assert timed.speed == pytest.approx(1.4)
-    assert timed.costs.plain_overhead_ms == pytest.approx(1.0 / 1.4, rel=1e-3)
-    assert timed.costs.draft_step_overhead_ms * chain.num_steps == pytest.approx(2.0 / 1.4, rel=1e-3)
-    assert untimed.costs.draft_step_overhead_ms * chain.num_steps > 2.0 + 0.3 * (spec_all - plain_fwd)
 
 
 def test_step_ms_is_the_forwards_and_host_work_of_the_mixed_batch() -> None:
