@@ -179,8 +179,9 @@ def test_a_decode_batch_pads_its_keys_only_when_asked() -> None:
 
 
 def test_a_decode_batch_takes_one_stack_call_and_matches_the_module_path(tiny_target, monkeypatch) -> None:
-    """The model's forward over a batch of decodes (padded metadata set, as the scheduler builds
-    it) runs decoder_stack_seqs once and agrees with the module path within 1e-4."""
+    """The model's forward over a batch of decodes (marked a decode batch, as the scheduler builds
+    it) runs decoder_stack_seqs once, never builds the padded view, and agrees with the module
+    path (which builds it) within 1e-4."""
     import specdec.target.llama4 as llama4
 
     with tiny_target.engine(quantization="w8a16") as engine:
