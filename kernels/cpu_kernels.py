@@ -21,6 +21,11 @@ with that tier's flags only, so a build is never loaded on a CPU that lacks its 
 * `top_logprobs(logits, k)`: the k best log-softmax values of each float32 row and their
   indices, best first (EAGLE3 tree drafting's children of every frontier node). Reference:
   `top_logprobs_reference`.
+* `argmax_rows(logits)`: torch.argmax of each float32 row (greedy decoding and verification).
+* `truncated_probs(scaled, top_k, top_p, min_p)`: the sampled distribution of each row of
+  temperature-scaled logits after top-k, top-p and min-p, without sorting the row. Reference:
+  `truncated_probs_reference` (HF's and vLLM's rules, by a full sort).
+* `sample_rows(probs, u)`: one inverse-CDF draw per row. Reference: `sample_rows_reference`.
 * `decoder_layer(...)`: a whole dense Llama layer (norms, int8 or float32 linears, RoPE, KV
   store, attention, SiLU MLP, residuals) in one call. Reference: the module path
   (`DecoderLayer.forward`), compared in tests/test_cpu_kernels.py.
@@ -52,7 +57,7 @@ log = logging.getLogger("specdec")
 
 CSRC = Path(__file__).parent / "csrc"
 _COMMON = (CSRC / "bind.cpp", CSRC / "quantise.cpp", CSRC / "cpu_ops.cpp", CSRC / "decoder_layer.cpp",
-           CSRC / "top_logprobs.cpp", CSRC / "argmax_rows.cpp")
+           CSRC / "top_logprobs.cpp", CSRC / "argmax_rows.cpp", CSRC / "sampling.cpp")
 # each tier's build: the common sources and its int8 and int4 kernels (the amx build's macro adds
 # AMX tiles to the int8 one)
 _AVX512 = (*_COMMON, CSRC / "w8_linear_avx512.cpp", CSRC / "w4_linear_avx512.cpp")
@@ -267,6 +272,65 @@ def argmax_rows(logits: Tensor) -> Tensor:
         return logits.argmax(dim=-1)
     out: Tensor = kernel.argmax_rows(logits.contiguous())
     return out
+
+
+def truncated_probs(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """scaled [S, V] (logits / temperature), top_k [S] int64 (>= V or <= 0: no cut), top_p [S]
+    float32 in (0, 1], min_p [S] float32 in [0, 1] -> probabilities [S, V] float32: the softmax over
+    the top_k largest, cut to the smallest most-likely set whose mass reaches top_p, then below
+    min_p times the top probability, renormalised. The kernel on float32 CPU rows (it sums in
+    float64: where a token's mass before it is within ~1e-6 of top_p it may keep one token more
+    or less than the reference's float32 running sum), else the reference."""
+    kernel = extension()
+    if kernel is None or scaled.dtype != torch.float32 or scaled.device.type != "cpu" or scaled.ndim != 2:
+        return truncated_probs_reference(scaled, top_k, top_p, min_p)
+    out: Tensor = kernel.truncated_probs(scaled.contiguous(), top_k.long().contiguous(),
+                                         top_p.float().contiguous(), min_p.float().contiguous())
+    return out
+
+
+def truncated_probs_reference(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """`truncated_probs` by a full sort of each row (HF's and vLLM's order: top-k, top-p on the
+    top-k renormalised probabilities, min-p; the most likely token always stays)."""
+    vocab_size = scaled.shape[-1]
+    top_k = torch.where((top_k > 0) & (top_k < vocab_size), top_k, vocab_size).unsqueeze(1)  # [S, 1]
+    top_p, min_p = top_p.float().unsqueeze(1), min_p.float().unsqueeze(1)  # [S, 1]
+    sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True)  # [S, V] each
+    rank = torch.arange(vocab_size, device=scaled.device).unsqueeze(0)  # [1, V]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [S, V]
+    # probability mass strictly before each rank; a token is needed while the tokens before it
+    # have not yet reached top_p
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [S, V]
+    drop = (mass_before >= top_p) & (top_p < 1.0)  # [S, V]
+    drop |= sorted_probs < min_p * sorted_probs[:, :1]
+    drop[:, 0] = False
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)
+
+
+def sample_rows(probs: Tensor, u: Tensor) -> Tensor:
+    """probs [B, V] (non-negative, each row with some weight), u [B] float64 in [0, 1) -> int64
+    [B]: per row the first index whose float64 running sum exceeds u * the row's sum (a
+    zero-weight index is never chosen). The kernel on float32 CPU rows, else the reference."""
+    kernel = extension()
+    if kernel is None or probs.dtype != torch.float32 or probs.device.type != "cpu" or probs.ndim != 2:
+        return sample_rows_reference(probs, u)
+    out: Tensor = kernel.sample_rows(probs.contiguous(), u.double().contiguous())
+    return out
+
+
+def sample_rows_reference(probs: Tensor, u: Tensor) -> Tensor:
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [B, V]
+    total = cdf[:, -1:]  # [B, 1]
+    if not bool((total > 0).all()):
+        raise ValueError("sample_rows: a row has no positive weight")
+    target = u.to(cdf.device, torch.float64).unsqueeze(1) * total  # [B, 1]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [B]
+    # u * total rounded onto the total: the last index with weight
+    last = probs.shape[1] - 1 - torch.argmax((probs > 0).flip(1).to(torch.uint8), dim=1)  # [B]
+    return torch.where(idx >= probs.shape[1], last, idx)
 
 
 def top_logprobs_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

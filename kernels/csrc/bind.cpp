@@ -30,6 +30,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "several requests packed row after row, each over its own slots and mask (float32)");
   m.def("top_logprobs", &top_logprobs, "the k best log-probabilities of each row of float32 logits, best first");
   m.def("argmax_rows", &argmax_rows, "the index of each row's largest float32 value (torch.argmax's ties and NaN)");
+  m.def("truncated_probs", &truncated_probs,
+        "softmax of scaled logits cut by top-k, top-p and min-p, renormalised (no sort of the row)");
+  m.def("sample_rows", &sample_rows, "one inverse-CDF draw per row of float32 weights, u in [0, 1) float64");
   m.def("decoder_layer", &decoder_layer, "one dense Llama decoder layer over the paged cache (float32)");
   m.def("decoder_layer_attention", &decoder_layer_attention,
         "a decoder layer's attention half without the residual (--tp: this rank's partial sum)");
