@@ -6,7 +6,7 @@ For each round and each mode (`--modes`; `plain` = `--speculative-algorithm NONE
 adds `--speculative-ngram-merge` / `--no-speculative-ngram-merge`) one `specdec serve` process is
 started (one at a time: they never share the CPU), and `specdec.bench_serving` sends the
 held-out chat prompts of every category (chat template, greedy, a fixed output length with
-`ignore_eos`) at each `--concurrency`. Modes alternate round by round so the machine's drift
+`ignore_eos`; `--temperature` / `--top-p` / `--top-k` sample instead) at each `--concurrency`. Modes alternate round by round so the machine's drift
 hits all of them; the table shows the median output throughput over rounds and its ratio to
 `plain` at the same concurrency, with the accept length the server reports.
 
@@ -55,15 +55,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantization", default="w8a16", help="'none' for unquantised weights")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--draft-model-path", default=None, help="an EAGLE3 head instead of the shipped one")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
     return p.parse_args(argv)
 
 
-def run_bench(port: int, concurrency: int, num_prompts: int, output_len: int, out: Path) -> dict[str, Any]:
+def sampling_body(temperature: float, top_p: float, top_k: int, output_len: int) -> str | None:
+    """The native request's sampling_params when not greedy (bench_serving's --extra-request-body
+    replaces its greedy ones), with a seed per request left to the server (unseeded)."""
+    if temperature == 0.0:
+        return None
+    return json.dumps({"sampling_params": {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                           "max_new_tokens": output_len, "ignore_eos": True}})
+
+
+def run_bench(port: int, concurrency: int, num_prompts: int, output_len: int, out: Path,
+              extra_body: str | None = None) -> dict[str, Any]:
     from specdec.bench import bench_serving
 
     argv = ["--backend", "specdec", "--port", str(port), "--dataset-name", "chat", "--apply-chat-template",
             "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
             "--sharegpt-output-len", str(output_len), "--output-file", str(out), "--disable-tqdm"]
+    if extra_body is not None:
+        argv += ["--extra-request-body", extra_body]
     if bench_serving.main(argv) != 0:
         raise RuntimeError(f"bench_serving failed at concurrency {concurrency}")
     return dict(json.loads(out.read_text().splitlines()[-1]))
@@ -73,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quant = None if args.quantization in ("none", "") else args.quantization
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    body = sampling_body(args.temperature, args.top_p, args.top_k, args.output_len)
+    sampling = "greedy" if body is None else f"temperature {args.temperature}, top_p {args.top_p}, top_k {args.top_k}"
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
             for mode in args.modes:
@@ -81,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     for c in args.concurrency:
                         rec = run_bench(server.port, c, max(8, args.prompts_per_slot * c), args.output_len,
-                                        Path(tmp) / f"{mode}-{c}.jsonl")
+                                        Path(tmp) / f"{mode}-{c}.jsonl", body)
                         results.setdefault((mode, c), []).append(rec)
                 finally:
                     server.close()
     table = []
-    print(f"held-out chat prompts, {args.output_len} new tokens (ignore_eos), greedy, --quantization "
+    print(f"held-out chat prompts, {args.output_len} new tokens (ignore_eos), {sampling}, --quantization "
           f"{args.quantization}, median of {args.rounds} rounds")
     print(f"{'mode':<16} {'concurrency':>11} {'tok/s':>8} {'vs plain':>9} {'accept':>7}")
     for mode in args.modes:
