@@ -40,7 +40,7 @@ from .copy_stats import CopyStats
 from .grammar import apply_bitmask
 from .model_runner import ModelRunner
 from .request import Req
-from .sampler import apply_penalties, processed_probs
+from .sampler import apply_penalties, processed_probs, sample
 from .spec_config import SpecConfig
 from .spec_state import PendingFeatures
 from .step_batch import ReqOutput, SpecOutcome
@@ -247,12 +247,18 @@ class SpecWorker:
         all_feats = torch.cat(out.aux_hidden, dim=-1) if out.aux_hidden else None
         outputs: list[ReqOutput] = []
         pending: list[PendingFeatures] = []
-        for req, tree, mask, q0 in zip(reqs, pruned, masks, out.q_starts, strict=True):
+        others = [i for i, r in enumerate(reqs) if argmax is None or not _plain_greedy(r)]
+        results = verify_others([reqs[i] for i in others], [pruned[i] for i in others], [masks[i] for i in others],
+                                [logits[out.q_starts[i]:out.q_starts[i] + pruned[i].size] for i in others],
+                                self.spec.accept_threshold_single, self.spec.accept_threshold_acc)
+        result_of = dict(zip(others, results, strict=True))
+        for i, (req, tree, q0) in enumerate(zip(reqs, pruned, out.q_starts, strict=True)):
             rows = slice(q0, q0 + tree.size)
-            if argmax is not None and _plain_greedy(req):
-                result = verify_greedy(tree, argmax[rows])
+            if i in result_of:
+                result = result_of[i]
             else:
-                result = self._verify_one(req, tree, logits[rows], mask)
+                assert argmax is not None
+                result = verify_greedy(tree, argmax[rows])
             path = [0, *result.accepted]
             c = req.num_cached
             self._commit_kv(req, c, path)
@@ -278,27 +284,55 @@ class SpecWorker:
             self.record(reqs, pending)
         return outputs
 
-    def _verify_one(self, req: Req, tree: DraftTree, logits: Tensor, mask: Tensor | None = None) -> VerifyResult:
-        """logits [N, vocab]: the target's scores after each tree node; mask [N, W]: the
-        grammar's bitmask after each node (constrained requests)."""
-        p = req.params
-        if p.adjusts_logits:
-            # penalties see the output so far plus the node's own path
-            outs = [req.output_ids + [tree.tokens[n] for n in path_to(tree, i)[1:]] for i in range(tree.size)]
-            logits = apply_penalties(logits, [p] * tree.size, [req.prompt_ids] * tree.size, outs)
-        if mask is not None:
-            logits = apply_bitmask(logits, mask)
-        if p.is_greedy:
-            return verify_greedy(tree, argmax_rows(logits).tolist())
-        probs = processed_probs(logits, [p] * tree.size)
-        return verify_stochastic(
-            tree, probs, req.generator, self.spec.accept_threshold_single, self.spec.accept_threshold_acc
-        )
-
     def _commit_kv(self, req: Req, c: int, path: list[int]) -> None:
         moves = [(c + n, c + j) for j, n in enumerate(path) if n != j]
         if moves:
             self.runner.commit_moves(req, moves)
+
+
+def verify_others(reqs: Sequence[Req], trees: Sequence[DraftTree], masks: Sequence[Tensor | None],
+                  logits: Sequence[Tensor], threshold_single: float = 1.0,
+                  threshold_acc: float = 1.0) -> list[VerifyResult]:
+    """Verification of the requests that are not plain greedy (sampled, penalised or
+    constrained), each with its tree's target logits [N, vocab] and grammar mask [N, W] (or
+    None): penalties and masks per request, then every sampled request's distributions in one
+    `processed_probs` call over all their rows. A sampled request drafting nothing this step
+    (its root alone) is one draw, all of them in one `sample` call, as a plain decode step draws
+    them; the others are `verify_stochastic` on their rows. Each request's result is what it
+    gets verified alone (its rows, its generator)."""
+    adjusted = [_adjusted(r, t, lg, m) for r, t, lg, m in zip(reqs, trees, logits, masks, strict=True)]
+    results: list[VerifyResult | None] = [
+        verify_greedy(t, argmax_rows(lg).tolist()) if r.params.is_greedy else None
+        for r, t, lg in zip(reqs, trees, adjusted, strict=True)]
+    sampled = [i for i, res in enumerate(results) if res is None]
+    if sampled:
+        probs = processed_probs(torch.cat([adjusted[i] for i in sampled]),
+                                [reqs[i].params for i in sampled for _ in range(trees[i].size)])
+        starts = [0]
+        for i in sampled:
+            starts.append(starts[-1] + trees[i].size)
+        roots = [j for j, i in enumerate(sampled) if trees[i].size == 1]
+        if roots:
+            drawn = sample(probs[[starts[j] for j in roots]], [reqs[sampled[j]].generator for j in roots]).tolist()
+            for j, token in zip(roots, drawn, strict=True):
+                results[sampled[j]] = VerifyResult([], int(token))
+        for j, i in enumerate(sampled):
+            if results[i] is None:
+                results[i] = verify_stochastic(trees[i], probs[starts[j]:starts[j + 1]], reqs[i].generator,
+                                               threshold_single, threshold_acc)
+    return [res for res in results if res is not None]
+
+
+def _adjusted(req: Req, tree: DraftTree, logits: Tensor, mask: Tensor | None) -> Tensor:
+    """The tree's target logits after the request's penalties (each node's own path counts as
+    output) and its grammar's mask."""
+    p = req.params
+    if p.adjusts_logits:
+        outs = [req.output_ids + [tree.tokens[n] for n in path_to(tree, i)[1:]] for i in range(tree.size)]
+        logits = apply_penalties(logits, [p] * tree.size, [req.prompt_ids] * tree.size, outs)
+    if mask is not None:
+        logits = apply_bitmask(logits, mask)
+    return logits
 
 
 def extra_slots_for(spec: SpecConfig, temp_slots: int) -> int:

@@ -155,3 +155,42 @@ def test_draft_helps_acceptance_over_one_hot() -> None:
     # with q: 1 - TV(p, q) = 0.98; one-hot: E_q[p(x)] = 0.26
     assert with_q / 2000 > 0.95
     assert one_hot / 2000 < 0.35
+
+
+def test_verify_others_batched_equals_each_request_alone() -> None:
+    """The spec worker verifies sampled, penalised and constrained requests together (one
+    processed_probs call over all their rows, one draw for every root-only tree); each request's
+    result equals verifying it alone with a generator of the same seed."""
+    from specdec.page_allocator import PageAllocator, PageTable
+    from specdec.request import Req
+    from specdec.sampling_params import SamplingParams
+    from specdec.spec_worker import verify_others
+
+    V = 300
+    g = torch.Generator().manual_seed(4)
+    params = [SamplingParams(temperature=0.9, top_p=0.9), SamplingParams(temperature=0.7),
+              SamplingParams(temperature=0.0, repetition_penalty=1.3), SamplingParams(temperature=1.0, top_k=5),
+              SamplingParams(temperature=0.8, top_p=0.95)]
+    trees = [DraftTree((1,), (-1,)), DraftTree((2, 5, 6, 7), (-1, 0, 0, 1)), DraftTree((3, 8, 9), (-1, 0, 1)),
+             DraftTree((4,), (-1,)), DraftTree((5, 10, 11), (-1, 0, 1))]
+    logits = [torch.randn(t.size, V, generator=g) * 3 for t in trees]
+    logits[1][0, 5] = logits[2][0, 8] = 9.0  # likely acceptances along the way
+    draws = 40
+
+    def reqs(seed: int) -> list[Req]:
+        alloc = PageAllocator(8, 4)
+        return [Req(rid=str(i), prompt_ids=[1, 2, 3], params=p, page_table=PageTable(alloc),
+                    generator=torch.Generator().manual_seed(seed + i), output_ids=[8, 9])
+                for i, p in enumerate(params)]
+
+    together = reqs(100)
+    alone = reqs(100)
+    for _ in range(draws):  # the same generators drawn again and again: the streams stay in step
+        batch = verify_others(together, trees, [None] * len(trees), logits)
+        each = [verify_others([r], [t], [None], [lg])[0] for r, t, lg in zip(alone, trees, logits, strict=True)]
+        assert [(b.accepted, b.next_token) for b in batch] == [(e.accepted, e.next_token) for e in each]
+    # a sampled root-only tree is one draw from the processed distribution: top_k=5 keeps 5 tokens
+    kept = torch.topk(logits[3][0], 5).indices.tolist()
+    picks = {verify_others([r], [trees[3]], [None], [logits[3]])[0].next_token
+             for seed in range(10) for r in reqs(seed)[3:4] for _ in range(5)}
+    assert picks <= set(kept)

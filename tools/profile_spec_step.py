@@ -80,7 +80,9 @@ def instrument(engine: Any, timers: Timers) -> None:
     spec = engine.spec
     if spec is None:
         return
-    timers.wrap(spec, "_verify_one", "verify")
+    from specdec import spec_worker
+
+    timers.wrap(spec_worker, "verify_others", "verify")  # sampled, penalised or constrained requests
     timers.wrap(spec, "_commit_kv", "kv commit")
     timers.wrap(spec, "choose", "choose")
     prop = spec.proposer
