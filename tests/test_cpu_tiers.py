@@ -124,9 +124,11 @@ OTHER_TIERS = [i for i in cpu_isa.supported_isas() if i != cpu_kernels.active_is
 @pytest.mark.skipif(not OTHER_TIERS, reason="this machine supports only the tier the suite runs on")
 @pytest.mark.parametrize("isa", OTHER_TIERS)
 def test_kernel_and_quantisation_tests_pass_on_every_other_tier(isa: str) -> None:
-    """The suite runs on the best tier; the kernel and quantisation tests run again per tier."""
+    """The suite runs on the best tier; the kernel, quantisation and sampling-kernel tests run again
+    per tier."""
     proc = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                 "tests/test_cpu_kernels.py", "tests/test_quant.py"], isa, timeout=1800)
+                 "tests/test_cpu_kernels.py", "tests/test_quant.py", "tests/test_sampling_kernels.py"], isa,
+                timeout=1800)
     assert proc.returncode == 0, _explain(proc)
 
 
