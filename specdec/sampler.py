@@ -157,13 +157,20 @@ def _truncates(p: SamplingParams, vocab_size: int) -> bool:
 def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Draw one token id per row of ``probs`` [B, V]; returns int64 [B].
 
-    Each row is one inverse-CDF draw (`sample_one`'s rule: the first token whose float64
-    running sum of probabilities exceeds u times the row's sum, u uniform from that row's
-    generator), so a seeded request reproduces its tokens regardless of what else is in the
-    batch; rows whose generator is ``None`` draw u from the global torch RNG. Deterministic rows
-    (one-hot, e.g. greedy) take the argmax and consume no randomness. One pass over each row
-    (`cpu_kernels.sample_rows`): ~0.14 ms for 49152 tokens where an exponential race over the
-    row cost ~1.5 ms on this project's 2-core AVX2 EPYC.
+    Each row is drawn by the exponential race (argmax of p / E with E ~ Exp(1), which
+    picks token i with probability p_i, like ``torch.multinomial`` but without building a
+    CDF) using that row's generator, so a
+    seeded request reproduces its tokens regardless of what else is in the batch;
+    rows whose generator is ``None`` share the global torch RNG. Deterministic
+    rows (one-hot, e.g. greedy) take the argmax and consume no randomness.
+
+    The race is local: a token wins on its own p / E, so rounding differences between a row
+    computed in a batch and alone (the module path is not bitwise batch-invariant) change the
+    winner only where two keys tie to rounding. An inverse-CDF draw over the row (one uniform,
+    ~0.14 ms with `cpu_kernels.sample_rows` against ~1.5 ms for the race) was tried and is not:
+    where u falls in the long tail of small probabilities the chosen index moves with the
+    accumulated rounding of the running sum, and a seeded request's n = 4 siblings stopped
+    reproducing their n = 1 answers (tests/test_server.py).
     """
     if probs.dim() != 2:
         raise ValueError(f"probs must be [batch, vocab], got shape {tuple(probs.shape)}")
@@ -171,21 +178,18 @@ def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) ->
         raise ValueError(f"got {len(generators)} generators for a batch of {probs.shape[0]} rows")
     max_prob, tokens = probs.max(dim=-1)  # [B], [B]
     deterministic = (max_prob >= 1.0).tolist()
-    rows = [r for r, d in enumerate(deterministic) if not d]
-    if not rows:
-        return tokens
-    u = torch.empty(len(rows), dtype=torch.float64)  # [R]
-    unseeded = [j for j, r in enumerate(rows) if generators[r] is None]
+    unseeded: list[int] = []
+    for row, gen in enumerate(generators):
+        if deterministic[row]:
+            continue
+        if gen is None:
+            unseeded.append(row)
+        else:
+            race = torch.empty_like(probs[row]).exponential_(generator=gen)  # [V]
+            tokens[row] = torch.argmax(probs[row] / race)
     if unseeded:
-        u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64)
-    for j, r in enumerate(rows):
-        gen = generators[r]
-        if gen is not None:
-            u[j] = float(torch.rand((), dtype=torch.float64, generator=gen, device=gen.device))
-    if len(rows) == probs.shape[0]:
-        return cpu_kernels.sample_rows(probs, u)
-    sel = torch.tensor(rows, dtype=torch.long, device=probs.device)  # [R]
-    tokens[sel] = cpu_kernels.sample_rows(probs[sel], u).to(tokens.device)
+        rows = torch.tensor(unseeded, dtype=torch.long, device=probs.device)  # [U]
+        tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
     return tokens
 
 
