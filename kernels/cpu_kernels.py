@@ -25,7 +25,8 @@ with that tier's flags only, so a build is never loaded on a CPU that lacks its 
 * `truncated_probs(scaled, top_k, top_p, min_p)`: the sampled distribution of each row of
   temperature-scaled logits after top-k, top-p and min-p, without sorting the row. Reference:
   `truncated_probs_reference` (HF's and vLLM's rules, by a full sort).
-* `sample_rows(probs, u)`: one inverse-CDF draw per row. Reference: `sample_rows_reference`.
+* `race_rows(probs, seeds)`: one exponential race per row, E from a counter-based generator
+  seeded per row. Reference: `race_rows_reference` (numpy).
 * `decoder_layer(...)`: a whole dense Llama layer (norms, int8 or float32 linears, RoPE, KV
   store, attention, SiLU MLP, residuals) in one call. Reference: the module path
   (`DecoderLayer.forward`), compared in tests/test_cpu_kernels.py.
@@ -310,27 +311,43 @@ def truncated_probs_reference(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_
     return torch.zeros_like(sorted_probs).scatter_(-1, sorted_idx, sorted_probs)
 
 
-def sample_rows(probs: Tensor, u: Tensor) -> Tensor:
-    """probs [B, V] (non-negative, each row with some weight), u [B] float64 in [0, 1) -> int64
-    [B]: per row the first index whose float64 running sum exceeds u * the row's sum (a
-    zero-weight index is never chosen). The kernel on float32 CPU rows, else the reference."""
+def race_rows(probs: Tensor, seeds: Tensor) -> Tensor:
+    """probs [B, V] (non-negative, each row with some weight), seeds [B] int64 -> int64 [B]: per
+    row argmax_i p_i / E_i, E_i = -ln U_i with U_i from splitmix64 of (seed, i): token i with
+    probability p_i / sum p, each token judged by its own key. The kernel on float32 CPU rows,
+    else the reference."""
     kernel = extension()
     if kernel is None or probs.dtype != torch.float32 or probs.device.type != "cpu" or probs.ndim != 2:
-        return sample_rows_reference(probs, u)
-    out: Tensor = kernel.sample_rows(probs.contiguous(), u.double().contiguous())
+        return race_rows_reference(probs, seeds)
+    out: Tensor = kernel.race_rows(probs.contiguous(), seeds.long().contiguous())
     return out
 
 
-def sample_rows_reference(probs: Tensor, u: Tensor) -> Tensor:
-    cdf = torch.cumsum(probs.double(), dim=-1)  # [B, V]
-    total = cdf[:, -1:]  # [B, 1]
-    if not bool((total > 0).all()):
-        raise ValueError("sample_rows: a row has no positive weight")
-    target = u.to(cdf.device, torch.float64).unsqueeze(1) * total  # [B, 1]
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)  # [B]
-    # u * total rounded onto the total: the last index with weight
-    last = probs.shape[1] - 1 - torch.argmax((probs > 0).flip(1).to(torch.uint8), dim=1)  # [B]
-    return torch.where(idx >= probs.shape[1], last, idx)
+def race_uniforms_reference(seed: int, n: int) -> "numpy.ndarray":  # noqa: F821
+    """U_0 .. U_{n-1} of `race_rows` for one seed (numpy uint64 arithmetic wraps as C++'s does)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = np.uint64(seed % 2**64) + np.arange(n, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 9007199254740992.0)
+
+
+def race_rows_reference(probs: Tensor, seeds: Tensor) -> Tensor:
+    import numpy as np
+
+    out = []
+    for row, seed in zip(probs.double().cpu().numpy(), seeds.tolist(), strict=True):
+        if not (row > 0).any():
+            raise ValueError("race_rows: a row has no positive weight")
+        u = race_uniforms_reference(int(seed), row.shape[0])
+        with np.errstate(divide="ignore"):
+            key = np.where(row > 0, row / -np.log(u), -np.inf)
+        out.append(int(np.argmax(key)))
+    return torch.tensor(out, dtype=torch.long, device=probs.device)
 
 
 def top_logprobs_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -157,20 +157,20 @@ def _truncates(p: SamplingParams, vocab_size: int) -> bool:
 def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Draw one token id per row of ``probs`` [B, V]; returns int64 [B].
 
-    Each row is drawn by the exponential race (argmax of p / E with E ~ Exp(1), which
-    picks token i with probability p_i, like ``torch.multinomial`` but without building a
-    CDF) using that row's generator, so a
-    seeded request reproduces its tokens regardless of what else is in the batch;
-    rows whose generator is ``None`` share the global torch RNG. Deterministic
-    rows (one-hot, e.g. greedy) take the argmax and consume no randomness.
+    Each row is an exponential race (argmax of p / E with E ~ Exp(1), which picks token i with
+    probability p_i, like ``torch.multinomial`` but without building a CDF), its E drawn from one
+    64-bit seed that the row's generator gives (`cpu_kernels.race_rows`: a counter-based
+    generator over the token ids, ~0.23 ms a 49152-wide row against ~1.5 ms for torch's
+    ``exponential_``), so a seeded request reproduces its tokens regardless of what else is in
+    the batch; rows whose generator is ``None`` take their seeds from the global torch RNG.
+    Deterministic rows (one-hot, e.g. greedy) take the argmax and consume no randomness.
 
     The race is local: a token wins on its own p / E, so rounding differences between a row
     computed in a batch and alone (the module path is not bitwise batch-invariant) change the
-    winner only where two keys tie to rounding. An inverse-CDF draw over the row (one uniform,
-    ~0.14 ms with `cpu_kernels.sample_rows` against ~1.5 ms for the race) was tried and is not:
-    where u falls in the long tail of small probabilities the chosen index moves with the
-    accumulated rounding of the running sum, and a seeded request's n = 4 siblings stopped
-    reproducing their n = 1 answers (tests/test_server.py).
+    winner only where two keys tie to rounding. An inverse-CDF draw (one uniform against the
+    running sum) was tried and is not: where u falls in the long tail of small probabilities the
+    chosen index moves with the accumulated rounding of the sum, and a seeded request's n = 4
+    siblings stopped reproducing its n = 1 answers (tests/test_server.py).
     """
     if probs.dim() != 2:
         raise ValueError(f"probs must be [batch, vocab], got shape {tuple(probs.shape)}")
@@ -178,30 +178,33 @@ def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) ->
         raise ValueError(f"got {len(generators)} generators for a batch of {probs.shape[0]} rows")
     max_prob, tokens = probs.max(dim=-1)  # [B], [B]
     deterministic = (max_prob >= 1.0).tolist()
-    unseeded: list[int] = []
-    for row, gen in enumerate(generators):
-        if deterministic[row]:
-            continue
-        if gen is None:
-            unseeded.append(row)
-        else:
-            race = torch.empty_like(probs[row]).exponential_(generator=gen)  # [V]
-            tokens[row] = torch.argmax(probs[row] / race)
+    rows = [r for r, d in enumerate(deterministic) if not d]
+    if not rows:
+        return tokens
+    seeds = torch.empty(len(rows), dtype=torch.long)  # [R]
+    unseeded = [j for j, r in enumerate(rows) if generators[r] is None]
     if unseeded:
-        rows = torch.tensor(unseeded, dtype=torch.long, device=probs.device)  # [U]
-        tokens[rows] = torch.multinomial(probs[rows], 1).squeeze(1)
+        seeds[unseeded] = torch.randint(0, 2**62, (len(unseeded),))
+    for j, r in enumerate(rows):
+        gen = generators[r]
+        if gen is not None:
+            seeds[j] = int(torch.randint(0, 2**62, (), generator=gen, device=gen.device))
+    if len(rows) == probs.shape[0]:
+        return cpu_kernels.race_rows(probs, seeds)
+    sel = torch.tensor(rows, dtype=torch.long, device=probs.device)  # [R]
+    tokens[sel] = cpu_kernels.race_rows(probs[sel], seeds).to(tokens.device)
     return tokens
 
 
 def sample_one(p: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from the non-negative weights p [V] (need not sum to 1) by inverse CDF: the
-    first index whose float64 cumulative sum exceeds u * total. A zero-weight index is never
-    chosen. Over a 49k vocabulary this is ~30x cheaper than ``torch.multinomial`` on the CPU
-    (`cpu_kernels.sample_rows`; its reference is torch's float64 cumsum and search)."""
+    """One draw from the non-negative weights p [V] (need not sum to 1): an exponential race
+    from one 64-bit seed of `generator` (`cpu_kernels.race_rows`), as `sample` draws. A
+    zero-weight index is never chosen, and each token is judged by its own p / E, so a draw
+    survives rounding differences in p (an inverse-CDF draw against the running sum did not)."""
     if not bool((p > 0).any()):
         raise ValueError("sample_one needs some positive weight")
-    u = torch.rand((), dtype=torch.float64, generator=generator)
-    return int(cpu_kernels.sample_rows(p.reshape(1, -1), u.reshape(1))[0])
+    seed = torch.randint(0, 2**62, (1,), generator=generator)
+    return int(cpu_kernels.race_rows(p.float().reshape(1, -1), seed)[0])
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:

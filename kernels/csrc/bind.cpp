@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "the index of each row's largest float32 value (torch.argmax's ties and NaN)");
   m.def("truncated_probs", &truncated_probs,
         "softmax of scaled logits cut by top-k, top-p and min-p, renormalised (no sort of the row)");
-  m.def("sample_rows", &sample_rows, "one inverse-CDF draw per row of float32 weights, u in [0, 1) float64");
+  m.def("race_rows", &race_rows, "one exponential race per row of float32 weights, E from the row's int64 seed");
   m.def("decoder_layer", &decoder_layer, "one dense Llama decoder layer over the paged cache (float32)");
   m.def("decoder_layer_attention", &decoder_layer_attention,
         "a decoder layer's attention half without the residual (--tp: this rank's partial sum)");

@@ -78,10 +78,11 @@ std::tuple<at::Tensor, at::Tensor> top_logprobs(const at::Tensor& logits, int64_
 at::Tensor argmax_rows(const at::Tensor& logits);
 
 // sampling.cpp: top-k / top-p / min-p truncation of temperature-scaled logits without a sort of the
-// row, and inverse-CDF draws (first index whose float64 running sum exceeds u * the row's sum)
+// row, and exponential races
 at::Tensor truncated_probs(const at::Tensor& scaled, const at::Tensor& top_k, const at::Tensor& top_p,
                            const at::Tensor& min_p);
-at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u);
+// one exponential race per row (argmax p / E, E from splitmix64 of the row's seed and the index)
+at::Tensor race_rows(const at::Tensor& probs, const at::Tensor& seeds);
 
 // decoder_layer.cpp: one dense Llama layer over the paged cache
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& rope, const at::Tensor& in_norm,

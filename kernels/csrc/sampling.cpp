@@ -1,4 +1,4 @@
-// Sampling without sorting the vocabulary: truncated distributions and inverse-CDF draws.
+// Sampling without sorting the vocabulary: truncated distributions and exponential races.
 //
 //   truncated_probs(scaled [S, V] float32, top_k [S] int64, top_p [S] float32, min_p [S] float32)
 //     -> probs [S, V] float32: per row, softmax over the top_k largest values (top_k >= V: all),
@@ -6,13 +6,12 @@
 //        stays while the mass strictly before it is < top_p; top_p >= 1: no cut), then tokens below
 //        min_p times the most likely one's probability dropped; the survivors renormalised, zeros
 //        elsewhere. The most likely token always stays.
-//   sample_rows(probs [B, V] float32, u [B] float64) -> int64 [B]
-//     -> per row the first index whose float64 running sum exceeds u * (the row's float64 sum):
-//        an inverse-CDF draw (a zero-weight index is never chosen).
+//   race_rows(probs [B, V] float32, seeds [B] int64) -> int64 [B]
+//     -> per row one exponential race, argmax_i p_i / E_i (below).
 //
 // The reference (`truncated_probs_reference` in kernels/cpu_kernels.py, the same rules as HF and
 // vLLM) sorts the whole row: ~2.5-5 ms per 49152-wide row on this project's 2-core machines, and
-// an exponential race over the row (the sampler before this kernel) ~1.5 ms. Here the top-k cut is
+// torch's exponential race over the row (`exponential_` per row) ~1.5 ms. Here the top-k cut is
 // an nth_element, and the top-p cut needs the order of the few tokens near its boundary only: the
 // probabilities go into buckets of 1/16 octave below the top one (a histogram of mass), the bucket
 // where the mass from the top reaches top_p is found, everything above it stays, everything below
@@ -201,37 +200,66 @@ at::Tensor truncated_probs(const at::Tensor& scaled, const at::Tensor& top_k, co
   return out;
 }
 
-at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u) {
+// One exponential race per row: argmax_i p_i / E_i with E_i = -ln U_i, U_i uniform in (0, 1) from
+// a counter-based generator (splitmix64 of the row's seed and i), so the draw picks i with
+// probability p_i / sum p and depends on each token's own key only: rounding differences between a
+// row computed in a batch and alone move the winner only where two keys tie to rounding. Since
+// -ln U >= 1 - U, p_i / (1 - U_i) bounds a key from above without a logarithm; after the row's
+// most likely token sets the first best key, only tokens whose bound beats the best take the log.
+namespace {
+
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// U_i in (0, 1): the top 53 bits of splitmix64(seed + i * golden), plus half a step
+inline double race_uniform(uint64_t seed, int64_t i) {
+  const uint64_t x = splitmix64(seed + static_cast<uint64_t>(i) * 0xD1B54A32D192ED03ull);
+  return (static_cast<double>(x >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+}
+
+int64_t race_row(const float* p, int64_t V, uint64_t seed) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < V; ++i)
+    if (p[i] > p[best]) best = i;
+  double best_key = static_cast<double>(p[best]) / -std::log(race_uniform(seed, best));
+  for (int64_t i = 0; i < V; ++i) {
+    if (!(p[i] > 0.0f) || i == best) continue;
+    const double u = race_uniform(seed, i);
+    const double pi = p[i];
+    if (pi <= best_key * (1.0 - u)) continue;  // its key <= pi / (1 - u) <= best_key
+    const double key = pi / -std::log(u);
+    if (key > best_key) {
+      best_key = key;
+      best = i;
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+at::Tensor race_rows(const at::Tensor& probs, const at::Tensor& seeds) {
   TORCH_CHECK(probs.dim() == 2 && probs.scalar_type() == at::kFloat && probs.is_contiguous(),
-              "sample_rows: probs must be a contiguous float32 [B, V] tensor");
+              "race_rows: probs must be a contiguous float32 [B, V] tensor");
   const int64_t B = probs.size(0), V = probs.size(1);
-  TORCH_CHECK(u.dim() == 1 && u.size(0) == B && u.scalar_type() == at::kDouble,
-              "sample_rows: u must be float64 [B]");
+  TORCH_CHECK(V >= 1, "race_rows: rows must not be empty");
+  TORCH_CHECK(seeds.dim() == 1 && seeds.size(0) == B && seeds.scalar_type() == at::kLong,
+              "race_rows: seeds must be int64 [B]");
   auto idx = at::empty({B}, probs.options().dtype(at::kLong));
   const float* pp = probs.data_ptr<float>();
-  const auto uc = u.contiguous();
-  const double* up = uc.data_ptr<double>();
+  const auto sc = seeds.contiguous();
+  const int64_t* sp = sc.data_ptr<int64_t>();
   int64_t* out = idx.data_ptr<int64_t>();
   for (int64_t r = 0; r < B; ++r) {
     const float* p = pp + r * V;
-    double total = 0.0;
-    int64_t last = -1;
-    for (int64_t i = 0; i < V; ++i) {
-      total += p[i];
-      if (p[i] > 0.0f) last = i;
-    }
-    TORCH_CHECK(total > 0.0, "sample_rows: a row has no positive weight");
-    const double target = up[r] * total;
-    double cum = 0.0;
-    int64_t pick = last;  // u * total rounded onto the total: the last index with weight
-    for (int64_t i = 0; i < V; ++i) {
-      cum += p[i];
-      if (cum > target) {
-        pick = i;
-        break;
-      }
-    }
-    out[r] = pick;
+    bool any = false;
+    for (int64_t i = 0; i < V && !any; ++i) any = p[i] > 0.0f;
+    TORCH_CHECK(any, "race_rows: a row has no positive weight");
+    out[r] = race_row(p, V, static_cast<uint64_t>(sp[r]));
   }
   return idx;
 }
