@@ -47,6 +47,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -323,7 +324,7 @@ def race_rows(probs: Tensor, seeds: Tensor) -> Tensor:
     return out
 
 
-def race_uniforms_reference(seed: int, n: int) -> "numpy.ndarray":  # noqa: F821
+def race_uniforms_reference(seed: int, n: int) -> Any:
     """U_0 .. U_{n-1} of `race_rows` for one seed (numpy uint64 arithmetic wraps as C++'s does)."""
     import numpy as np
 
