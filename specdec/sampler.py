@@ -126,20 +126,12 @@ def processed_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
         temperature = torch.tensor(
             [p.temperature for p in row_params], dtype=torch.float32, device=device
         ).unsqueeze(1)  # [S, 1]
-        top_k = torch.tensor(
-            [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in row_params],
-            dtype=torch.long,
-            device=device,
-        ).unsqueeze(1)  # [S, 1]
-        top_p = torch.tensor(
-            [p.top_p for p in row_params], dtype=torch.float32, device=device
-        ).unsqueeze(1)  # [S, 1]
-        min_p = torch.tensor(
-            [p.min_p for p in row_params], dtype=torch.float32, device=device
-        ).unsqueeze(1)  # [S, 1]
-
+        # [S] each; top_k <= 0 or >= the vocabulary cuts nothing (the kernel's and reference's rule)
+        top_k = torch.tensor([p.top_k for p in row_params], dtype=torch.long, device=device)
+        top_p = torch.tensor([p.top_p for p in row_params], dtype=torch.float32, device=device)
+        min_p = torch.tensor([p.min_p for p in row_params], dtype=torch.float32, device=device)
         scaled = logits[rows] / temperature  # [S, V]
-        probs[rows] = cpu_kernels.truncated_probs(scaled, top_k.squeeze(1), top_p.squeeze(1), min_p.squeeze(1))
+        probs[rows] = cpu_kernels.truncated_probs(scaled, top_k, top_p, min_p)
 
     if bool(greedy.any()):
         greedy_rows = greedy.nonzero().squeeze(1)  # [G]
